@@ -216,16 +216,22 @@ def _grouped(t: torch.Tensor, group_size: int | None) -> torch.Tensor:
 def design_uniform(
     mu: torch.Tensor,
     bits: int,
-    sigma: torch.Tensor | None = None,
+    precision: torch.Tensor | None = None,
     group_size: int | None = None,
+    objective: str = "deployed",
     shrink_grid: int = 24,
 ) -> UniformGrid:
-    r"""Asymmetric uniform grid per row (or group), clipping range by posterior-expected distortion.
+    r"""Asymmetric uniform grid per row (or group), clipping range chosen under the posterior.
 
-    For each row and candidate shrink factor ``p`` the grid spans ``[p min(mu), p max(mu)]``; the
-    chosen ``p`` minimises the whitened posterior-expected distortion
-    :math:`\sum_i E_w[(Q(w_i) - w_i)^2] / \sigma_i^2` (closed form above). With ``sigma=None`` the
-    range is plain min-max (the round-to-nearest baseline).
+    For each row and candidate shrink factor ``p`` the grid spans ``[p min(mu), p max(mu)]`` and
+    the ``p`` with the smallest whitened cost is kept:
+
+    * ``objective="deployed"``: the deployed risk :math:`\sum_i \lambda_i (Q(\mu_i) - \mu_i)^2`
+      (the weights actually stored are ``Q(mu)``; this is the score the tables use);
+    * ``objective="expected"``: the posterior-expected distortion
+      :math:`\sum_i E_w[(Q(w_i) - w_i)^2] \lambda_i` (closed form above).
+
+    With ``precision=None`` the range is plain min-max (the round-to-nearest baseline).
 
     Parameters
     ----------
@@ -233,10 +239,12 @@ def design_uniform(
         Posterior mean, ``(rows, cols)``.
     bits : int
         Bit-width.
-    sigma : torch.Tensor, optional
-        Posterior standard deviation, ``(rows, cols)``.
+    precision : torch.Tensor, optional
+        Posterior precision :math:`\lambda = 1/\sigma^2`, ``(rows, cols)``.
     group_size : int, optional
         Columns per scale/zero; ``None`` for one per row.
+    objective : {"deployed", "expected"}
+        Range-search criterion (see above).
     shrink_grid : int
         Number of shrink factors tried, evenly spaced in ``[0.2, 1]``.
     """
@@ -244,20 +252,25 @@ def design_uniform(
     g_mu = _grouped(mu, group_size)
     lo = torch.nan_to_num(g_mu, nan=math.inf).amin(dim=2).clamp_max(0.0)
     hi = torch.nan_to_num(g_mu, nan=-math.inf).amax(dim=2).clamp_min(0.0)
-    if sigma is None:
+    if objective not in ("deployed", "expected"):
+        raise ValueError(f"objective={objective!r}: use 'deployed' or 'expected'")
+    if precision is None:
         scale, zero = _grid_from_range(lo, hi, bits)
     else:
-        g_sigma = _grouped(sigma.float(), group_size)
-        valid = ~torch.isnan(g_mu)
-        mu0, sg0 = torch.nan_to_num(g_mu), torch.nan_to_num(g_sigma, nan=1.0)
+        lam = torch.nan_to_num(_grouped(precision.float(), group_size))  # 0 on padding
+        mu0 = torch.nan_to_num(g_mu)
         best = torch.full(lo.shape, math.inf)
         scale = zero = None
         for p in torch.linspace(1.0, 0.2, shrink_grid).tolist():
             s_p, z_p = _grid_from_range(p * lo, p * hi, bits)
-            err = expected_sq_error_uniform(
-                mu0, sg0, s_p.float().unsqueeze(-1), z_p.float().unsqueeze(-1), 2**bits
-            )
-            cost = torch.where(valid, err / sg0**2, torch.zeros_like(err)).sum(dim=2)
+            s_e, z_e = s_p.float().unsqueeze(-1), z_p.float().unsqueeze(-1)
+            if objective == "deployed":
+                q = (round_uniform(mu0, s_e, z_e, bits).float() - z_e) * s_e
+                err = (q - mu0) ** 2
+            else:
+                err = expected_sq_error_uniform(mu0, lam.clamp_min(1e-30).rsqrt(), s_e, z_e,
+                                                2**bits)
+            cost = (lam * err).sum(dim=2)
             if scale is None:
                 scale, zero, best = s_p, z_p, cost
                 continue

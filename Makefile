@@ -1,0 +1,33 @@
+# `make demo` and `make test` each create or reuse .venv; the install reruns only when
+# pyproject.toml changed (the stamp file is older than it).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/digits_demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check bayesq_lightning tests examples benchmarks
+
+# Real-data cases and benchmarks (not in CI). Needs Debian's dataset-fashion-mnist.
+bench: $(STAMP)
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)
+	$(PY) -m pytest -q -m slow
+	$(PY) benchmarks/ablation.py
+
+clean:
+	rm -rf $(VENV) artifacts lightning_logs .pytest_cache

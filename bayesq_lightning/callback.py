@@ -1,0 +1,193 @@
+r"""
+BayesQCallback
+^^^^^^^^^^^^^^
+
+Quantize a model to a mixed-precision budget at the end of ``Trainer.fit``:
+
+.. code-block:: python
+
+    cb = BayesQCallback(bits=3.0)
+    trainer = L.Trainer(callbacks=[cb])
+    trainer.fit(module, datamodule)
+    cb.result        # QuantizationResult; `module` now holds the quantized weights
+    cb.report        # {"fp32": m, "quantized": m, "baselines": {...}}, m = accuracy/nll/ece
+
+The work happens in ``on_train_end`` (model still on its device, process group still up). Metrics
+are computed with a manual loop (``self.log`` is not allowed in that hook) and written through
+``trainer.loggers`` on rank zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from typing_extensions import override
+
+from .config import METHODS, BayesQConfig
+from .metrics import evaluate
+from .quantize import quantize_model
+from .result import QuantizationResult
+
+
+class BayesQCallback(Callback):
+    """Run :func:`~bayesq_lightning.quantize_model` on the trained module at the end of fit.
+
+    Args:
+        bits: budget in average stored bits per quantized weight, metadata included.
+        compare: baseline methods (e.g. ``("rtn",)``) quantized at the same budget from the same
+            FP32 weights and evaluated beside BayesQ; reported under ``report["baselines"]``.
+        evaluate: evaluate accuracy / NLL / ECE on the validation data before and after.
+        eval_batches: cap on validation batches per evaluation (``None``: all).
+        progress: progress bars during table construction.
+        **config: any other :class:`~bayesq_lightning.BayesQConfig` field.
+
+    Raises:
+        ValueError / NotImplementedError: on an invalid configuration, at construction time.
+    """
+
+    def __init__(
+        self,
+        bits: float = 3.0,
+        *,
+        compare: Sequence[str] = (),
+        evaluate: bool = True,
+        eval_batches: int | None = None,
+        progress: bool = True,
+        **config: Any,
+    ) -> None:
+        self.config = BayesQConfig(bits=bits, **config)
+        for m in compare:
+            if m not in METHODS or m == self.config.method:
+                raise ValueError(f"compare={tuple(compare)!r}: each entry must be a method of "
+                                 f"{METHODS} other than method={self.config.method!r}")
+            dataclasses.replace(self.config, method=m)  # validates (e.g. "not yet supported")
+        self.compare = tuple(compare)
+        self.evaluate = evaluate
+        self.eval_batches = eval_batches
+        self.progress = progress
+        self.result: QuantizationResult | None = None
+        self.baselines: dict[str, QuantizationResult] = {}
+        self.report: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ data
+    def _calibration_loader(self, trainer: pl.Trainer):
+        dm = trainer.datamodule
+        if dm is not None and callable(getattr(dm, "calibration_dataloader", None)):
+            return dm.calibration_dataloader()
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise ValueError("no calibration data: define `calibration_dataloader()` on the "
+                             "datamodule or train with a train dataloader")
+        return loader
+
+    @staticmethod
+    def _n_data(trainer: pl.Trainer, loader) -> int | None:
+        try:
+            return len(trainer.train_dataloader.dataset)
+        except (AttributeError, TypeError):
+            try:
+                return len(loader.dataset)
+            except (AttributeError, TypeError):
+                return None
+
+    @staticmethod
+    def _val_loader(trainer: pl.Trainer):
+        val = trainer.val_dataloaders
+        if isinstance(val, (list, tuple)):
+            val = val[0] if val else None
+        if val is None and trainer.datamodule is not None:
+            try:
+                val = trainer.datamodule.val_dataloader()
+            except (NotImplementedError, AttributeError):
+                val = None
+        return val
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        cfg = self.config
+        world = trainer.world_size
+        if world > 1:  # calib_batches is a global count: each rank takes its share
+            cfg = dataclasses.replace(cfg, calib_batches=math.ceil(cfg.calib_batches / world))
+        reduce = None
+        if world > 1:
+            def reduce(t: torch.Tensor) -> torch.Tensor:
+                return trainer.strategy.reduce(t, reduce_op="sum")
+
+        calib = self._calibration_loader(trainer)
+        n_data = cfg.n_data or self._n_data(trainer, calib)
+        val = self._val_loader(trainer) if self.evaluate else None
+        report: dict[str, Any] = {}
+        with torch.inference_mode(False), torch.enable_grad():
+            if val is not None:
+                report["fp32"] = evaluate(pl_module, val, self.eval_batches)
+            result = quantize_model(pl_module, calib, cfg, n_data=n_data, reduce=reduce,
+                                    progress=self.progress and trainer.is_global_zero)
+            for method in self.compare:
+                base = quantize_model(pl_module, calib, dataclasses.replace(cfg, method=method),
+                                      n_data=n_data, reduce=reduce, progress=False)
+                self.baselines[method] = base
+            self._apply(pl_module, result)
+            if val is not None:
+                report["quantized"] = evaluate(pl_module, val, self.eval_batches)
+                report["baselines"] = {
+                    m: evaluate(r.model, val, self.eval_batches) for m, r in self.baselines.items()
+                }
+        report["bits_per_weight"] = result.bits_per_weight
+        report["code_bits_per_weight"] = result.code_bits_per_weight
+        report["baseline_bits_per_weight"] = {m: r.bits_per_weight for m, r in self.baselines.items()}
+        self.result, self.report = result, report
+        self._log(trainer, result, report)
+
+    @staticmethod
+    def _apply(pl_module: pl.LightningModule, result: QuantizationResult) -> None:
+        """Put the quantized weights into the user's module (same layer names)."""
+        source = dict(result.model.named_modules())
+        target = dict(pl_module.named_modules())
+        with torch.no_grad():
+            for layer in result.layers:
+                w = target[layer.name].weight
+                w.copy_(source[layer.name].weight.to(w.dtype))
+
+    @rank_zero_only
+    def _log(self, trainer: pl.Trainer, result: QuantizationResult, report: dict) -> None:
+        metrics: dict[str, float] = {
+            "bayesq/bits_per_weight": result.bits_per_weight,
+            "bayesq/code_bits_per_weight": result.code_bits_per_weight,
+        }
+        for key in ("fp32", "quantized"):
+            for k, v in report.get(key, {}).items():
+                metrics[f"bayesq/{key}/{k}"] = v
+        for method, m in report.get("baselines", {}).items():
+            for k, v in m.items():
+                metrics[f"bayesq/{method}/{k}"] = v
+        for layer in result.layers:
+            metrics[f"bayesq/layers/{layer.name}/bits_per_weight"] = layer.bits_per_weight
+            metrics[f"bayesq/layers/{layer.name}/expected_loss"] = layer.expected_loss
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        rank_zero_info("BayesQ allocation\n" + result.table())
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.result is None:
+            return {}
+        return {
+            "config": self.config.to_dict(),
+            "allocation": {x.name: [b.bits for b in x.blocks] for x in self.result.layers},
+            "bits_per_weight": self.result.bits_per_weight,
+            "prior_precision": self.result.info.get("prior_precision"),
+            "report": self.report,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.report = dict(state_dict.get("report", {}))

@@ -1,0 +1,139 @@
+"""``BayesQConfig``: every option of a quantization run, validated once, up front."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from .quantizers import SUPPORTED_BITS, check_bits
+
+METHODS = ("bayesq", "rtn", "gptq", "hawq")
+STRUCTURES = ("diag", "kron", "lowrank")
+QUANTIZERS = ("uniform", "nonuniform", "auto")
+TABLES = ("closed_form", "mc")
+SOLVERS = ("greedy", "dp")
+BACKENDS = ("asdl", "asdl_stochastic", "curvlinops")
+
+# Options whose value is fixed by the config's shape but not built yet; setting another value
+# raises, so user code written today keeps its meaning when they land.
+_NOT_YET = {
+    "method": ("bayesq", "rtn"),
+    "structure": ("diag",),
+    "quantizer": ("uniform",),
+    "tables": ("closed_form",),
+    "solver": ("greedy",),
+}
+
+
+def _choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {tuple(choices)}")
+    built = _NOT_YET.get(name)
+    if built is not None and value not in built:
+        raise NotImplementedError(
+            f"{name}={value!r} is not yet supported in this release; use one of {built}"
+        )
+
+
+@dataclass
+class BayesQConfig:
+    """Configuration of :func:`bayesq_lightning.quantize_model`.
+
+    Parameters
+    ----------
+    bits : float
+        Budget: average stored bits per quantized weight, metadata (fp16 scales, zeros,
+        codebooks) included. Ignored when ``budget_bytes`` is given.
+    budget_bytes : int, optional
+        Alternative budget: total bytes of the quantized layers.
+    method : str
+        ``"bayesq"`` (posterior-weighted) or a baseline sharing everything else: ``"rtn"``
+        (unweighted MSE tables, min-max ranges), ``"gptq"``, ``"hawq"``.
+    structure : str
+        Posterior covariance: ``"diag"``, ``"kron"`` or ``"lowrank"``.
+    quantizer : str
+        ``"uniform"``, ``"nonuniform"`` or ``"auto"`` (both as knapsack candidates).
+    tables : str
+        ``"closed_form"`` or ``"mc"`` (task-aware Monte-Carlo KL).
+    solver : str
+        ``"greedy"`` (convex-hull greedy) or ``"dp"`` (exact).
+    allowed_bits : tuple of int
+        Bit-widths a block may take; a subset of ``(2, 3, 4, 8)``.
+    calib_batches : int
+        Number of calibration batches (a global count, sharded across ranks).
+    n_data : int, optional
+        Training-set size the posterior stands for; default: the calibration loader's dataset
+        length (the callback passes the training set's length).
+    prior_precision : "marglik" or float
+        Fitted by marginal likelihood, or fixed.
+    include, exclude : sequence of str, optional
+        ``fnmatch`` patterns over layer names selecting which layers are quantized.
+    backend : str
+        Curvature backend: ``"asdl"`` (exact GGN diagonal), ``"asdl_stochastic"`` (Monte-Carlo
+        GGN, for many classes) or ``"curvlinops"``.
+    range_objective : str
+        Clipping-range search criterion: ``"deployed"`` (precision-weighted error of the stored
+        weights, the tables' own score) or ``"expected"`` (posterior-expected distortion).
+    seed : int
+        Seed of every random choice (posterior samples, stochastic curvature).
+    """
+
+    bits: float = 3.0
+    budget_bytes: int | None = None
+    method: str = "bayesq"
+    structure: str = "diag"
+    quantizer: str = "uniform"
+    tables: str = "closed_form"
+    solver: str = "greedy"
+    allowed_bits: tuple[int, ...] = SUPPORTED_BITS
+    calib_batches: int = 8
+    n_data: int | None = None
+    prior_precision: str | float = "marglik"
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    backend: str = "asdl"
+    range_objective: str = "deployed"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.budget_bytes is None:
+            if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)):
+                raise TypeError(f"bits must be a number, got {type(self.bits).__name__}")
+            if not math.isfinite(self.bits) or self.bits <= 0:
+                raise ValueError(
+                    f"bits={self.bits!r}: the budget must be a positive finite number of "
+                    "bits per weight, e.g. bits=3.0"
+                )
+        else:
+            if int(self.budget_bytes) != self.budget_bytes or self.budget_bytes <= 0:
+                raise ValueError(f"budget_bytes={self.budget_bytes!r} must be a positive integer")
+            self.budget_bytes = int(self.budget_bytes)
+        _choice("method", self.method, METHODS)
+        _choice("structure", self.structure, STRUCTURES)
+        _choice("quantizer", self.quantizer, QUANTIZERS)
+        _choice("tables", self.tables, TABLES)
+        _choice("solver", self.solver, SOLVERS)
+        _choice("backend", self.backend, BACKENDS)
+        _choice("range_objective", self.range_objective, ("deployed", "expected"))
+        if not self.allowed_bits:
+            raise ValueError(f"allowed_bits is empty; choose a subset of {SUPPORTED_BITS}")
+        self.allowed_bits = tuple(sorted({check_bits(b) for b in self.allowed_bits}))
+        if int(self.calib_batches) != self.calib_batches or self.calib_batches < 1:
+            raise ValueError(f"calib_batches={self.calib_batches!r} must be a positive integer")
+        if self.n_data is not None and (int(self.n_data) != self.n_data or self.n_data < 1):
+            raise ValueError(f"n_data={self.n_data!r} must be a positive integer or None")
+        if isinstance(self.prior_precision, str):
+            if self.prior_precision != "marglik":
+                raise ValueError(
+                    f"prior_precision={self.prior_precision!r}: use 'marglik' or a positive number"
+                )
+        elif not (math.isfinite(self.prior_precision) and self.prior_precision > 0):
+            raise ValueError(f"prior_precision={self.prior_precision!r} must be positive and finite")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, (value,))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,56 @@
+"""Accuracy, NLL and ECE of a classifier over a loader (torchmetrics, synced across ranks)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from .posterior import LogitsModel, split_batch
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Iterable, max_batches: int | None = None
+) -> dict[str, float]:
+    """``{"accuracy", "nll", "ece"}`` of ``model`` on labelled batches.
+
+    Accuracy is micro-averaged (plain accuracy); ECE is ``MulticlassCalibrationError`` with 15
+    bins on softmax probabilities; NLL is the mean negative log-likelihood. Under an initialised
+    process group every rank must call this (torchmetrics syncs on ``compute``).
+    """
+    net = LogitsModel(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    acc = ece = None
+    nll = MeanMetric().to(device)
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = split_batch(batch)
+            if y is None:
+                raise ValueError("evaluation needs labelled batches: (inputs, targets) or dicts "
+                                 "with a 'labels' key")
+            x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+            y = y.to(device)
+            logits = net(x).float()
+            if acc is None:
+                c = logits.shape[-1]
+                acc = MulticlassAccuracy(num_classes=c, average="micro").to(device)
+                ece = MulticlassCalibrationError(num_classes=c, n_bins=15, norm="l1").to(device)
+            probs = logits.softmax(-1)
+            acc.update(probs, y)
+            ece.update(probs, y)
+            nll.update(F.cross_entropy(logits, y, reduction="none"))
+    finally:
+        model.train(was_training)
+    if acc is None:
+        raise ValueError("the evaluation loader yielded no batches")
+    return {"accuracy": float(acc.compute()), "nll": float(nll.compute()),
+            "ece": float(ece.compute())}

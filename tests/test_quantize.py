@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import assert_unchanged, snapshot
+
+from bayesq_lightning import BayesQConfig, quantize_model
+from bayesq_lightning.allocate import InfeasibleBudgetError
+from bayesq_lightning.quantizers import dequantize
+from bayesq_lightning.tables import block_storage_bits
+
+
+@pytest.mark.parametrize("method", ["bayesq", "rtn"])
+@pytest.mark.parametrize("bits", [2.5, 3.0, 4.5])
+def test_budget_is_honoured_and_weights_are_on_the_grid(trained, loader, method, bits):
+    before = snapshot(trained)
+    res = quantize_model(trained, loader, BayesQConfig(bits=bits, method=method,
+                                                       prior_precision=1.0), progress=False)
+    assert_unchanged(trained, before)
+    assert res.bits_per_weight <= bits + 1e-12
+    assert res.code_bits_per_weight < res.bits_per_weight
+    total = sum(block_storage_bits(b) for x in res.layers for b in x.blocks)
+    assert total == 8 * res.total_bytes and total <= res.budget_bits
+    assert res.budget_bits == math.floor(bits * res.n_weights)
+    modules = dict(res.model.named_modules())
+    for layer in res.layers:
+        (block,) = layer.blocks
+        w = modules[layer.name].weight.detach()
+        assert torch.equal(w, dequantize(block).reshape(w.shape))
+        rows = w.reshape(w.shape[0], -1)
+        assert max(r.unique().numel() for r in rows) <= 2**block.bits
+    # the quantized model still works
+    x, _ = next(iter(loader))
+    assert torch.isfinite(res.model(x)).all()
+
+
+def test_budget_bytes_and_rtn_without_data(trained):
+    res = quantize_model(trained, None, BayesQConfig(method="rtn", budget_bytes=20_000),
+                         progress=False)
+    assert res.total_bytes <= 20_000
+
+
+def test_more_bits_lower_expected_loss(trained, loader):
+    losses = []
+    for bits in (2.5, 3.0, 4.5, 8.5):
+        res = quantize_model(trained, loader, BayesQConfig(bits=bits, prior_precision=1.0),
+                             progress=False)
+        losses.append(sum(x.expected_loss for x in res.layers))
+    assert losses == sorted(losses, reverse=True) and losses[0] > losses[-1]
+
+
+def test_infeasible_budget_names_smallest_feasible(trained, loader):
+    before = snapshot(trained)
+    with pytest.raises(InfeasibleBudgetError, match=r"2\.\d+ bits/weight") as err:
+        quantize_model(trained, loader, BayesQConfig(bits=1.5, prior_precision=1.0),
+                       progress=False)
+    assert "1.5" in str(err.value)
+    assert_unchanged(trained, before)
+
+
+def test_nan_weights_are_refused_and_model_kept(trained, loader):
+    with torch.no_grad():
+        trained.fc1.weight[0, 0] = float("nan")
+    before = snapshot(trained)
+    with pytest.raises(ValueError, match="'fc1' has 1 NaN/inf"):
+        quantize_model(trained, loader, BayesQConfig(), progress=False)
+    assert before["state"]["fc1.weight"].isnan().sum() == 1
+    assert_unchanged(trained, before)
+
+
+def test_empty_loader_is_refused(trained):
+    with pytest.raises(ValueError, match="calibration loader yielded no samples"):
+        quantize_model(trained, [], BayesQConfig(), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"bits": 0}, ValueError, "positive finite"),
+        ({"bits": float("nan")}, ValueError, "positive finite"),
+        ({"allowed_bits": (3, 5)}, ValueError, "unsupported bit-width 5"),
+        ({"allowed_bits": ()}, ValueError, "allowed_bits is empty"),
+        ({"method": "magic"}, ValueError, "not one of"),
+        ({"structure": "kron"}, NotImplementedError, "not yet supported"),
+        ({"quantizer": "nonuniform"}, NotImplementedError, "not yet supported"),
+        ({"calib_batches": 0}, ValueError, "positive integer"),
+        ({"prior_precision": -1.0}, ValueError, "positive"),
+        ({"budget_bytes": 0}, ValueError, "positive integer"),
+    ],
+)
+def test_config_validation(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        BayesQConfig(**kwargs)
+
+
+def test_bayesq_ranks_layers_by_posterior(trained, loader):
+    """With a tight budget BayesQ keeps more bits where the precision-weighted error is larger."""
+    res = quantize_model(trained, loader, BayesQConfig(bits=3.0, allowed_bits=(2, 4)),
+                         progress=False)
+    assert {x.bits for x in res.layers} <= {2, 4}
+    assert res.info["structure"] == "diag" and res.info["prior_precision"] > 0
+    assert res.info["n_data"] == 256 and res.info["n_calib"] == 256
