@@ -1,0 +1,422 @@
+"""The on-disk artifact: ``model.safetensors`` plus the ``bayesq.json`` manifest.
+
+``save_quantized`` writes the safetensors file first and the JSON last, each to a temporary file
+in the same directory and then ``os.replace``-d into place. The JSON names the sha256 of the
+safetensors file, so it is the commit record: an interrupted save leaves either the previous
+complete artifact or a pair that :func:`load_quantized` refuses. Tensors that share storage
+(tied weights) are stored once and the other names are recorded as aliases in the JSON. No
+pickle is involved anywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .modules import (
+    FLOAT_TYPES,
+    QUANTIZED_TYPES,
+    BlockSpec,
+    block_spec,
+    conv_options,
+    quantized_from_float,
+    set_submodule,
+)
+from .result import QuantizationResult
+from .tables import storage_bits
+
+SCHEMA_VERSION = 1
+TENSORS_FILE = "model.safetensors"
+MANIFEST_FILE = "bayesq.json"
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be loaded: corrupt, of another schema, or for another model."""
+
+
+def save_quantized(
+    model: nn.Module, result: QuantizationResult, directory: str | os.PathLike
+) -> Path:
+    """Write the packed model and its manifest to ``directory``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to store. Layers named in ``result.layers`` may already be packed modules
+        (:class:`~bayesq_lightning.modules.QuantizedLinear` / ``QuantizedConv2d``) or still be
+        float layers; float ones are packed from ``result.layers`` without modifying ``model``.
+    result : QuantizationResult
+        Per-layer blocks, budget and achieved bits, posterior info.
+    directory : str or os.PathLike
+        Created if missing; ``model.safetensors`` and ``bayesq.json`` are replaced.
+
+    Returns
+    -------
+    Path
+        ``directory``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state, packed = _packed_state(model, result)
+    tensors, aliases = _dedupe(state)
+
+    digest = _atomic_write(directory / TENSORS_FILE, lambda p: save_file(tensors, str(p)))
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "tensors_file": TENSORS_FILE,
+        "sha256": digest,
+        "aliases": aliases,
+        "layers": [_layer_entry(name, packed[name]) for name in (x.name for x in result.layers)],
+        "budget_bits": int(result.budget_bits),
+        "n_weights": sum(math.prod(m.weight_shape) for m in packed.values()),
+        "bits_per_weight": float(result.bits_per_weight),
+        "code_bits_per_weight": float(result.code_bits_per_weight),
+        "posterior": {
+            "structure": _jsonable(result.info.get("structure")),
+            "prior_precision": _jsonable(result.info.get("prior_precision")),
+        },
+        "method": _jsonable(result.info.get("method")),
+        "versions": {
+            "torch": torch.__version__,  # includes the build tag (e.g. +cu130)
+            **{
+                name: _version(name)
+                for name in ("laplace-torch", "bayesq-lightning", "safetensors")
+            },
+        },
+    }
+    text = json.dumps(manifest, indent=1)
+    _atomic_write(directory / MANIFEST_FILE, lambda p: p.write_text(text, encoding="utf-8"))
+    return directory
+
+
+def load_quantized(model_skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load an artifact written by :func:`save_quantized` into a float model of the same class.
+
+    Everything is checked and loaded into a copy first; only when that succeeded are the packed
+    layers swapped into ``model_skeleton`` and its other tensors overwritten, so on any error the
+    skeleton is left as it was.
+
+    Parameters
+    ----------
+    model_skeleton : nn.Module
+        A fresh instance of the saved model's architecture (its float values are overwritten).
+    directory : str or os.PathLike
+        Holds ``bayesq.json`` and ``model.safetensors``.
+
+    Returns
+    -------
+    nn.Module
+        ``model_skeleton``, now holding the packed layers and the stored tensors.
+    """
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST_FILE
+    tensors_path = directory / TENSORS_FILE
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"no manifest {manifest_path}: the artifact is missing or its save did not finish; "
+            f"export it with save_quantized"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{manifest_path} is not valid JSON ({e}); re-export the model") from e
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{manifest_path} is not a bayesq manifest; re-export the model")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        versions = manifest.get("versions")
+        writer = versions.get("bayesq-lightning") if isinstance(versions, dict) else None
+        raise ArtifactError(
+            f"{manifest_path} has schema version {version!r} (written by bayesq-lightning "
+            f"{writer}); this bayesq-lightning reads version {SCHEMA_VERSION}: re-export with "
+            f"this version or load with the version that wrote it"
+        )
+    if not tensors_path.is_file():
+        raise FileNotFoundError(
+            f"no tensor file {tensors_path} next to {manifest_path}; re-export the model"
+        )
+    try:
+        if _sha256(tensors_path) != manifest["sha256"]:
+            raise ArtifactError(
+                f"{tensors_path} does not match the sha256 in {manifest_path}: the artifact is "
+                f"corrupt or was interrupted; re-export"
+            )
+        replacements = {
+            entry["name"]: _module_for(model_skeleton, entry, manifest_path)
+            for entry in manifest["layers"]
+        }
+        state = load_file(str(tensors_path))
+        for alias, target in manifest["aliases"].items():
+            state[alias] = state[target]
+    except (KeyError, TypeError, IndexError) as e:
+        raise ArtifactError(f"{manifest_path} is malformed ({e!r}); re-export the model") from e
+
+    trial = copy.deepcopy(model_skeleton)
+    for name, module in replacements.items():
+        set_submodule(trial, name, module)
+    try:
+        missing, unexpected = trial.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ArtifactError(
+            f"{tensors_path} does not fit the skeleton: {e}; build the skeleton with the "
+            f"configuration of the saved model"
+        ) from e
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{tensors_path} does not fit the skeleton: missing {sorted(missing)}, unexpected "
+            f"{sorted(unexpected)}; build the skeleton with the configuration of the saved model"
+        )
+
+    # Everything fitted on the copy; the same structure cannot fail now.
+    for name in replacements:
+        set_submodule(model_skeleton, name, trial.get_submodule(name))
+    model_skeleton.load_state_dict(state, strict=True)
+    return model_skeleton
+
+
+def _packed_state(
+    model: nn.Module, result: QuantizationResult
+) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
+    """The state dict of ``model`` with every result layer packed, and the packed modules.
+
+    Float layers are packed into new modules whose state replaces theirs in the dict; ``model``
+    is not modified.
+    """
+    names = [x.name for x in result.layers]
+    quantized_types = tuple(QUANTIZED_TYPES.values())
+    stray = [
+        n for n, m in model.named_modules() if isinstance(m, quantized_types) and n not in names
+    ]
+    if stray:
+        raise ValueError(
+            f"model holds packed layers {stray} that result.layers does not describe; "
+            f"pass the QuantizationResult that produced this model"
+        )
+    state = model.state_dict()
+    packed = {}
+    for layer in result.layers:
+        try:
+            module = model.get_submodule(layer.name)
+        except AttributeError as e:
+            raise KeyError(f"result layer {layer.name!r} is not a submodule of the model") from e
+        if isinstance(module, quantized_types):
+            specs = [block_spec(b) for b in layer.blocks]
+            if type(module) is not QUANTIZED_TYPES.get(layer.kind) or module.specs != specs:
+                raise ValueError(
+                    f"packed layer {layer.name!r} does not match its LayerResult; pass the "
+                    f"QuantizationResult that produced this model"
+                )
+            packed[layer.name] = module
+            continue
+        packed[layer.name] = q = quantized_from_float(module, layer)
+        prefix = layer.name + "."
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
+        state.update(q.state_dict(prefix=prefix))
+    return state, packed
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Contiguous CPU tensors to store, and ``{alias: stored name}`` for tensors seen twice.
+
+    Two names for the same view of the same storage (tied weights) are stored once. Different
+    views of one storage are stored as separate copies, as safetensors refuses shared storage.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    views: dict[tuple, str] = {}
+    storages: set[tuple] = set()
+    for name, t in state.items():
+        t = t.detach()
+        if t.numel() == 0:
+            tensors[name] = t.cpu().contiguous()
+            continue
+        storage = (t.device, t.untyped_storage().data_ptr())
+        view = (*storage, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if view in views:
+            aliases[name] = views[view]
+            continue
+        views[view] = name
+        shared = storage in storages
+        storages.add(storage)
+        t = t.cpu().contiguous()
+        tensors[name] = t.clone() if shared or t.untyped_storage().nbytes() != t.nbytes else t
+    return tensors, aliases
+
+
+def _layer_entry(name: str, module: nn.Module) -> dict[str, Any]:
+    """Manifest entry of one packed layer."""
+    blocks = []
+    for i, s in enumerate(module.specs):
+        n_meta = sum(math.prod(shape) for shape in s.meta_shapes.values())
+        blocks.append(
+            {
+                "rows": list(s.rows),
+                "bits": s.bits,
+                "quantizer": s.quantizer,
+                "group_size": s.group_size,
+                "shape": [s.n_rows, s.cols],
+                "code_bytes": s.code_bytes,
+                "meta_bytes": s.meta_bytes,
+                "storage_bits": storage_bits(s.n_weights, s.bits, n_meta),
+                "tensors": {
+                    "codes": f"{name}.block{i}_codes",
+                    **{m: f"{name}.block{i}_{m}" for m in s.meta_shapes},
+                },
+                "meta_shapes": {m: list(shape) for m, shape in s.meta_shapes.items()},
+            }
+        )
+    entry = {
+        "name": name,
+        "kind": module.kind,
+        "weight_shape": list(module.weight_shape),
+        "bias": module.bias is not None,
+        "code_bytes": sum(b["code_bytes"] for b in blocks),
+        "meta_bytes": sum(b["meta_bytes"] for b in blocks),
+        "blocks": blocks,
+    }
+    if module.kind == "conv2d":
+        entry["conv"] = conv_options(module)
+    return entry
+
+
+def _module_for(skeleton: nn.Module, entry: dict[str, Any], manifest_path: Path) -> nn.Module:
+    """An empty packed module for one manifest layer, checked against the skeleton's layer."""
+    name, kind = entry["name"], entry["kind"]
+    fix = "build the skeleton with the configuration of the saved model"
+    try:
+        current = skeleton.get_submodule(name)
+    except AttributeError as e:
+        raise ArtifactError(
+            f"layer {name!r} of {manifest_path} is not in the skeleton; {fix}"
+        ) from e
+    cls = QUANTIZED_TYPES.get(kind)
+    if cls is None:
+        raise ArtifactError(
+            f"layer {name!r} of {manifest_path} has unknown kind {kind!r}; re-export"
+        )
+    if not isinstance(current, (FLOAT_TYPES[kind], cls)):
+        raise ArtifactError(
+            f"layer {name!r} is {kind} in {manifest_path} but {type(current).__name__} in the "
+            f"skeleton; {fix}"
+        )
+    shape = tuple(entry["weight_shape"])
+    have = tuple(current.weight_shape if isinstance(current, cls) else current.weight.shape)
+    if have != shape:
+        raise ArtifactError(
+            f"layer {name!r} has weight shape {shape} in {manifest_path} but {have} in the "
+            f"skeleton; {fix}"
+        )
+    if (current.bias is not None) != entry["bias"]:
+        raise ArtifactError(
+            f"layer {name!r} {'has' if entry['bias'] else 'lacks'} a bias in {manifest_path} but "
+            f"not in the skeleton; {fix}"
+        )
+    kwargs = {}
+    if kind == "conv2d":
+        kwargs = entry["conv"]
+        if conv_options(current) != kwargs:
+            raise ArtifactError(
+                f"conv layer {name!r} has options {kwargs} in {manifest_path} but "
+                f"{conv_options(current)} in the skeleton; {fix}"
+            )
+    specs = [
+        BlockSpec(
+            rows=tuple(b["rows"]),
+            bits=b["bits"],
+            quantizer=b["quantizer"],
+            group_size=b["group_size"],
+            cols=b["shape"][1],
+            meta_shapes={m: tuple(s) for m, s in b["meta_shapes"].items()},
+        )
+        for b in entry["blocks"]
+    ]
+    ref = next(current.parameters(), None)
+    bias = current.bias
+    try:
+        module = cls(
+            shape,
+            specs,
+            bias=bias is not None,
+            dtype=bias.dtype if bias is not None else torch.float32,
+            device=ref.device if ref is not None else None,
+            **kwargs,
+        )
+    except (ValueError, NotImplementedError) as e:
+        raise ArtifactError(f"layer {name!r} of {manifest_path}: {e}; re-export") from e
+    module.train(current.training)
+    return module
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> str:
+    """Write ``path`` through a temporary file in its directory; return the file's sha256."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return digest
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename durable; not every platform can open a directory, so it is best effort.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON data for info values (tensors and numpy values become numbers or lists)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)

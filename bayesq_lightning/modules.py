@@ -1,0 +1,487 @@
+"""Layers that hold packed integer weights and dequantize them in ``forward``.
+
+A :class:`QuantizedLinear` / :class:`QuantizedConv2d` keeps, per block (a slice of output
+channels), one packed ``uint8`` code buffer and the block's fp16 quantizer parameters as
+buffers, so ``state_dict()`` is the artifact's content:
+
+``<layer>.block<i>_codes``
+    packed codes (:func:`bayesq_lightning.packing.pack_codes`), ``ceil(n * bits / 8)`` bytes;
+``<layer>.block<i>_scale``, ``<layer>.block<i>_zero``
+    fp16 ``(rows, n_groups)``, uniform blocks;
+``<layer>.block<i>_codebook``
+    fp16 ``(2**bits,)`` or ``(rows, 2**bits)``, non-uniform blocks;
+``<layer>.bias``
+    the float module's bias, unchanged.
+
+Each block's layout (row range, bits, quantizer, group size, tensor shapes) is a
+:class:`BlockSpec`, plain data kept on the module and written to the manifest, so a module can be
+rebuilt empty from it and filled by ``load_state_dict``. The weights are decoded by
+:func:`bayesq_lightning.quantizers.dequantize`, the package's single decoder, so a packed layer
+computes exactly what a float layer holding the dequantized weights computes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .packing import pack_codes, packed_nbytes, unpack_codes
+from .quantizers import check_bits, dequantize
+from .result import BlockResult, LayerResult
+
+_META = {"uniform": ("scale", "zero"), "nonuniform": ("codebook",)}
+
+
+@dataclass
+class BlockSpec:
+    """Layout of one packed block: everything except the tensor values.
+
+    Attributes
+    ----------
+    rows : tuple[int, int]
+        ``(start, stop)`` output-channel range.
+    bits : int
+        Bits per code.
+    quantizer : str
+        ``"uniform"`` or ``"nonuniform"``.
+    group_size : int or None
+        Input columns per scale/zero; ``None`` for one per row.
+    cols : int
+        Codes per row, ``prod(weight_shape[1:])``.
+    meta_shapes : dict[str, tuple[int, ...]]
+        Shape of each fp16 metadata tensor: ``scale`` and ``zero``, or ``codebook``.
+    """
+
+    rows: tuple[int, int]
+    bits: int
+    quantizer: str
+    group_size: int | None
+    cols: int
+    meta_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def n_rows(self) -> int:
+        return self.rows[1] - self.rows[0]
+
+    @property
+    def n_weights(self) -> int:
+        return self.n_rows * self.cols
+
+    @property
+    def code_bytes(self) -> int:
+        return packed_nbytes(self.n_weights, self.bits)
+
+    @property
+    def meta_bytes(self) -> int:
+        return 2 * sum(math.prod(s) for s in self.meta_shapes.values())
+
+
+def block_spec(block: BlockResult) -> BlockSpec:
+    """The :class:`BlockSpec` of a :class:`~bayesq_lightning.result.BlockResult`."""
+    if block.quantizer not in _META:
+        raise ValueError(
+            f"unknown quantizer {block.quantizer!r}; expected 'uniform' or 'nonuniform'"
+        )
+    meta = {}
+    for name in _META[block.quantizer]:
+        t = getattr(block, name)
+        if t is None:
+            raise ValueError(f"a {block.quantizer} block needs {name}, but it is None")
+        meta[name] = tuple(t.shape)
+    if block.codes.dim() != 2:
+        raise ValueError(f"block codes must be (rows, cols), got shape {tuple(block.codes.shape)}")
+    return BlockSpec(
+        rows=(int(block.rows[0]), int(block.rows[1])),
+        bits=int(block.bits),
+        quantizer=block.quantizer,
+        group_size=block.group_size,
+        cols=int(block.codes.shape[1]),
+        meta_shapes=meta,
+    )
+
+
+def _meta_shapes_ok(s: BlockSpec) -> bool:
+    """Whether the metadata shapes are ones that ``quantizers.dequantize`` decodes."""
+    if s.quantizer == "uniform":
+        groups = 1 if s.group_size is None else -(-s.cols // s.group_size)
+        allowed = {(s.n_rows, groups), (s.n_rows, 1)}  # a single column broadcasts over groups
+        return s.meta_shapes["scale"] == s.meta_shapes["zero"] and s.meta_shapes["scale"] in allowed
+    return s.meta_shapes["codebook"] in {(2**s.bits,), (s.n_rows, 2**s.bits)}
+
+
+def _check_specs(specs: Sequence[BlockSpec], weight_shape: tuple[int, ...]) -> None:
+    """Blocks must tile the output channels in order, each with the layer's column count."""
+    cols = math.prod(weight_shape[1:])
+    if not specs:
+        raise ValueError(f"a quantized layer needs at least one block; weight shape {weight_shape}")
+    start = 0
+    for i, s in enumerate(specs):
+        check_bits(s.bits)
+        if s.quantizer not in _META or set(s.meta_shapes) != set(_META[s.quantizer]):
+            raise ValueError(
+                f"block {i}: quantizer {s.quantizer!r} with metadata {sorted(s.meta_shapes)}; "
+                f"expected 'uniform' (scale, zero) or 'nonuniform' (codebook)"
+            )
+        if s.rows[0] != start or s.rows[1] <= s.rows[0]:
+            raise ValueError(
+                f"block {i} covers rows {s.rows}, expected a non-empty range starting at {start}: "
+                f"blocks must tile the output channels in order"
+            )
+        if s.cols != cols:
+            raise ValueError(
+                f"block {i} has {s.cols} columns, the weight {weight_shape} has {cols}"
+            )
+        if not _meta_shapes_ok(s):
+            raise ValueError(
+                f"block {i} ({s.quantizer}, {s.bits} bits, {s.n_rows} rows, group_size "
+                f"{s.group_size}) has metadata shapes {s.meta_shapes}; expected scale/zero "
+                f"(rows, n_groups) or a codebook (2**bits,) / (rows, 2**bits)"
+            )
+        start = s.rows[1]
+    if start != weight_shape[0]:
+        raise ValueError(
+            f"blocks cover {start} rows, the weight {weight_shape} has {weight_shape[0]}"
+        )
+
+
+class _QuantizedWeight(nn.Module):
+    """Shared storage and decoding of the packed weight; subclasses add the float op."""
+
+    kind = ""
+
+    def __init__(
+        self,
+        weight_shape: Sequence[int],
+        specs: Sequence[BlockSpec],
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        cache_dequantized: bool = False,
+    ) -> None:
+        super().__init__()
+        self.weight_shape = tuple(int(d) for d in weight_shape)
+        self.specs = list(specs)
+        _check_specs(self.specs, self.weight_shape)
+        self.cache_dequantized = cache_dequantized
+        self._cached: torch.Tensor | None = None
+        for i, s in enumerate(self.specs):
+            self.register_buffer(
+                f"block{i}_codes", torch.zeros(s.code_bytes, dtype=torch.uint8, device=device)
+            )
+            for name, shape in s.meta_shapes.items():
+                self.register_buffer(
+                    f"block{i}_{name}", torch.zeros(shape, dtype=torch.float16, device=device)
+                )
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.weight_shape[0], dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def _from_layer(cls, module: nn.Module, layer: LayerResult, **kwargs) -> _QuantizedWeight:
+        shape = tuple(module.weight.shape)
+        if tuple(layer.weight_shape) != shape:
+            raise ValueError(
+                f"layer {layer.name!r}: result is for weight shape {tuple(layer.weight_shape)}, "
+                f"the module's weight is {shape}"
+            )
+        if layer.kind != cls.kind:
+            raise ValueError(f"layer {layer.name!r} is a {layer.kind!r} result, not {cls.kind!r}")
+        specs = [block_spec(b) for b in layer.blocks]
+        bias = module.bias
+        device = module.weight.device
+        q = cls(
+            shape,
+            specs,
+            bias=bias is not None,
+            dtype=bias.dtype if bias is not None else torch.float32,
+            device=device,
+            **kwargs,
+        )
+        with torch.no_grad():
+            for i, (s, b) in enumerate(zip(specs, layer.blocks, strict=True)):
+                if b.codes.dtype != torch.uint8 or tuple(b.codes.shape) != (s.n_rows, s.cols):
+                    raise ValueError(
+                        f"layer {layer.name!r} block {i}: codes must be uint8 of shape "
+                        f"{(s.n_rows, s.cols)}, got {b.codes.dtype} {tuple(b.codes.shape)}"
+                    )
+                getattr(q, f"block{i}_codes").copy_(pack_codes(b.codes.to(device), s.bits))
+                for name in s.meta_shapes:
+                    t = getattr(b, name)
+                    # Converting here would decode differently from dequantize(block).
+                    if t.dtype != torch.float16:
+                        raise TypeError(
+                            f"layer {layer.name!r} block {i}: {name} must be float16, got {t.dtype}"
+                        )
+                    getattr(q, f"block{i}_{name}").copy_(t)
+            if bias is not None:
+                q.bias.copy_(bias)
+                q.bias.requires_grad_(bias.requires_grad)
+        q.train(module.training)
+        return q
+
+    def blocks(self) -> list[BlockResult]:
+        """The blocks as :class:`~bayesq_lightning.result.BlockResult` with unpacked codes.
+
+        Codes are fresh tensors; scale, zero and codebook are this module's buffers (not copies).
+        """
+        out = []
+        for i, s in enumerate(self.specs):
+            codes = unpack_codes(getattr(self, f"block{i}_codes"), s.bits, s.n_weights)
+            meta = {name: getattr(self, f"block{i}_{name}") for name in s.meta_shapes}
+            out.append(
+                BlockResult(
+                    rows=s.rows,
+                    bits=s.bits,
+                    quantizer=s.quantizer,
+                    group_size=s.group_size,
+                    codes=codes.view(s.n_rows, s.cols),
+                    **meta,
+                )
+            )
+        return out
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight, shape ``weight_shape``, decoded block by block."""
+        parts = [dequantize(b, dtype) for b in self.blocks()]
+        return torch.cat(parts, dim=0).reshape(self.weight_shape)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Read-only fp32 dequantized weight, for code that inspects ``module.weight``."""
+        return self._weight(torch.float32)
+
+    def _weight(self, dtype: torch.dtype) -> torch.Tensor:
+        cached = self._cached
+        if (
+            self.cache_dequantized
+            and cached is not None
+            and cached.dtype == dtype
+            and cached.device == self.block0_codes.device
+        ):
+            return cached
+        w = self.dequantize(dtype)
+        if self.cache_dequantized:
+            self._cached = w
+        return w
+
+    def clear_cache(self) -> None:
+        """Drop the cached dequantized weight (call after editing the buffers in place)."""
+        self._cached = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._cached = None  # new buffers invalidate the decoded weight
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _bias(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        bits = ",".join(str(s.bits) for s in self.specs)
+        return f"weight_shape={self.weight_shape}, bits=[{bits}], bias={self.bias is not None}"
+
+
+class QuantizedLinear(_QuantizedWeight):
+    """``nn.Linear`` with packed integer weights; ``forward`` dequantizes in the input dtype.
+
+    Parameters
+    ----------
+    weight_shape : sequence of int
+        ``(out_features, in_features)``.
+    specs : sequence of BlockSpec
+        Block layouts tiling the output features in order.
+    bias : bool
+        Whether the layer has a bias.
+    dtype : torch.dtype
+        dtype of the bias.
+    device : torch.device or str, optional
+        Where the buffers live.
+    cache_dequantized : bool
+        Keep the decoded weight after the first forward (faster, costs a float weight of memory).
+    """
+
+    kind = "linear"
+
+    def __init__(self, weight_shape: Sequence[int], specs: Sequence[BlockSpec], **kwargs) -> None:
+        if len(weight_shape) != 2:
+            raise ValueError(f"a linear weight is (out, in), got shape {tuple(weight_shape)}")
+        super().__init__(weight_shape, specs, **kwargs)
+        self.out_features, self.in_features = self.weight_shape
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Linear, layer_result: LayerResult, cache_dequantized: bool = False
+    ) -> QuantizedLinear:
+        """Pack the blocks of ``layer_result`` for ``module`` (whose bias is copied)."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(
+                f"layer {layer_result.name!r}: expected nn.Linear, got {type(module).__name__}"
+            )
+        return cls._from_layer(module, layer_result, cache_dequantized=cache_dequantized)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._weight(x.dtype), self._bias(x))
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class QuantizedConv2d(_QuantizedWeight):
+    """``nn.Conv2d`` with packed integer weights; ``forward`` dequantizes in the input dtype.
+
+    Parameters
+    ----------
+    weight_shape : sequence of int
+        ``(out_channels, in_channels // groups, kh, kw)``.
+    specs : sequence of BlockSpec
+        Block layouts tiling the output channels in order.
+    stride, padding, dilation, groups
+        As for ``nn.Conv2d`` (``padding`` may be ``"same"`` or ``"valid"``).
+    padding_mode : str
+        Only ``"zeros"`` is supported.
+    **kwargs
+        ``bias``, ``dtype``, ``device``, ``cache_dequantized`` as for :class:`QuantizedLinear`.
+    """
+
+    kind = "conv2d"
+
+    def __init__(
+        self,
+        weight_shape: Sequence[int],
+        specs: Sequence[BlockSpec],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] | str = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        **kwargs,
+    ) -> None:
+        if len(weight_shape) != 4:
+            raise ValueError(
+                f"a conv2d weight is (out, in/groups, kh, kw), got {tuple(weight_shape)}"
+            )
+        if padding_mode != "zeros":
+            raise NotImplementedError(
+                f"padding_mode={padding_mode!r} is not supported by QuantizedConv2d; only 'zeros' "
+                f"is: exclude this layer from quantization or use zero padding"
+            )
+        super().__init__(weight_shape, specs, **kwargs)
+        self.stride = _pair(stride)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = int(groups)
+        self.padding_mode = padding_mode
+        self.out_channels = self.weight_shape[0]
+        self.in_channels = self.weight_shape[1] * self.groups
+        self.kernel_size = tuple(self.weight_shape[2:])
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Conv2d, layer_result: LayerResult, cache_dequantized: bool = False
+    ) -> QuantizedConv2d:
+        """Pack the blocks of ``layer_result`` for ``module`` (bias and conv options copied)."""
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(
+                f"layer {layer_result.name!r}: expected nn.Conv2d, got {type(module).__name__}"
+            )
+        return cls._from_layer(
+            module,
+            layer_result,
+            cache_dequantized=cache_dequantized,
+            **conv_options(module),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(
+            x,
+            self._weight(x.dtype),
+            self._bias(x),
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}, groups={self.groups}"
+        )
+
+
+def conv_options(module: nn.Conv2d | QuantizedConv2d) -> dict:
+    """The ``stride/padding/dilation/groups/padding_mode`` of a (quantized) conv, as plain data."""
+    padding = module.padding
+    return {
+        "stride": list(module.stride),
+        "padding": padding if isinstance(padding, str) else list(padding),
+        "dilation": list(module.dilation),
+        "groups": int(module.groups),
+        "padding_mode": module.padding_mode,
+    }
+
+
+QUANTIZED_TYPES: dict[str, type[_QuantizedWeight]] = {
+    "linear": QuantizedLinear,
+    "conv2d": QuantizedConv2d,
+}
+FLOAT_TYPES: dict[str, type[nn.Module]] = {"linear": nn.Linear, "conv2d": nn.Conv2d}
+
+
+def quantized_from_float(
+    module: nn.Module, layer: LayerResult, cache: bool = False
+) -> QuantizedLinear | QuantizedConv2d:
+    """The packed replacement of one float layer."""
+    cls = QUANTIZED_TYPES.get(layer.kind)
+    if cls is None:
+        raise ValueError(
+            f"layer {layer.name!r}: unknown kind {layer.kind!r}; expected {list(QUANTIZED_TYPES)}"
+        )
+    return cls.from_float(module, layer, cache_dequantized=cache)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` (not the root) by ``module``."""
+    if not name:
+        raise ValueError("cannot replace the root module in place; wrap it in a parent module")
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, module)
+
+
+def replace_quantized_layers(
+    model: nn.Module, layers: Sequence[LayerResult], cache: bool = False
+) -> nn.Module:
+    """Swap the named float layers of ``model`` for packed ones, in place.
+
+    All replacements are built before the first swap, so an error leaves ``model`` unchanged.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Holds the float ``nn.Linear`` / ``nn.Conv2d`` layers named in ``layers``.
+    layers : sequence of LayerResult
+        Names are dotted module names as in ``model.named_modules()``.
+    cache : bool
+        ``cache_dequantized`` of the new modules.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself.
+    """
+    new = {}
+    for layer in layers:
+        try:
+            module = model.get_submodule(layer.name)
+        except AttributeError as e:
+            raise KeyError(f"model has no layer named {layer.name!r}") from e
+        new[layer.name] = quantized_from_float(module, layer, cache)
+    for name, module in new.items():
+        set_submodule(model, name, module)
+    return model
