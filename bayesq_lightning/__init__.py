@@ -2,6 +2,7 @@
 
 from .callback import BayesQCallback
 from .config import BayesQConfig
+from .export import load_quantized, save_quantized
 from .quantize import quantize_model
 from .result import BlockResult, LayerResult, QuantizationResult
 
@@ -11,6 +12,8 @@ __all__ = [
     "BlockResult",
     "LayerResult",
     "QuantizationResult",
+    "load_quantized",
     "quantize_model",
+    "save_quantized",
 ]
 __version__ = "0.1.0"

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,7 +33,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from .config import METHODS, BayesQConfig
+from .export import save_quantized
 from .metrics import evaluate
+from .modules import replace_quantized_layers
 from .quantize import quantize_model
 from .result import QuantizationResult
 
@@ -45,6 +49,8 @@ class BayesQCallback(Callback):
             FP32 weights and evaluated beside BayesQ; reported under ``report["baselines"]``.
         evaluate: evaluate accuracy / NLL / ECE on the validation data before and after.
         eval_batches: cap on validation batches per evaluation (``None``: all).
+        export_dir: where rank zero writes the packed artifact (``model.safetensors`` +
+            ``bayesq.json``, see :func:`~bayesq_lightning.save_quantized`); ``None``: no export.
         progress: progress bars during table construction.
         **config: any other :class:`~bayesq_lightning.BayesQConfig` field.
 
@@ -59,6 +65,7 @@ class BayesQCallback(Callback):
         compare: Sequence[str] = (),
         evaluate: bool = True,
         eval_batches: int | None = None,
+        export_dir: str | os.PathLike | None = None,
         progress: bool = True,
         **config: Any,
     ) -> None:
@@ -72,6 +79,9 @@ class BayesQCallback(Callback):
         self.evaluate = evaluate
         self.eval_batches = eval_batches
         self.progress = progress
+        self.export_dir = None if export_dir is None else Path(export_dir)
+        if self.export_dir is not None and self.export_dir.exists() and not self.export_dir.is_dir():
+            raise ValueError(f"export_dir={str(export_dir)!r} exists and is not a directory")
         self.result: QuantizationResult | None = None
         self.baselines: dict[str, QuantizationResult] = {}
         self.report: dict[str, Any] = {}
@@ -144,17 +154,14 @@ class BayesQCallback(Callback):
         report["code_bits_per_weight"] = result.code_bits_per_weight
         report["baseline_bits_per_weight"] = {m: r.bits_per_weight for m, r in self.baselines.items()}
         self.result, self.report = result, report
+        if self.export_dir is not None and trainer.is_global_zero:
+            save_quantized(pl_module, result, self.export_dir)
         self._log(trainer, result, report)
 
     @staticmethod
     def _apply(pl_module: pl.LightningModule, result: QuantizationResult) -> None:
-        """Put the quantized weights into the user's module (same layer names)."""
-        source = dict(result.model.named_modules())
-        target = dict(pl_module.named_modules())
-        with torch.no_grad():
-            for layer in result.layers:
-                w = target[layer.name].weight
-                w.copy_(source[layer.name].weight.to(w.dtype))
+        """Swap the packed quantized layers into the user's module (same layer names)."""
+        replace_quantized_layers(pl_module, result.layers)
 
     @rank_zero_only
     def _log(self, trainer: pl.Trainer, result: QuantizationResult, report: dict) -> None:

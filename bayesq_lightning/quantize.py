@@ -23,6 +23,7 @@ from torch import nn
 
 from .allocate import Option, allocate
 from .config import BayesQConfig
+from .modules import replace_quantized_layers
 from .posterior import (
     Posterior,
     calibration_samples,
@@ -145,19 +146,15 @@ def quantize_model(
     choice = allocate(options, budget, solver=cfg.solver, n_weights=n_weights)
     info["allocation_seconds"] = time.perf_counter() - t_alloc
 
-    layers, qmodel = [], clone_fp32(model)
+    layers = [
+        LayerResult(name, _layer_kind(module), tuple(module.weight.shape), [cands[j]],
+                    opts[j].loss, opts[j].cost // 8)
+        for (name, module), opts, cands, j in zip(named, options, blocks, choice, strict=True)
+    ]
+    # The returned model holds packed integer weights (QuantizedLinear / QuantizedConv2d).
+    qmodel = clone_fp32(model).to(dtype=_float_dtype(model))
     qmodel.train(model.training)
-    qmodel = qmodel.to(dtype=_float_dtype(model))
-    modules = dict(qmodel.named_modules())
-    for (name, module), opts, cands, j in zip(named, options, blocks, choice, strict=True):
-        block = cands[j]
-        target = modules[name].weight
-        with torch.no_grad():
-            target.copy_(dequantize(block, target.dtype).reshape(target.shape))
-        layers.append(
-            LayerResult(name, _layer_kind(module), tuple(module.weight.shape), [block],
-                        opts[j].loss, opts[j].cost // 8)
-        )
+    replace_quantized_layers(qmodel, layers)
     total_bits = sum(opts[j].cost for opts, j in zip(options, choice, strict=True))
     code_bits = sum(storage_bits(b.n_weights, b.bits, 0) for x in layers for b in x.blocks)
     info["seconds"] = time.perf_counter() - t_start

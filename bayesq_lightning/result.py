@@ -89,7 +89,8 @@ class QuantizationResult:
     Attributes
     ----------
     model : nn.Module
-        A new module whose quantized layers hold the dequantized weights.
+        A new module whose quantized layers are ``QuantizedLinear`` / ``QuantizedConv2d`` with
+        packed integer codes (see :mod:`bayesq_lightning.modules`).
     layers : list[LayerResult]
         Per quantized layer, in module order.
     bits_per_weight : float

@@ -77,7 +77,7 @@ def main() -> None:
 
     dm = DigitsDataModule(batch_size=64)
     model = DigitsCNN()
-    cb = BayesQCallback(bits=args.bits, compare=("rtn",))
+    cb = BayesQCallback(bits=args.bits, compare=("rtn",), export_dir=args.out / "model")
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[cb],
         logger=pl.loggers.CSVLogger(args.out, name="logs"), enable_checkpointing=False,
@@ -106,7 +106,8 @@ def main() -> None:
                "info": {k: v for k, v in info.items() if k != "config"}}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_allocation(cb, args.out / "allocation.png")
-    print(f"wrote {args.out / 'summary.json'} and {args.out / 'allocation.png'}")
+    print(f"wrote {args.out / 'summary.json'}, {args.out / 'allocation.png'} and the packed "
+          f"artifact {args.out / 'model'} (load with bayesq_lightning.load_quantized)")
 
 
 if __name__ == "__main__":

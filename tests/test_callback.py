@@ -7,7 +7,8 @@ from conftest import TinyNet, make_data
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from bayesq_lightning import BayesQCallback
+from bayesq_lightning import BayesQCallback, load_quantized
+from bayesq_lightning.modules import QuantizedConv2d, QuantizedLinear
 from bayesq_lightning.quantizers import dequantize
 
 
@@ -44,7 +45,8 @@ def _trainer(cb, tmp_path, **kw):
 def test_callback_quantizes_the_trained_module(tmp_path, with_calibration):
     torch.manual_seed(0)
     model, dm = TinyNet(), TinyData(with_calibration)
-    cb = BayesQCallback(bits=3.0, compare=("rtn",), calib_batches=4, progress=False)
+    cb = BayesQCallback(bits=3.0, compare=("rtn",), calib_batches=4, progress=False,
+                        export_dir=tmp_path / "artifact")
     trainer = _trainer(cb, tmp_path)
     trainer.fit(model, dm)
 
@@ -70,6 +72,13 @@ def test_callback_quantizes_the_trained_module(tmp_path, with_calibration):
     for name in ("bayesq/quantized/accuracy", "bayesq/fp32/ece", "bayesq/rtn/nll",
                  "bayesq/bits_per_weight", "bayesq/layers/fc1/bits_per_weight"):
         assert name in metrics
+
+    # the module is really packed, and the artifact reloads into a fresh instance exactly
+    assert isinstance(model.fc1, QuantizedLinear) and isinstance(model.conv, QuantizedConv2d)
+    fresh = load_quantized(TinyNet(), tmp_path / "artifact")
+    x = make_data(16, seed=3).tensors[0]
+    model.eval()
+    assert torch.equal(fresh.eval()(x), model(x))
 
     state = cb.state_dict()
     assert state["allocation"] == {x.name: [x.bits] for x in res.layers}
