@@ -18,11 +18,9 @@ BACKENDS = ("asdl", "asdl_stochastic", "curvlinops")
 # Options whose value is fixed by the config's shape but not built yet; setting another value
 # raises, so user code written today keeps its meaning when they land.
 _NOT_YET = {
-    "method": ("bayesq", "rtn"),
+    "method": ("bayesq", "rtn", "hawq"),
     "structure": ("diag",),
     "quantizer": ("uniform",),
-    "tables": ("closed_form",),
-    "solver": ("greedy",),
 }
 
 
@@ -75,6 +73,23 @@ class BayesQConfig:
     range_objective : str
         Clipping-range search criterion: ``"deployed"`` (precision-weighted error of the stored
         weights, the tables' own score) or ``"expected"`` (posterior-expected distortion).
+    group_size : int, optional
+        Input columns per scale/zero (uniform) — ``None``: one per output channel. A size that
+        does not divide the row length leaves a shorter last group (no padding is stored).
+    block_rows : int, optional
+        Output channels per allocation block (each block gets its own bit-width); a multiple
+        of ``pack_multiple``. ``None``: one block per layer.
+    pack_multiple : int
+        Row granularity the hardware packs together; ``block_rows`` must be a multiple of it.
+    min_bits, max_bits : dict of str to int, optional
+        Per-layer bounds by ``fnmatch`` name pattern, e.g. ``{"features.0.*": 8}``.
+    per_row_codebook : bool
+        Non-uniform quantizer: one codebook per output channel instead of one per block.
+    mc_samples : int
+        Posterior samples ``S`` of the Monte-Carlo tables.
+    mc_refine_top_k : int, optional
+        With ``tables="mc"``: refine only the ``k`` blocks whose closed-form upgrades are
+        closest to the allocation boundary (``None``: all blocks).
     seed : int
         Seed of every random choice (posterior samples, stochastic curvature).
     """
@@ -94,6 +109,14 @@ class BayesQConfig:
     exclude: Sequence[str] | None = None
     backend: str = "asdl"
     range_objective: str = "deployed"
+    group_size: int | None = None
+    block_rows: int | None = None
+    pack_multiple: int = 1
+    min_bits: dict[str, int] | None = None
+    max_bits: dict[str, int] | None = None
+    per_row_codebook: bool = False
+    mc_samples: int = 4
+    mc_refine_top_k: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -130,6 +153,29 @@ class BayesQConfig:
                 )
         elif not (math.isfinite(self.prior_precision) and self.prior_precision > 0):
             raise ValueError(f"prior_precision={self.prior_precision!r} must be positive and finite")
+        if self.group_size is not None and (int(self.group_size) != self.group_size
+                                            or self.group_size < 1):
+            raise ValueError(f"group_size={self.group_size!r} must be a positive integer or None")
+        if int(self.pack_multiple) != self.pack_multiple or self.pack_multiple < 1:
+            raise ValueError(f"pack_multiple={self.pack_multiple!r} must be a positive integer")
+        if self.block_rows is not None:
+            if int(self.block_rows) != self.block_rows or self.block_rows < 1:
+                raise ValueError(f"block_rows={self.block_rows!r} must be a positive integer")
+            if self.block_rows % self.pack_multiple:
+                lo = self.block_rows // self.pack_multiple * self.pack_multiple or self.pack_multiple
+                raise ValueError(
+                    f"block_rows={self.block_rows} is not a multiple of pack_multiple="
+                    f"{self.pack_multiple}; use e.g. block_rows={lo}"
+                )
+        if int(self.mc_samples) != self.mc_samples or self.mc_samples < 1:
+            raise ValueError(f"mc_samples={self.mc_samples!r}: S must be an integer >= 1")
+        if self.mc_refine_top_k is not None and self.mc_refine_top_k < 1:
+            raise ValueError(f"mc_refine_top_k={self.mc_refine_top_k!r} must be >= 1 or None")
+        for name in ("min_bits", "max_bits"):
+            for pattern, b in (getattr(self, name) or {}).items():
+                if not isinstance(pattern, str):
+                    raise TypeError(f"{name} keys are layer-name patterns (str), got {pattern!r}")
+                check_bits(b)
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):

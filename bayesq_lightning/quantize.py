@@ -1,27 +1,31 @@
-r"""``quantize_model``: posterior -> candidate quantizers -> tables -> knapsack -> quantized model.
+r"""``quantize_model``: posterior -> candidate quantizers -> tables -> knapsack -> packed model.
 
-For every block (one layer by default) and every allowed bit-width ``b`` a quantizer is designed
-and scored:
+A *block* is a slice of a layer's output channels that gets one bit-width (one block per layer by
+default, ``block_rows`` rows otherwise). For every block, allowed bit-width ``b`` and quantizer
+(uniform grid or non-uniform codebook) a candidate is designed and scored:
 
-* ``bayesq``: range chosen by the posterior-expected whitened distortion; loss is the deployed
-  risk :math:`D = \sum_i \lambda_i (q_i - \mu_i)^2` (precision-weighted squared error of the
-  deployed weights ``q`` from the posterior mean ``mu``).
-* ``rtn``: min-max range, loss :math:`\sum_i (q_i - w_i)^2` (no posterior, no data).
+* ``bayesq``: the range / codebook is designed under the posterior precision :math:`\lambda`;
+  the loss is the deployed risk :math:`D = \sum_i \lambda_i (q_i - \mu_i)^2` (or the task-aware
+  Monte-Carlo KL of :func:`~bayesq_lightning.tables.mc_tables` with ``tables="mc"``);
+* ``rtn``: min-max range (k-means codebook), loss :math:`\sum_i (q_i - w_i)^2`, no posterior;
+* ``hawq``: min-max range, loss ``mean(diag GGN) * ||q - w||^2`` (Hessian trace x error).
 
-Costs are :func:`~bayesq_lightning.tables.storage_bits`; the knapsack picks one option per block
-under ``bits * n_weights`` (or ``8 * budget_bytes``) stored bits, metadata included.
+Costs are :func:`~bayesq_lightning.tables.storage_bits`; the knapsack picks one candidate per
+block under ``bits * n_weights`` (or ``8 * budget_bytes``) stored bits, metadata included.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .allocate import Option, allocate
+from .allocate import Option, allocate, lower_convex_hull
 from .config import BayesQConfig
 from .modules import replace_quantized_layers
 from .posterior import (
@@ -34,22 +38,79 @@ from .posterior import (
 )
 from .quantizers import dequantize, design_uniform
 from .result import BlockResult, LayerResult, QuantizationResult
-from .tables import block_storage_bits, storage_bits
+from .tables import block_storage_bits, mc_tables, storage_bits
 
 
-def _candidates(
-    w2d: torch.Tensor, bits: int, cfg: BayesQConfig, precision: torch.Tensor | None
-) -> tuple[BlockResult, float]:
-    """The quantized block at ``bits`` and its expected loss ``D``."""
-    rows = (0, w2d.shape[0])
-    if precision is None:  # rtn
-        grid = design_uniform(w2d, bits)
-    else:
-        grid = design_uniform(w2d, bits, precision=precision, objective=cfg.range_objective)
-    block = BlockResult(rows, bits, "uniform", None, grid.codes, grid.scale, grid.zero)
-    err2 = (dequantize(block, torch.float64) - w2d.double()) ** 2
-    weight = 1.0 if precision is None else precision.double()
-    return block, float((weight * err2).sum())
+@dataclass
+class Block:
+    """One allocation unit: rows ``rows`` of layer ``layer`` and what scores its candidates."""
+
+    layer: str
+    rows: tuple[int, int]
+    w: torch.Tensor  # (rows, cols) fp32 weights (posterior mean)
+    weight: torch.Tensor | float  # per-weight loss weight: precision, 1, or a layer trace
+    bits: tuple[int, ...]  # allowed widths after the per-layer pins
+
+
+def _pinned_bits(name: str, cfg: BayesQConfig) -> tuple[int, ...]:
+    """``allowed_bits`` restricted by every matching ``min_bits`` / ``max_bits`` pattern."""
+    lo = max([b for p, b in (cfg.min_bits or {}).items() if fnmatch.fnmatchcase(name, p)],
+             default=0)
+    hi = min([b for p, b in (cfg.max_bits or {}).items() if fnmatch.fnmatchcase(name, p)],
+             default=99)
+    bits = tuple(b for b in cfg.allowed_bits if lo <= b <= hi)
+    if not bits:
+        raise ValueError(
+            f"layer {name!r}: allowed_bits={cfg.allowed_bits} has no width within its pins "
+            f"[{lo}, {hi}]; add a width in that range to allowed_bits or relax min_bits/max_bits"
+        )
+    return bits
+
+
+def _blocks(named, cfg: BayesQConfig, posterior: Posterior | None) -> list[Block]:
+    blocks = []
+    for name, module in named:
+        w = module.weight.detach().float().reshape(module.weight.shape[0], -1).cpu()
+        if cfg.method == "bayesq":
+            weight = posterior.layers[name].precision.reshape_as(w).float().cpu()
+        elif cfg.method == "hawq":  # mean GGN diagonal: the layer's Hessian trace per weight
+            lp = posterior.layers[name]
+            weight = float((lp.precision - lp.prior_precision).mean())
+        else:
+            weight = 1.0
+        bits = _pinned_bits(name, cfg)
+        step = cfg.block_rows or w.shape[0]
+        for r0 in range(0, w.shape[0], step):
+            r1 = min(r0 + step, w.shape[0])
+            part = weight[r0:r1] if torch.is_tensor(weight) else weight
+            blocks.append(Block(name, (r0, r1), w[r0:r1], part, bits))
+    return blocks
+
+
+def _design(block: Block, bits: int, quantizer: str, cfg: BayesQConfig) -> BlockResult:
+    """The candidate quantizer of ``block`` at ``bits``, codes of the mean included."""
+    precision = block.weight if torch.is_tensor(block.weight) else None
+    if quantizer == "uniform":
+        grid = design_uniform(block.w, bits, precision=precision, group_size=cfg.group_size,
+                              objective=cfg.range_objective)
+        return BlockResult(block.rows, bits, "uniform", cfg.group_size, grid.codes,
+                           grid.scale, grid.zero)
+    from .quantizers import design_nonuniform
+
+    grid = design_nonuniform(block.w, bits, precision=precision, per_row=cfg.per_row_codebook)
+    return BlockResult(block.rows, bits, "nonuniform", None, grid.codes,
+                       codebook=grid.codebook)
+
+
+def closed_form_loss(block: Block, candidate: BlockResult) -> float:
+    """Weighted squared error of the stored weights from the mean: ``sum weight * (q - mu)^2``."""
+    err2 = (dequantize(candidate, torch.float64) - block.w.double()) ** 2
+    weight = block.weight.double() if torch.is_tensor(block.weight) else block.weight
+    return float((weight * err2).sum())
+
+
+def _quantizers(cfg: BayesQConfig) -> tuple[str, ...]:
+    return ("uniform", "nonuniform") if cfg.quantizer == "auto" else (cfg.quantizer,)
 
 
 def _layer_kind(module: nn.Module) -> str:
@@ -68,6 +129,33 @@ def _progress(items: Iterable, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, leave=False)
+
+
+def boundary_blocks(options: list[list[Option]], choice: list[int], k: int) -> list[int]:
+    """Indices of the ``k`` blocks whose hull upgrades lie closest to the allocation boundary.
+
+    The boundary rate is the best loss-per-bit among the upgrades the allocation did not take;
+    a block's distance is ``min |log(rate_e / boundary)|`` over its hull edges ``e``.
+    """
+    hulls = [lower_convex_hull(o) for o in options]
+    rates: list[list[float]] = []
+    boundary = 0.0
+    for opts, hull, j in zip(options, hulls, choice, strict=True):
+        r = [(opts[a].loss - opts[b].loss) / (opts[b].cost - opts[a].cost)
+             for a, b in zip(hull, hull[1:], strict=False)]
+        rates.append(r)
+        taken = hull.index(j) if j in hull else len(hull) - 1
+        if taken < len(r):
+            boundary = max(boundary, r[taken])
+    tiny = 1e-300
+
+    def distance(r: list[float]) -> float:
+        if not r:
+            return math.inf
+        return min(abs(math.log(max(x, tiny) / max(boundary, tiny))) for x in r)
+
+    order = sorted(range(len(options)), key=lambda i: (distance(rates[i]), i))
+    return [i for i in order[:k] if rates[i]]
 
 
 def quantize_model(
@@ -95,27 +183,31 @@ def quantize_model(
     reduce : callable, optional
         Cross-process sum used by the posterior fit under a distributed strategy.
     progress : bool
-        Show a progress bar over layers.
+        Show progress bars.
 
     Returns
     -------
     QuantizationResult
+        ``model`` holds packed ``QuantizedLinear`` / ``QuantizedConv2d`` layers.
     """
     cfg = config or BayesQConfig()
     t_start = time.perf_counter()
     named = quantizable_layers(model, cfg.include, cfg.exclude)
     check_finite(named)
+    pins = {name: _pinned_bits(name, cfg) for name, _ in named}  # fail before any work
     info: dict = {"method": cfg.method, "config": cfg.to_dict()}
 
     posterior: Posterior | None = None
-    if cfg.method == "bayesq":
+    batches: list = []
+    if cfg.method in ("bayesq", "hawq"):
         if calibration_loader is None:
-            raise ValueError("method='bayesq' needs a calibration loader (method='rtn' does not)")
+            raise ValueError(f"method={cfg.method!r} needs a calibration loader "
+                             "(method='rtn' does not)")
         batches, n_calib = calibration_samples(calibration_loader, cfg.calib_batches)
         n_data = n_data or cfg.n_data or _dataset_len(calibration_loader) or n_calib
         posterior = fit_posterior(
-            model, batches, [n for n, _ in named], n_data=n_data,
-            prior_precision=cfg.prior_precision, backend=cfg.backend, reduce=reduce,
+            model, batches, list(pins), n_data=n_data, prior_precision=cfg.prior_precision,
+            backend=cfg.backend, reduce=reduce,
         )
         info.update(
             structure=posterior.structure, prior_precision=posterior.prior_precision,
@@ -124,20 +216,19 @@ def quantize_model(
         )
 
     t_tables = time.perf_counter()
+    blocks = _blocks(named, cfg, posterior)
     options: list[list[Option]] = []
-    blocks: list[list[BlockResult]] = []
-    for name, module in _progress(named, progress, "bayesq tables"):
-        w2d = module.weight.detach().float().reshape(module.weight.shape[0], -1).cpu()
-        precision = None
-        if posterior is not None:
-            precision = posterior.layers[name].precision.reshape_as(w2d).cpu().float()
-        layer_opts, layer_blocks = [], []
-        for bits in cfg.allowed_bits:
-            block, loss = _candidates(w2d, bits, cfg, precision)
-            layer_opts.append(Option(block_storage_bits(block), loss, bits, block.quantizer))
-            layer_blocks.append(block)
-        options.append(layer_opts)
-        blocks.append(layer_blocks)
+    candidates: list[list[BlockResult]] = []
+    for block in _progress(blocks, progress, "bayesq candidates"):
+        opts, cands = [], []
+        for bits in block.bits:
+            for quantizer in _quantizers(cfg):
+                cand = _design(block, bits, quantizer, cfg)
+                opts.append(Option(block_storage_bits(cand), closed_form_loss(block, cand),
+                                   bits, quantizer))
+                cands.append(cand)
+        options.append(opts)
+        candidates.append(cands)
     info["tables_seconds"] = time.perf_counter() - t_tables
 
     n_weights = sum(m.weight.numel() for _, m in named)
@@ -146,11 +237,24 @@ def quantize_model(
     choice = allocate(options, budget, solver=cfg.solver, n_weights=n_weights)
     info["allocation_seconds"] = time.perf_counter() - t_alloc
 
-    layers = [
-        LayerResult(name, _layer_kind(module), tuple(module.weight.shape), [cands[j]],
-                    opts[j].loss, opts[j].cost // 8)
-        for (name, module), opts, cands, j in zip(named, options, blocks, choice, strict=True)
-    ]
+    if cfg.tables == "mc":
+        refine = list(range(len(blocks)))
+        if cfg.mc_refine_top_k is not None:
+            refine = boundary_blocks(options, choice, cfg.mc_refine_top_k)
+        t_mc = time.perf_counter()
+        mc = mc_tables(
+            model, batches, posterior, [(blocks[i].layer, blocks[i].rows) for i in refine],
+            [candidates[i] for i in refine], n_data=posterior.n_data, samples=cfg.mc_samples,
+            seed=cfg.seed, reduce=reduce, progress=progress,
+        )
+        for i, losses in zip(refine, mc.losses, strict=True):
+            options[i] = [Option(o.cost, max(loss, 0.0), o.bits, o.tag)
+                          for o, loss in zip(options[i], losses, strict=True)]
+        choice = allocate(options, budget, solver=cfg.solver, n_weights=n_weights)
+        info.update(mc_blocks=len(refine), mc_forward_passes=mc.forward_passes,
+                    mc_seconds=time.perf_counter() - t_mc)
+
+    layers = _layer_results(named, blocks, options, candidates, choice)
     # The returned model holds packed integer weights (QuantizedLinear / QuantizedConv2d).
     qmodel = clone_fp32(model).to(dtype=_float_dtype(model))
     qmodel.train(model.training)
@@ -161,7 +265,24 @@ def quantize_model(
     return QuantizationResult(
         model=qmodel, layers=layers, bits_per_weight=total_bits / n_weights,
         code_bits_per_weight=code_bits / n_weights, budget_bits=budget, info=info,
+        posterior=posterior,
     )
+
+
+def _layer_results(named, blocks, options, candidates, choice) -> list[LayerResult]:
+    per_layer: dict[str, list[int]] = {}
+    for i, block in enumerate(blocks):
+        per_layer.setdefault(block.layer, []).append(i)
+    layers = []
+    for name, module in named:
+        idx = per_layer[name]
+        chosen = [options[i][choice[i]] for i in idx]
+        layers.append(LayerResult(
+            name, _layer_kind(module), tuple(module.weight.shape),
+            [candidates[i][choice[i]] for i in idx],
+            sum(o.loss for o in chosen), sum(o.cost for o in chosen) // 8,
+        ))
+    return layers
 
 
 def _dataset_len(loader) -> int | None:

@@ -101,6 +101,8 @@ class QuantizationResult:
         The budget the allocator honoured, in bits over all quantized weights.
     info : dict
         Method, posterior structure and prior precision, backend, seconds per stage.
+    posterior : Posterior or None
+        The fitted posterior (``None`` for posterior-free baselines).
     """
 
     model: nn.Module
@@ -109,6 +111,7 @@ class QuantizationResult:
     code_bits_per_weight: float
     budget_bits: int
     info: dict[str, Any] = field(default_factory=dict)
+    posterior: Any = field(default=None, repr=False)
 
     @property
     def n_weights(self) -> int:

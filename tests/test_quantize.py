@@ -102,3 +102,53 @@ def test_bayesq_ranks_layers_by_posterior(trained, loader):
     assert {x.bits for x in res.layers} <= {2, 4}
     assert res.info["structure"] == "diag" and res.info["prior_precision"] > 0
     assert res.info["n_data"] == 256 and res.info["n_calib"] == 256
+
+
+def test_blocks_groups_and_pins(trained, loader):
+    cfg = BayesQConfig(bits=5.0, block_rows=8, pack_multiple=4, group_size=16,
+                       min_bits={"conv": 8}, max_bits={"fc2": 4}, prior_precision=1.0)
+    res = quantize_model(trained, loader, cfg, progress=False)
+    assert res.bits_per_weight <= 5.0
+    layers = {x.name: x for x in res.layers}
+    assert [b.rows for b in layers["fc1"].blocks] == [(r, r + 8) for r in range(0, 32, 8)]
+    assert [b.rows for b in layers["fc2"].blocks] == [(0, 4)]  # 4 rows: one short block
+    assert all(b.bits == 8 for b in layers["conv"].blocks)
+    assert all(b.bits <= 4 for b in layers["fc2"].blocks)
+    fc1 = layers["fc1"].blocks[0]
+    assert fc1.group_size == 16 and fc1.scale.shape == (8, 8)  # 128 columns / 16
+    x, _ = next(iter(loader))
+    assert torch.isfinite(res.model(x)).all()
+
+
+def test_pins_that_the_bit_set_cannot_meet(trained, loader):
+    cfg = BayesQConfig(allowed_bits=(2, 3), min_bits={"fc*": 4})
+    with pytest.raises(ValueError, match="'fc1'.*no width within its pins"):
+        quantize_model(trained, loader, cfg, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"block_rows": 6, "pack_multiple": 4}, "not a multiple of pack_multiple=4"),
+     ({"mc_samples": 0}, "S must be an integer >= 1"),
+     ({"group_size": 0}, "group_size"),
+     ({"min_bits": {"fc1": 5}}, "unsupported bit-width 5")],
+)
+def test_granularity_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BayesQConfig(**kwargs)
+
+
+@pytest.mark.parametrize("solver", ["greedy", "dp"])
+def test_hawq_and_solvers(trained, loader, solver):
+    res = quantize_model(trained, loader, BayesQConfig(bits=3.0, method="hawq", solver=solver,
+                                                       prior_precision=1.0), progress=False)
+    assert res.bits_per_weight <= 3.0
+
+
+def test_mc_tables_end_to_end_with_refinement(trained, loader):
+    cfg = BayesQConfig(bits=3.0, tables="mc", mc_samples=2, mc_refine_top_k=2, block_rows=16,
+                       prior_precision=1.0)
+    res = quantize_model(trained, loader, cfg, progress=False)
+    assert res.bits_per_weight <= 3.0
+    assert res.info["mc_blocks"] == 2 and res.info["mc_forward_passes"] > 0
+    assert res.info["mc_seconds"] >= 0
