@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 from .quantizers import SUPPORTED_BITS, check_bits
 
-METHODS = ("bayesq", "rtn", "gptq", "hawq")
+METHODS = ("bayesq", "rtn", "gptq", "hawq", "mse")
 STRUCTURES = ("diag", "kron", "lowrank")
 QUANTIZERS = ("uniform", "nonuniform", "auto")
 TABLES = ("closed_form", "mc")
@@ -18,7 +18,6 @@ BACKENDS = ("asdl", "asdl_stochastic", "curvlinops")
 # Options whose value is fixed by the config's shape but not built yet; setting another value
 # raises, so user code written today keeps its meaning when they land.
 _NOT_YET = {
-    "method": ("bayesq", "rtn", "hawq"),
     "structure": ("diag",),
     "quantizer": ("uniform",),
 }
@@ -47,7 +46,9 @@ class BayesQConfig:
         Alternative budget: total bytes of the quantized layers.
     method : str
         ``"bayesq"`` (posterior-weighted) or a baseline sharing everything else: ``"rtn"``
-        (unweighted MSE tables, min-max ranges), ``"gptq"``, ``"hawq"``.
+        (unweighted MSE tables, min-max ranges), ``"mse"`` (BayesQ's pipeline with unit
+        precision: MSE-searched ranges and MSE tables, the posterior ablated), ``"gptq"``,
+        ``"hawq"`` (Hessian trace x quantization error).
     structure : str
         Posterior covariance: ``"diag"``, ``"kron"`` or ``"lowrank"``.
     quantizer : str

@@ -8,7 +8,10 @@ default, ``block_rows`` rows otherwise). For every block, allowed bit-width ``b`
   the loss is the deployed risk :math:`D = \sum_i \lambda_i (q_i - \mu_i)^2` (or the task-aware
   Monte-Carlo KL of :func:`~bayesq_lightning.tables.mc_tables` with ``tables="mc"``);
 * ``rtn``: min-max range (k-means codebook), loss :math:`\sum_i (q_i - w_i)^2`, no posterior;
-* ``hawq``: min-max range, loss ``mean(diag GGN) * ||q - w||^2`` (Hessian trace x error).
+* ``mse``: as ``bayesq`` with :math:`\lambda = 1` (the posterior ablated);
+* ``hawq``: min-max range, loss ``mean(diag GGN) * ||q - w||^2`` (Hessian trace x error);
+* ``gptq``: min-max range, codes by error-feedback rounding under ``H = X X^T / n`` of the
+  layer's calibration inputs, loss the output reconstruction error ``tr(dW H dW^T)``.
 
 Costs are :func:`~bayesq_lightning.tables.storage_bits`; the knapsack picks one candidate per
 block under ``bits * n_weights`` (or ``8 * budget_bytes``) stored bits, metadata included.
@@ -16,6 +19,7 @@ block under ``bits * n_weights`` (or ``8 * budget_bytes``) stored bits, metadata
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import time
@@ -38,6 +42,12 @@ from .posterior import (
 )
 from .quantizers import dequantize, design_uniform
 from .result import BlockResult, LayerResult, QuantizationResult
+from .rounding import (
+    block_column_quantizer,
+    error_feedback_round,
+    gptq_gamma,
+    layer_input_hessians,
+)
 from .tables import block_storage_bits, mc_tables, storage_bits
 
 
@@ -50,6 +60,8 @@ class Block:
     w: torch.Tensor  # (rows, cols) fp32 weights (posterior mean)
     weight: torch.Tensor | float  # per-weight loss weight: precision, 1, or a layer trace
     bits: tuple[int, ...]  # allowed widths after the per-layer pins
+    H: torch.Tensor | None = None  # input-side matrix of error-feedback rounding (gptq)
+    layer_rows: int = 0
 
 
 def _pinned_bits(name: str, cfg: BayesQConfig) -> tuple[int, ...]:
@@ -67,12 +79,15 @@ def _pinned_bits(name: str, cfg: BayesQConfig) -> tuple[int, ...]:
     return bits
 
 
-def _blocks(named, cfg: BayesQConfig, posterior: Posterior | None) -> list[Block]:
+def _blocks(named, cfg: BayesQConfig, posterior: Posterior | None,
+            hessians: dict | None = None) -> list[Block]:
     blocks = []
     for name, module in named:
         w = module.weight.detach().float().reshape(module.weight.shape[0], -1).cpu()
         if cfg.method == "bayesq":
             weight = posterior.layers[name].precision.reshape_as(w).float().cpu()
+        elif cfg.method == "mse":  # the posterior ablated: same search and tables, unit weights
+            weight = torch.ones_like(w)
         elif cfg.method == "hawq":  # mean GGN diagonal: the layer's Hessian trace per weight
             lp = posterior.layers[name]
             weight = float((lp.precision - lp.prior_precision).mean())
@@ -83,7 +98,8 @@ def _blocks(named, cfg: BayesQConfig, posterior: Posterior | None) -> list[Block
         for r0 in range(0, w.shape[0], step):
             r1 = min(r0 + step, w.shape[0])
             part = weight[r0:r1] if torch.is_tensor(weight) else weight
-            blocks.append(Block(name, (r0, r1), w[r0:r1], part, bits))
+            H = None if hessians is None else hessians[name]
+            blocks.append(Block(name, (r0, r1), w[r0:r1], part, bits, H, w.shape[0]))
     return blocks
 
 
@@ -100,6 +116,25 @@ def _design(block: Block, bits: int, quantizer: str, cfg: BayesQConfig) -> Block
     grid = design_nonuniform(block.w, bits, precision=precision, per_row=cfg.per_row_codebook)
     return BlockResult(block.rows, bits, "nonuniform", None, grid.codes,
                        codebook=grid.codebook)
+
+
+def _feedback(block: Block, cand: BlockResult, gamma_fn) -> tuple[BlockResult, float]:
+    """Re-round ``cand``'s codes with error feedback under ``block.H``; return its objective.
+
+    A grouped/depthwise conv has one ``H`` per group (``(groups, cols, cols)``): each group's
+    rows inside the block are rounded under their own matrix.
+    """
+    H = block.H if block.H.dim() == 3 else block.H.unsqueeze(0)
+    per = block.layer_rows // H.shape[0]
+    r0, r1 = block.rows
+    codes, objective = [], 0.0
+    for g in range(r0 // per, (r1 - 1) // per + 1):
+        a, b = max(r0, g * per) - r0, min(r1, (g + 1) * per) - r0  # rows of the block
+        c, _, obj = error_feedback_round(block.w[a:b], H[g], block_column_quantizer(cand, a, b),
+                                         gamma_fn(H[g]))
+        codes.append(c)
+        objective += obj
+    return dataclasses.replace(cand, codes=torch.cat(codes)), objective
 
 
 def closed_form_loss(block: Block, candidate: BlockResult) -> float:
@@ -198,12 +233,18 @@ def quantize_model(
     info: dict = {"method": cfg.method, "config": cfg.to_dict()}
 
     posterior: Posterior | None = None
+    hessians: dict | None = None
     batches: list = []
-    if cfg.method in ("bayesq", "hawq"):
+    if cfg.method != "rtn":
         if calibration_loader is None:
             raise ValueError(f"method={cfg.method!r} needs a calibration loader "
                              "(method='rtn' does not)")
         batches, n_calib = calibration_samples(calibration_loader, cfg.calib_batches)
+    if cfg.method == "gptq":
+        t_h = time.perf_counter()
+        hessians = layer_input_hessians(model, batches, list(pins))
+        info.update(n_calib=n_calib, hessian_seconds=time.perf_counter() - t_h)
+    if cfg.method in ("bayesq", "hawq"):
         n_data = n_data or cfg.n_data or _dataset_len(calibration_loader) or n_calib
         posterior = fit_posterior(
             model, batches, list(pins), n_data=n_data, prior_precision=cfg.prior_precision,
@@ -216,7 +257,7 @@ def quantize_model(
         )
 
     t_tables = time.perf_counter()
-    blocks = _blocks(named, cfg, posterior)
+    blocks = _blocks(named, cfg, posterior, hessians)
     options: list[list[Option]] = []
     candidates: list[list[BlockResult]] = []
     for block in _progress(blocks, progress, "bayesq candidates"):
@@ -224,8 +265,11 @@ def quantize_model(
         for bits in block.bits:
             for quantizer in _quantizers(cfg):
                 cand = _design(block, bits, quantizer, cfg)
-                opts.append(Option(block_storage_bits(cand), closed_form_loss(block, cand),
-                                   bits, quantizer))
+                if block.H is not None:  # gptq: output reconstruction error tr(dW H dW^T)
+                    cand, loss = _feedback(block, cand, gptq_gamma)
+                else:
+                    loss = closed_form_loss(block, cand)
+                opts.append(Option(block_storage_bits(cand), loss, bits, quantizer))
                 cands.append(cand)
         options.append(opts)
         candidates.append(cands)

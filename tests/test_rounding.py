@@ -1,0 +1,232 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bayesq_lightning.quantizers import dequantize, design_uniform, expand_groups, round_uniform
+from bayesq_lightning.result import BlockResult
+from bayesq_lightning.rounding import (
+    error_feedback_round,
+    gptq_gamma,
+    grouped_conv_feedback,
+    input_hessian,
+    round_uniform_with_feedback,
+    uniform_column_quantizer,
+)
+
+
+def _layer(rows: int, cols: int, n: int, seed: int, dtype=torch.float32):
+    """Random weights and H = X X^T / n from correlated inputs X = (Z M)^T."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g, dtype=dtype)
+    X = (torch.randn(n, cols, generator=g, dtype=dtype)
+         @ torch.randn(cols, cols, generator=g, dtype=dtype)).T
+    return W, X @ X.T / n
+
+
+def _rtn(W: torch.Tensor, grid, bits: int, group_size: int | None):
+    cols = W.shape[1]
+    s, z = expand_groups(grid.scale, cols, group_size), expand_groups(grid.zero, cols, group_size)
+    codes = round_uniform(W, s, z, bits)
+    return codes, (codes.float() - z.float()) * s.float()
+
+
+def _objective(dW: torch.Tensor, H: torch.Tensor) -> float:
+    dW = dW.double()
+    return float(((dW @ H.double()) * dW).sum())
+
+
+@pytest.mark.parametrize("group_size", [None, 8])
+def test_identity_H_equals_round_to_nearest(group_size):
+    W, _ = _layer(16, 40, 1, seed=0)
+    grid = design_uniform(W, 3, group_size=group_size)
+    for H, gamma, act in [(torch.eye(40), 0.0, False), (torch.eye(40), 1e-6, False),
+                          # diagonal H: no feedback either, but act-order really permutes
+                          (torch.diag(torch.rand(40) + 0.5), 1e-3, True)]:
+        codes, Q, obj = round_uniform_with_feedback(W, H, grid.scale, grid.zero, 3, group_size,
+                                                    gamma=gamma, act_order=act, block_size=8)
+        assert torch.equal(codes, grid.codes)
+        rtn_codes, rtn_q = _rtn(W, grid, 3, group_size)
+        assert torch.equal(codes, rtn_codes) and torch.equal(Q, rtn_q)
+        assert obj == pytest.approx(_objective(Q - W, H), rel=1e-12)
+
+
+def test_beats_round_to_nearest_on_correlated_inputs():
+    ours, rtn = [], []
+    for seed in range(20):
+        W, H = _layer(16, 48, 192, seed=seed)
+        grid = design_uniform(W, 3)
+        _, _, obj = round_uniform_with_feedback(W, H, grid.scale, grid.zero, 3,
+                                                gamma=gptq_gamma(H), block_size=16)
+        ours.append(obj)
+        rtn.append(_objective(_rtn(W, grid, 3, None)[1] - W, H))
+    ours_m, rtn_m = sum(ours) / 20, sum(rtn) / 20
+    assert ours_m < 0.9 * rtn_m, (ours_m, rtn_m)
+
+
+def _reference(W, H, quantize_column, gamma, act_order):
+    """Textbook column-by-column OBS rounding: no lazy blocks, explicit inverse."""
+    cols = W.shape[1]
+    perm = (torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order
+            else torch.arange(cols))
+    Wp, Hp = W[:, perm].clone(), H[perm][:, perm]
+    Hinv = torch.linalg.cholesky(torch.linalg.inv(Hp + gamma * torch.eye(cols, dtype=H.dtype)),
+                                 upper=True)
+    codes = torch.empty(W.shape, dtype=torch.uint8)
+    Q = torch.empty_like(W)
+    for i in range(cols):
+        c, q = quantize_column(Wp[:, i].clone(), int(perm[i]))
+        codes[:, perm[i]], Q[:, perm[i]] = c, q
+        err = (Wp[:, i] - q) / Hinv[i, i]
+        Wp[:, i + 1 :] -= torch.outer(err, Hinv[i, i + 1 :])
+    return codes, Q, _objective(Q - W, H)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_matches_column_by_column_reference_float64(act_order):
+    W, _ = _layer(12, 40, 1, seed=3, dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    X = (torch.randn(100, 40, generator=g, dtype=torch.float64)
+         @ torch.randn(40, 40, generator=g, dtype=torch.float64)).T
+    X[7] = -X[5]  # exact tie in diag(H): the stable sort keeps column 5 first
+    H = X @ X.T / 100
+    assert H[5, 5] == H[7, 7]
+    grid = design_uniform(W, 3, group_size=10)
+    qc = uniform_column_quantizer(grid.scale, grid.zero, 3, group_size=10)
+    gamma = gptq_gamma(H)
+    codes, Q, obj = error_feedback_round(W, H, qc, gamma, block_size=8, act_order=act_order)
+    ref_codes, ref_Q, ref_obj = _reference(W, H, qc, gamma, act_order)
+    assert Q.dtype == torch.float64
+    assert torch.equal(codes, ref_codes) and torch.equal(Q, ref_Q)
+    assert obj == pytest.approx(ref_obj, rel=1e-10)
+    # feedback really moved codes away from round-to-nearest
+    assert not torch.equal(codes, grid.codes)
+    if act_order:  # the permutation matters: plain order gives other codes
+        plain, _, _ = error_feedback_round(W, H, qc, gamma, block_size=8)
+        assert not torch.equal(codes, plain)
+
+
+def test_codes_round_trip_through_block_result():
+    W, H = _layer(10, 40, 80, seed=5)
+    grid = design_uniform(W, 4, group_size=16)  # 3 groups, the last one short
+    codes, Q, _ = round_uniform_with_feedback(W, H, grid.scale, grid.zero, 4, group_size=16,
+                                              act_order=True, block_size=8)
+    block = BlockResult((0, 10), 4, "uniform", 16, codes, grid.scale, grid.zero)
+    assert codes.dtype == torch.uint8 and int(codes.max()) < 16
+    assert torch.equal(dequantize(block), Q)
+
+
+def test_dead_columns_round_to_nearest():
+    W, H = _layer(8, 20, 60, seed=6, dtype=torch.float64)
+    H[:, 4] = 0.0
+    H[4, :] = 0.0
+    grid = design_uniform(W, 2)
+    # gamma=0: only the H[d, d] = 1 fix makes the factorisation exist
+    codes, _, _ = round_uniform_with_feedback(W, H, grid.scale, grid.zero, 2, gamma=0.0,
+                                              block_size=8)
+    assert torch.equal(codes[:, 4], grid.codes[:, 4])
+
+
+@pytest.mark.parametrize("H_bad", ["negative", "nan"])
+def test_not_positive_definite_raises(H_bad):
+    W, H = _layer(4, 10, 30, seed=7)
+    H = torch.diag(torch.tensor([1.0] * 5 + [-1.0] + [1.0] * 4)) if H_bad == "negative" else H
+    if H_bad == "nan":
+        H[2, 3] = float("nan")
+    grid = design_uniform(W, 3)
+    qc = uniform_column_quantizer(grid.scale, grid.zero, 3)
+    with pytest.raises(ValueError, match="not positive definite.*[Ii]ncrease gamma"):
+        error_feedback_round(W, H, qc, gamma=0.0)
+    if H_bad == "negative":  # enough damping makes it usable
+        error_feedback_round(W, H, qc, gamma=1.5)
+
+
+def test_input_hessian_linear_is_mean_output_error():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 5, bias=False)
+    xs = [torch.randn(3, 7, 12), torch.randn(4, 7, 12)]
+    H = input_hessian(lin, xs)
+    X = torch.cat([x.reshape(-1, 12) for x in xs])
+    torch.testing.assert_close(H, X.T @ X / X.shape[0])
+    dW = torch.randn(5, 12)
+    assert _objective(dW, H) == pytest.approx(float((X @ dW.T).pow(2).sum()) / X.shape[0],
+                                              rel=1e-5)
+
+
+def _unfold(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    u = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
+                 stride=conv.stride)  # (N, C*kh*kw, L)
+    return u.permute(1, 0, 2).flatten(1)  # (C*kh*kw, N*L)
+
+
+def test_input_hessian_conv_matches_unfold():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 6, 3, stride=2, padding=1, dilation=2)
+    xs = [torch.randn(2, 3, 9, 9), torch.randn(3, 3, 9, 9)]
+    X = torch.cat([_unfold(conv, x) for x in xs], dim=1)
+    torch.testing.assert_close(input_hessian(conv, xs), X @ X.T / X.shape[1])
+    # the objective is the mean squared output error per output position
+    dW = torch.randn(6, 27) * 0.1
+    out = F.conv2d(torch.cat(xs), dW.view(6, 3, 3, 3), stride=2, padding=1, dilation=2)
+    per_patch = float(out.pow(2).sum()) / (5 * out.shape[2] * out.shape[3])
+    assert _objective(dW, input_hessian(conv, xs)) == pytest.approx(per_patch, rel=1e-5)
+
+
+@pytest.mark.parametrize(("padding", "mode"), [("same", "zeros"), (1, "reflect")])
+def test_input_hessian_conv_padding_variants(padding, mode):
+    torch.manual_seed(3)
+    conv = nn.Conv2d(2, 3, 3, padding=padding, padding_mode=mode, bias=False)
+    x = torch.randn(2, 2, 6, 6)
+    xp = F.pad(x, (1, 1, 1, 1), mode="constant" if mode == "zeros" else mode)
+    X = F.unfold(xp, 3).permute(1, 0, 2).flatten(1)
+    H = input_hessian(conv, [(x,)])
+    torch.testing.assert_close(H, X @ X.T / X.shape[1])
+    dW = torch.randn(3, 18)
+    out = F.conv2d(xp, dW.view(3, 2, 3, 3))
+    assert _objective(dW, H) == pytest.approx(float(out.pow(2).sum()) / (2 * 36), rel=1e-5)
+
+
+@pytest.mark.parametrize(("cin", "cout", "groups"), [(4, 6, 2), (4, 4, 4)])
+def test_grouped_and_depthwise_conv(cin, cout, groups):
+    torch.manual_seed(2)
+    conv = nn.Conv2d(cin, cout, 3, padding=1, groups=groups, bias=False)
+    x = torch.randn(6, cin, 7, 7)
+    # correlate channels within a group
+    x = x + 0.8 * x.roll(1, dims=1)
+    H = input_hessian(conv, [x])
+    cpg, cols = cin // groups, cin // groups * 9
+    assert H.shape == (groups, cols, cols)
+    for g in range(groups):
+        Xg = _unfold(conv, x[:, g * cpg : (g + 1) * cpg])
+        torch.testing.assert_close(H[g], Xg @ Xg.T / Xg.shape[1])
+    # a group's H only depends on its own input channels
+    x2 = x.clone()
+    x2[:, cpg:] = torch.randn_like(x2[:, cpg:]) * 5
+    torch.testing.assert_close(input_hessian(conv, [x2])[0], H[0])
+
+    W = conv.weight.detach().flatten(1)
+    grid = design_uniform(W, 2)
+    codes, Q, obj = round_uniform_with_feedback(W, H, grid.scale, grid.zero, 2, block_size=4)
+    # each group is error_feedback_round on its own rows under its own H
+    per = cout // groups
+    for g in range(groups):
+        rows = slice(g * per, (g + 1) * per)
+        qc = uniform_column_quantizer(grid.scale[rows], grid.zero[rows], 2)
+        c_g, q_g, _ = error_feedback_round(W[rows], H[g], qc, gptq_gamma(H[g]), block_size=4)
+        assert torch.equal(codes[rows], c_g) and torch.equal(Q[rows], q_g)
+    # objective = mean squared output error of the quantized conv per output position
+    out = F.conv2d(x, (Q - W).view_as(conv.weight), padding=1, groups=groups)
+    assert obj == pytest.approx(float(out.pow(2).sum()) / (6 * 49), rel=1e-4)
+    block = BlockResult((0, cout), 2, "uniform", None, codes, grid.scale, grid.zero)
+    assert torch.equal(dequantize(block), Q)
+    if groups == 2:  # feedback under per-group H beats rounding to nearest
+        assert obj < _objective_grouped(_rtn(W, grid, 2, None)[1] - W, H)
+    with pytest.raises(ValueError, match="groups"):
+        grouped_conv_feedback(W[:-1], H, lambda a, b: None, 0.1)
+
+
+def _objective_grouped(dW: torch.Tensor, H: torch.Tensor) -> float:
+    per = dW.shape[0] // H.shape[0]
+    return sum(_objective(dW[g * per : (g + 1) * per], H[g]) for g in range(H.shape[0]))
