@@ -20,7 +20,6 @@ are computed with a manual loop (``self.log`` is not allowed in that hook) and w
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,12 +29,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from .config import METHODS, BayesQConfig
 from .export import save_quantized
 from .metrics import evaluate
 from .modules import replace_quantized_layers
+from .posterior import calibration_samples
 from .quantize import quantize_model
 from .result import QuantizationResult
 
@@ -87,25 +88,39 @@ class BayesQCallback(Callback):
         self.report: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ data
-    def _calibration_loader(self, trainer: pl.Trainer):
-        dm = trainer.datamodule
-        if dm is not None and callable(getattr(dm, "calibration_dataloader", None)):
-            return dm.calibration_dataloader()
-        loader = trainer.train_dataloader
-        if loader is None:
-            raise ValueError("no calibration data: define `calibration_dataloader()` on the "
-                             "datamodule or train with a train dataloader")
-        return loader
+    def _calibration_batches(self, trainer: pl.Trainer) -> tuple[list, int | None]:
+        """This rank's share of the ``calib_batches`` calibration batches, and ``n_data``.
 
-    @staticmethod
-    def _n_data(trainer: pl.Trainer, loader) -> int | None:
-        try:
-            return len(trainer.train_dataloader.dataset)
-        except (AttributeError, TypeError):
-            try:
-                return len(loader.dataset)
-            except (AttributeError, TypeError):
-                return None
+        The source is the datamodule's ``calibration_dataloader()`` when it defines one, else a
+        seeded random subset of the training set batched like the train loader. Every rank builds
+        the same global list and keeps batches ``rank::world_size``: no sample is counted twice
+        (a ``DistributedSampler``'s padding never enters) and ``calib_batches`` is a global count.
+        """
+        dm = trainer.datamodule
+        train = trainer.train_dataloader
+        train_set = getattr(train, "dataset", None)
+        n_data = self.config.n_data
+        if n_data is None and train_set is not None:
+            n_data = len(train_set)
+        if dm is not None and callable(getattr(dm, "calibration_dataloader", None)):
+            source = dm.calibration_dataloader()
+        elif train_set is not None:
+            size = min(len(train_set), self.config.calib_batches * (train.batch_size or 1))
+            g = torch.Generator().manual_seed(self.config.seed)
+            idx = torch.randperm(len(train_set), generator=g)[:size].tolist()
+            source = DataLoader(Subset(train_set, idx), batch_size=train.batch_size or 1,
+                                collate_fn=train.collate_fn)
+        else:
+            raise ValueError("no calibration data: define `calibration_dataloader()` on the "
+                             "datamodule or train with a map-style train dataset")
+        batches, _ = calibration_samples(source, self.config.calib_batches)
+        world, rank = trainer.world_size, trainer.global_rank
+        if len(batches) < world:
+            raise ValueError(
+                f"{len(batches)} calibration batch(es) for {world} processes: each rank needs "
+                f"one; raise calib_batches to at least {world} or give more calibration data"
+            )
+        return batches[rank::world], n_data
 
     @staticmethod
     def _val_loader(trainer: pl.Trainer):
@@ -122,17 +137,14 @@ class BayesQCallback(Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        cfg = self.config
-        world = trainer.world_size
-        if world > 1:  # calib_batches is a global count: each rank takes its share
-            cfg = dataclasses.replace(cfg, calib_batches=math.ceil(cfg.calib_batches / world))
         reduce = None
-        if world > 1:
+        if trainer.world_size > 1:  # curvature and counts are summed over the ranks' shards
             def reduce(t: torch.Tensor) -> torch.Tensor:
                 return trainer.strategy.reduce(t, reduce_op="sum")
 
-        calib = self._calibration_loader(trainer)
-        n_data = cfg.n_data or self._n_data(trainer, calib)
+        calib, n_data = self._calibration_batches(trainer)
+        cfg = dataclasses.replace(self.config, calib_batches=len(calib))
+        self._sync_buffers(trainer, pl_module)
         val = self._val_loader(trainer) if self.evaluate else None
         report: dict[str, Any] = {}
         with torch.inference_mode(False), torch.enable_grad():
@@ -157,6 +169,18 @@ class BayesQCallback(Callback):
         if self.export_dir is not None and trainer.is_global_zero:
             save_quantized(pl_module, result, self.export_dir)
         self._log(trainer, result, report)
+
+    @staticmethod
+    def _sync_buffers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Give every rank rank zero's buffers (e.g. BatchNorm statistics).
+
+        DDP syncs gradients, not buffers: after the last step each rank's BatchNorm running
+        statistics differ, and so would the models the ranks quantize.
+        """
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            with torch.no_grad():
+                for buf in pl_module.buffers():
+                    torch.distributed.broadcast(buf, src=0)
 
     @staticmethod
     def _apply(pl_module: pl.LightningModule, result: QuantizationResult) -> None:
@@ -192,6 +216,10 @@ class BayesQCallback(Callback):
             "allocation": {x.name: [b.bits for b in x.blocks] for x in self.result.layers},
             "bits_per_weight": self.result.bits_per_weight,
             "prior_precision": self.result.info.get("prior_precision"),
+            "posterior_precision": {} if self.result.posterior is None else {
+                name: lp.precision.detach().cpu()
+                for name, lp in self.result.posterior.layers.items()
+            },
             "report": self.report,
         }
 

@@ -242,7 +242,7 @@ def quantize_model(
         batches, n_calib = calibration_samples(calibration_loader, cfg.calib_batches)
     if cfg.method == "gptq":
         t_h = time.perf_counter()
-        hessians = layer_input_hessians(model, batches, list(pins))
+        hessians = layer_input_hessians(model, batches, list(pins), reduce=reduce)
         info.update(n_calib=n_calib, hessian_seconds=time.perf_counter() - t_h)
     if cfg.method in ("bayesq", "hawq"):
         n_data = n_data or cfg.n_data or _dataset_len(calibration_loader) or n_calib

@@ -361,11 +361,14 @@ def block_column_quantizer(block, r0: int, r1: int) -> QuantizeColumn:
 
 
 @torch.no_grad()
-def layer_input_hessians(model: nn.Module, batches: Sequence, names: Sequence[str]) -> dict:
+def layer_input_hessians(
+    model: nn.Module, batches: Sequence, names: Sequence[str], reduce=None
+) -> dict:
     """:func:`input_hessian` of every named layer over the calibration batches, in one pass.
 
     The inputs are recorded with forward hooks on the unmodified (dense) model, as in the OBC
-    protocol; they are kept in memory until the pass ends.
+    protocol; they are kept in memory until the pass ends. With ``reduce`` (a cross-process sum)
+    each rank's mean is weighted by its sample count, so every rank gets the global mean.
     """
     from .posterior import LogitsModel, clone_fp32, split_batch
 
@@ -384,4 +387,9 @@ def layer_input_hessians(model: nn.Module, batches: Sequence, names: Sequence[st
     finally:
         for h in hooks:
             h.remove()
-    return {n: input_hessian(modules[n], seen[n]) for n in names}
+    hessians = {n: input_hessian(modules[n], seen[n]) for n in names}
+    if reduce is not None:
+        n_local = torch.tensor(float(sum(len(x) for x in seen[names[0]])), device=device)
+        n_total = reduce(n_local.clone())
+        hessians = {n: reduce(h * n_local) / n_total for n, h in hessians.items()}
+    return hessians

@@ -1,0 +1,319 @@
+"""K-FAC and low-rank posteriors: exactness on tiny cases, scale, fallbacks, errors, reduce."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import assert_unchanged, snapshot
+from torch import nn
+
+from bayesq_lightning.posterior import calibration_samples, fit_posterior, quantizable_layers
+
+
+def _mlp(seed: int = 0, d_in: int = 4, hidden: int = 3, classes: int = 5) -> nn.Sequential:
+    """Bias-free two-layer MLP; in != out in both layers so kron(G, A) != kron(A, G)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(d_in, hidden, bias=False), nn.Tanh(), nn.Linear(hidden, classes, bias=False)
+    ).eval()
+
+
+def _exact_ggn_block(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    r"""Sum over the rows of ``x`` of :math:`J^\top (\mathrm{diag}(p) - p p^\top) J` for one weight.
+
+    ``J`` is the Jacobian of the logits w.r.t. ``<name>.weight`` flattened row-major, built
+    with ``torch.func.jacrev`` (independent of laplace-torch and curvlinops).
+    """
+    key = f"{name}.weight"
+    w = dict(model.named_parameters())[key].detach()
+    total = torch.zeros(w.numel(), w.numel(), dtype=torch.float64)
+    for xi in x:
+        def logits(weight, xi=xi):
+            return torch.func.functional_call(model, {key: weight}, (xi[None],))[0]
+
+        jac = torch.func.jacrev(logits)(w).reshape(-1, w.numel()).double()
+        p = torch.softmax(logits(w).double(), -1)
+        total += jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac
+    return total.detach()
+
+
+def _gap_problem(n: int = 16) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
+    """Inputs near one direction, in tanh's linear range: layer 0's GGN block is close to rank 2.
+
+    Its block is about ``sum_n c_n^2 J^T Lambda_n J (x) u u^T`` with ``Lambda_n`` of rank
+    ``C - 1 = 2``: two eigenvalues three orders of magnitude above the rest.
+    """
+    model = _mlp(seed=1, d_in=6, hidden=4, classes=3)
+    g = torch.Generator().manual_seed(0)
+    direction = torch.nn.functional.normalize(torch.randn(6, generator=g), dim=0)
+    x = 0.5 * torch.randn(n, 1, generator=g) * direction + 1e-3 * torch.randn(n, 6, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return model, x, y
+
+
+class _ThreadSum:
+    """An all-reduce(sum) between threads standing in for processes (summed in rank order).
+
+    torch.func keeps its transform levels per process, so the threads must not compute at the
+    same time: each holds ``run`` while it computes and lets go only while it waits in
+    ``reduce``.
+    """
+
+    def __init__(self, world: int) -> None:
+        self.world, self.slots = world, {}
+        self.run = threading.Lock()
+        self.barrier = threading.Barrier(world)
+
+    def reducer(self, rank: int):
+        count = [0]
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            k = count[0]
+            count[0] += 1
+            self.slots.setdefault(k, [None] * self.world)[rank] = t.detach().clone()
+            self.run.release()
+            try:
+                self.barrier.wait()
+            finally:
+                self.run.acquire()
+            return sum(self.slots[k][1:], self.slots[k][0].clone())
+
+        return reduce
+
+
+def _run_sharded(shards: list, **kwargs) -> list:
+    hub, results, errors = _ThreadSum(len(shards)), [None] * len(shards), []
+
+    def work(rank: int) -> None:
+        with hub.run:
+            try:
+                results[rank] = fit_posterior(batches=shards[rank], reduce=hub.reducer(rank),
+                                              **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - surfaced below
+                errors.append(exc)
+                hub.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(shards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    if errors:
+        raise errors[0]
+    return results
+
+
+# --------------------------------------------------------------------------- kron
+
+
+def test_kron_single_datum_equals_exact_ggn_and_diag():
+    model = _mlp()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(1, 4, generator=g), torch.tensor([2])
+    n_data, delta = 10, 0.5
+    kron = fit_posterior(model, [(x, y)], ["0", "2"], n_data=n_data, prior_precision=delta,
+                         structure="kron")
+    diag = fit_posterior(model, [(x, y)], ["0", "2"], n_data=n_data, prior_precision=delta)
+    assert kron.structure == "kron" and kron.n_calib == 1 and kron.prior_precision == delta
+    for name in ("0", "2"):
+        lp = kron.layers[name]
+        ggn = _exact_ggn_block(model, name, x)
+        expected = n_data * ggn + delta * torch.eye(len(ggn), dtype=torch.float64)
+        got = torch.kron(lp.G, lp.A).double() + delta * torch.eye(len(ggn), dtype=torch.float64)
+        tol = 1e-5 * float(expected.abs().max())
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=tol)
+        swapped = torch.kron(lp.A, lp.G).double() + delta * torch.eye(len(ggn), dtype=torch.float64)
+        assert not torch.allclose(swapped, expected, rtol=1e-2, atol=tol)  # ordering matters here
+        # scale: the K-FAC diagonal is the diagonal posterior's precision at the same n_data
+        assert lp.precision.shape == lp.mean.shape
+        torch.testing.assert_close(lp.precision, diag.layers[name].precision, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(lp.precision.reshape(-1).double(), expected.diagonal(),
+                                   rtol=1e-4, atol=tol)
+
+
+def test_kron_factors_normalised_and_scaled(tiny_net, loader):
+    names = [n for n, _ in quantizable_layers(tiny_net)]
+    tiny_net.bn.weight.requires_grad_(False)  # a user's frozen parameter stays frozen
+    before = snapshot(tiny_net)
+    batches, _ = calibration_samples(loader, 4)
+    full = fit_posterior(tiny_net, batches, names, n_data=5000, structure="kron")
+    half = fit_posterior(tiny_net, batches[:2], names, n_data=5000, prior_precision=1.0,
+                         structure="kron")
+    assert_unchanged(tiny_net, before)
+    assert full.n_calib == 128 and half.n_calib == 64
+    assert full.prior_precision > 0 and full.prior_precision != 1.0  # fitted by marglik
+    modules = dict(tiny_net.named_modules())
+    for name in names:
+        lp, w = full.layers[name], modules[name].weight
+        out, n_in = w.shape[0], w[0].numel()
+        assert lp.structure == "kron" and torch.equal(lp.mean, w)
+        assert lp.G.shape == (out, out) and lp.A.shape == (n_in, n_in)
+        assert float(lp.G.diagonal().mean()) == pytest.approx(1.0, abs=1e-5)
+        assert float(half.layers[name].G.diagonal().mean()) == pytest.approx(1.0, abs=1e-5)
+        expected = torch.outer(lp.G.diagonal(), lp.A.diagonal()).reshape(w.shape) + lp.prior_precision
+        torch.testing.assert_close(lp.precision, expected)
+        # N handling: the curvature stands for n_data samples whatever the calibration size
+        c_full = float(torch.kron(lp.G, lp.A).trace())
+        c_half = float(torch.kron(half.layers[name].G, half.layers[name].A).trace())
+        assert c_half == pytest.approx(c_full, rel=0.3)
+
+
+def test_kron_on_bf16_model_fits_fp32_copy(tiny_net, loader):
+    names = [n for n, _ in quantizable_layers(tiny_net)]
+    model = tiny_net.to(torch.bfloat16)
+    model.fc2.bias.requires_grad_(False)
+    before = snapshot(model)
+    batches, _ = calibration_samples(loader, 2)
+    post = fit_posterior(model, batches, names, n_data=1000, prior_precision=2.0,
+                         structure="kron")
+    assert_unchanged(model, before)  # dtype (bf16), requires_grad, weights, modes
+    assert next(model.parameters()).dtype == torch.bfloat16
+    for name in names:
+        lp = post.layers[name]
+        assert lp.A.dtype == torch.float32 and torch.isfinite(lp.A).all()
+        assert torch.equal(lp.mean, dict(model.named_modules())[name].weight.float())
+        assert (lp.precision >= 2.0 * (1 - 1e-6)).all()
+
+
+def test_kron_grouped_conv_gets_diagonal_metric():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 16, 3)).eval()
+    x, y = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,))
+    kron = fit_posterior(model, [(x, y)], ["0", "3"], n_data=80, prior_precision=1.5,
+                         structure="kron")
+    diag = fit_posterior(model, [(x, y)], ["0", "3"], n_data=80, prior_precision=1.5)
+    conv = kron.layers["0"]
+    assert conv.structure == "diag" and conv.A is None and "grouped" in conv.note
+    assert any(n.startswith("0:") for n in kron.info["notes"])
+    torch.testing.assert_close(conv.precision, diag.layers["0"].precision)
+    assert kron.layers["3"].structure == "kron"
+
+
+def test_kron_eigh_failure_is_a_clear_error(tiny_net, loader, monkeypatch):
+    import laplace.utils.matrix as matrix
+
+    def failing_symeig(M):
+        exit()
+
+    monkeypatch.setattr(matrix, "symeig", failing_symeig)
+    names = [n for n, _ in quantizable_layers(tiny_net)]
+    before = snapshot(tiny_net)
+    batches, _ = calibration_samples(loader, 1)
+    with pytest.raises(RuntimeError, match="eigendecomposition"):
+        fit_posterior(tiny_net, batches, names, n_data=100, structure="kron")
+    assert_unchanged(tiny_net, before)
+
+
+def test_kron_refuses_models_without_kfac_layers():
+    depthwise = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten()).eval()
+    x = torch.randn(4, 2, 3, 3)
+    with pytest.raises(ValueError, match="needs at least one nn.Linear or ungrouped"):
+        fit_posterior(depthwise, [x], ["0"], n_data=10, structure="kron")
+    norm_only = nn.Sequential(nn.LayerNorm(5)).eval()
+    with pytest.raises(ValueError, match=r"needs at least one nn.Linear.*LayerNorm"):
+        fit_posterior(norm_only, [torch.randn(4, 5)], [], n_data=10, structure="kron")
+    with pytest.raises(ValueError, match="not one of"):
+        fit_posterior(depthwise, [x], ["0"], n_data=10, structure="full")
+
+
+# --------------------------------------------------------------------------- lowrank
+
+
+def test_lowrank_matches_dense_eigendecomposition():
+    model, x, y = _gap_problem()
+    n_data, k = 48, 2
+    post = fit_posterior(model, [(x[:8], y[:8]), (x[8:], y[8:])], ["0", "2"], n_data=n_data,
+                         prior_precision=1.0, structure="lowrank", rank=k)
+    assert post.structure == "lowrank" and post.n_calib == 16
+    dense = n_data / 16 * _exact_ggn_block(model, "0", x)
+    vals, vecs = torch.linalg.eigh(dense)
+    vals, vecs = vals.flip(0), vecs.flip(1)
+    assert vals[k - 1] > 500 * vals[k].abs()  # the premise: a clear spectral gap after k
+    lp = post.layers["0"]
+    assert lp.U.shape == (24, k) and lp.S.shape == (k,)
+    largest = float(vals[0])
+    assert (lp.S.double() - vals[:k]).abs().max() <= 1e-4 * largest
+    proj = lp.U.double() @ lp.U.double().T
+    assert (proj - vecs[:, :k] @ vecs[:, :k].T).abs().max() <= 1e-4
+
+
+def test_lowrank_residual_completes_the_ggn_diagonal():
+    model, x, y = _gap_problem()
+    post = fit_posterior(model, [(x, y)], ["0", "2"], n_data=32, prior_precision=0.25,
+                         structure="lowrank", rank=2)
+    diag = fit_posterior(model, [(x, y)], ["0", "2"], n_data=32, prior_precision=0.25)
+    for name in ("0", "2"):
+        lp = post.layers[name]
+        ggn_diag = (diag.layers[name].precision - 0.25).reshape(-1).double()
+        exact = (32 / 16 * _exact_ggn_block(model, name, x)).diagonal()
+        torch.testing.assert_close(ggn_diag, exact, rtol=1e-4, atol=1e-6 * float(exact.max()))
+        low = (lp.U.double().square() * lp.S.double()).sum(1)
+        assert (lp.residual >= 0).all() and lp.residual.shape == lp.mean.shape
+        total = lp.residual.reshape(-1).double() + low
+        torch.testing.assert_close(total, ggn_diag, rtol=1e-4, atol=1e-5 * float(exact.max()))
+        torch.testing.assert_close(lp.precision, diag.layers[name].precision, rtol=1e-4,
+                                   atol=1e-5 * float(exact.max()))
+
+
+def test_lowrank_rank_limits():
+    model = _mlp(classes=2)  # layer "2" has 3 x 2 = 6 weights
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    with pytest.raises(ValueError, match=r"rank=6 .* layer '2'"):
+        fit_posterior(model, [(x, y)], ["0", "2"], n_data=6, structure="lowrank", rank=6)
+    with pytest.raises(ValueError, match="applies to structure='lowrank'"):
+        fit_posterior(model, [(x, y)], ["0"], n_data=6, structure="kron", rank=2)
+    post = fit_posterior(model, [(x, y)], ["0", "2"], n_data=6, prior_precision=1.0,
+                         structure="lowrank")
+    assert post.layers["0"].U.shape == (12, 8)
+    assert post.layers["2"].U.shape == (6, 5) and "clamped" in post.layers["2"].note
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def test_reduce_across_shards_equals_single_fit():
+    model, x, y = _gap_problem(n=16)
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
+    # unequal shards: the K-FAC input factor must be re-weighted by each shard's size
+    shards = [batches[:1], batches[1:]]
+    common = dict(model=model, layer_names=["0", "2"], n_data=64)
+    single = fit_posterior(batches=batches, structure="kron", **common)
+    for post in _run_sharded(shards, structure="kron", **common):
+        assert post.n_calib == 16
+        assert post.prior_precision == pytest.approx(single.prior_precision, rel=1e-4)
+        for name in ("0", "2"):
+            a, b = post.layers[name], single.layers[name]
+            torch.testing.assert_close(a.A, b.A, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a.G, b.G, rtol=1e-4, atol=1e-6)
+    single = fit_posterior(batches=batches, structure="lowrank", rank=2, prior_precision=1.0,
+                           **common)
+    for post in _run_sharded(shards, structure="lowrank", rank=2, prior_precision=1.0, **common):
+        for name in ("0", "2"):
+            a, b = post.layers[name], single.layers[name]
+            torch.testing.assert_close(a.S, b.S, rtol=1e-4, atol=1e-5 * float(b.S[0]))
+            torch.testing.assert_close(a.U @ a.U.T, b.U @ b.U.T, rtol=0, atol=1e-4)
+            torch.testing.assert_close(a.precision, b.precision, rtol=1e-4, atol=1e-4)
+
+
+def test_dict_batches_for_kron_and_lowrank():
+    class DictNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, features):
+            return self.lin(features)
+
+    torch.manual_seed(0)
+    model = DictNet().eval()
+    batch = {"features": torch.randn(6, 4), "labels": torch.randint(0, 3, (6,))}
+    as_tuple = [(batch["features"], batch["labels"])]
+    for structure, extra in (("kron", {}), ("lowrank", {"rank": 2})):
+        a = fit_posterior(model, [batch], ["lin"], n_data=12, prior_precision=1.0,
+                          structure=structure, **extra)
+        b = fit_posterior(model, as_tuple, ["lin"], n_data=12, prior_precision=1.0,
+                          structure=structure, **extra)
+        torch.testing.assert_close(a.layers["lin"].precision, b.layers["lin"].precision)
