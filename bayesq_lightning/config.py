@@ -18,7 +18,6 @@ BACKENDS = ("asdl", "asdl_stochastic", "curvlinops")
 # Options whose value is fixed by the config's shape but not built yet; setting another value
 # raises, so user code written today keeps its meaning when they land.
 _NOT_YET = {
-    "structure": ("diag",),
     "quantizer": ("uniform",),
 }
 
@@ -74,6 +73,9 @@ class BayesQConfig:
     range_objective : str
         Clipping-range search criterion: ``"deployed"`` (precision-weighted error of the stored
         weights, the tables' own score) or ``"expected"`` (posterior-expected distortion).
+    rank : int, optional
+        ``structure="lowrank"``: eigenpairs kept per layer (default 8, cut to n-1 for smaller
+        layers; an explicit rank that a layer cannot hold is an error).
     group_size : int, optional
         Input columns per scale/zero (uniform) — ``None``: one per output channel. A size that
         does not divide the row length leaves a shorter last group (no padding is stored).
@@ -110,6 +112,7 @@ class BayesQConfig:
     exclude: Sequence[str] | None = None
     backend: str = "asdl"
     range_objective: str = "deployed"
+    rank: int | None = None
     group_size: int | None = None
     block_rows: int | None = None
     pack_multiple: int = 1
@@ -168,6 +171,8 @@ class BayesQConfig:
                     f"block_rows={self.block_rows} is not a multiple of pack_multiple="
                     f"{self.pack_multiple}; use e.g. block_rows={lo}"
                 )
+        if self.rank is not None and (int(self.rank) != self.rank or self.rank < 1):
+            raise ValueError(f"rank={self.rank!r} must be a positive integer or None")
         if int(self.mc_samples) != self.mc_samples or self.mc_samples < 1:
             raise ValueError(f"mc_samples={self.mc_samples!r}: S must be an integer >= 1")
         if self.mc_refine_top_k is not None and self.mc_refine_top_k < 1:

@@ -52,16 +52,63 @@ from .tables import block_storage_bits, mc_tables, storage_bits
 
 
 @dataclass
+class Metric:
+    r"""The loss of a block's weight error :math:`\Delta W = Q - \mu` (rows x cols).
+
+    Exactly one form is set: ``diag`` (per-weight weights, or a scalar), ``kron``
+    (:math:`\mathrm{tr}(G_B \Delta W A \Delta W^T) + \delta \|\Delta W\|^2`, ``G_B`` the block's
+    rows of ``G``), ``lowrank`` (:math:`\Delta w^T (\mathrm{diag}(d) + U_B S U_B^T) \Delta w`
+    with ``d`` the residual plus :math:`\delta`), or ``output``
+    (:math:`\mathrm{tr}(\Delta W H \Delta W^T)`, per group for grouped convs).
+    """
+
+    diag: torch.Tensor | float | None = None
+    kron: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    lowrank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    output: torch.Tensor | None = None
+    layer_rows: int = 0
+    rows: tuple[int, int] = (0, 0)
+
+    def __call__(self, dW: torch.Tensor) -> float:
+        dW = dW.double()
+        if self.diag is not None:
+            w = self.diag.double() if torch.is_tensor(self.diag) else self.diag
+            return float((w * dW * dW).sum())
+        if self.kron is not None:
+            G, A, delta = self.kron
+            return float(((G.double() @ dW @ A.double()) * dW).sum() + delta * (dW * dW).sum())
+        if self.lowrank is not None:
+            d, U, S = self.lowrank
+            proj = U.double().T @ dW.reshape(-1)
+            return float((d.double() * dW * dW).sum() + (S.double() * proj * proj).sum())
+        H = self.output if self.output.dim() == 3 else self.output.unsqueeze(0)
+        per = self.layer_rows // H.shape[0]
+        total = 0.0
+        for g, (a, b) in _group_pieces(self.rows, per):
+            total += float(((dW[a:b] @ H[g].double()) * dW[a:b]).sum())
+        return total
+
+
+@dataclass
 class Block:
-    """One allocation unit: rows ``rows`` of layer ``layer`` and what scores its candidates."""
+    """One allocation unit: rows ``rows`` of layer ``layer``, its metric and rounding matrix."""
 
     layer: str
     rows: tuple[int, int]
     w: torch.Tensor  # (rows, cols) fp32 weights (posterior mean)
-    weight: torch.Tensor | float  # per-weight loss weight: precision, 1, or a layer trace
+    precision: torch.Tensor | None  # per-weight precision designing the grid; None: min-max
+    metric: Metric
     bits: tuple[int, ...]  # allowed widths after the per-layer pins
-    H: torch.Tensor | None = None  # input-side matrix of error-feedback rounding (gptq)
+    H: torch.Tensor | None = None  # input-side matrix of error-feedback rounding
+    gamma: float | None = None  # its damping; None: GPTQ's 1% of the mean diagonal
     layer_rows: int = 0
+
+
+def _group_pieces(rows: tuple[int, int], per: int):
+    """``(group, (a, b))`` for the groups of ``per`` rows meeting ``rows``; a, b block-relative."""
+    r0, r1 = rows
+    for g in range(r0 // per, (r1 - 1) // per + 1):
+        yield g, (max(r0, g * per) - r0, min(r1, (g + 1) * per) - r0)
 
 
 def _pinned_bits(name: str, cfg: BayesQConfig) -> tuple[int, ...]:
@@ -81,31 +128,46 @@ def _pinned_bits(name: str, cfg: BayesQConfig) -> tuple[int, ...]:
 
 def _blocks(named, cfg: BayesQConfig, posterior: Posterior | None,
             hessians: dict | None = None) -> list[Block]:
+    """Split every layer into allocation blocks, each with its metric and rounding inputs."""
     blocks = []
     for name, module in named:
         w = module.weight.detach().float().reshape(module.weight.shape[0], -1).cpu()
-        if cfg.method == "bayesq":
-            weight = posterior.layers[name].precision.reshape_as(w).float().cpu()
-        elif cfg.method == "mse":  # the posterior ablated: same search and tables, unit weights
-            weight = torch.ones_like(w)
-        elif cfg.method == "hawq":  # mean GGN diagonal: the layer's Hessian trace per weight
-            lp = posterior.layers[name]
-            weight = float((lp.precision - lp.prior_precision).mean())
-        else:
-            weight = 1.0
-        bits = _pinned_bits(name, cfg)
+        lp = None if posterior is None else posterior.layers[name]
         step = cfg.block_rows or w.shape[0]
         for r0 in range(0, w.shape[0], step):
             r1 = min(r0 + step, w.shape[0])
-            part = weight[r0:r1] if torch.is_tensor(weight) else weight
-            H = None if hessians is None else hessians[name]
-            blocks.append(Block(name, (r0, r1), w[r0:r1], part, bits, H, w.shape[0]))
+            rows, out = (r0, r1), w.shape[0]
+            precision, H, gamma = None, None, None
+            if cfg.method == "bayesq":
+                precision = lp.precision.reshape_as(w)[r0:r1].float().cpu()
+                metric = Metric(diag=precision)
+                if lp.structure == "kron" and lp.A is not None:
+                    G, A = lp.G.double().cpu(), lp.A.double().cpu()
+                    metric = Metric(kron=(G[r0:r1, r0:r1], A, lp.prior_precision))
+                    # mean(diag G) = 1, so the prior implies gamma = delta / mean(diag G) = delta
+                    H, gamma = A.float(), lp.prior_precision
+                elif lp.structure == "lowrank" and lp.U is not None:
+                    cols = w.shape[1]
+                    d = lp.residual.reshape_as(w)[r0:r1].cpu() + lp.prior_precision
+                    metric = Metric(lowrank=(d, lp.U[r0 * cols: r1 * cols].cpu(), lp.S.cpu()))
+            elif cfg.method == "mse":  # the posterior ablated: same search and tables, unit weights
+                precision = torch.ones(r1 - r0, w.shape[1])
+                metric = Metric(diag=1.0)
+            elif cfg.method == "hawq":  # mean GGN diagonal: the layer's Hessian trace per weight
+                metric = Metric(diag=float((lp.precision - lp.prior_precision).mean()))
+            elif cfg.method == "gptq":
+                H = hessians[name]
+                metric = Metric(output=H, layer_rows=out, rows=rows)
+            else:
+                metric = Metric(diag=1.0)
+            blocks.append(Block(name, rows, w[r0:r1], precision, metric, _pinned_bits(name, cfg),
+                                H, gamma, out))
     return blocks
 
 
 def _design(block: Block, bits: int, quantizer: str, cfg: BayesQConfig) -> BlockResult:
     """The candidate quantizer of ``block`` at ``bits``, codes of the mean included."""
-    precision = block.weight if torch.is_tensor(block.weight) else None
+    precision = block.precision
     if quantizer == "uniform":
         grid = design_uniform(block.w, bits, precision=precision, group_size=cfg.group_size,
                               objective=cfg.range_objective)
@@ -118,30 +180,25 @@ def _design(block: Block, bits: int, quantizer: str, cfg: BayesQConfig) -> Block
                        codebook=grid.codebook)
 
 
-def _feedback(block: Block, cand: BlockResult, gamma_fn) -> tuple[BlockResult, float]:
-    """Re-round ``cand``'s codes with error feedback under ``block.H``; return its objective.
+def _feedback(block: Block, cand: BlockResult) -> BlockResult:
+    """Re-round ``cand``'s codes with error feedback under ``block.H`` on the same grid.
 
     A grouped/depthwise conv has one ``H`` per group (``(groups, cols, cols)``): each group's
     rows inside the block are rounded under their own matrix.
     """
     H = block.H if block.H.dim() == 3 else block.H.unsqueeze(0)
-    per = block.layer_rows // H.shape[0]
-    r0, r1 = block.rows
-    codes, objective = [], 0.0
-    for g in range(r0 // per, (r1 - 1) // per + 1):
-        a, b = max(r0, g * per) - r0, min(r1, (g + 1) * per) - r0  # rows of the block
-        c, _, obj = error_feedback_round(block.w[a:b], H[g], block_column_quantizer(cand, a, b),
-                                         gamma_fn(H[g]))
+    codes = []
+    for g, (a, b) in _group_pieces(block.rows, block.layer_rows // H.shape[0]):
+        gamma = gptq_gamma(H[g]) if block.gamma is None else block.gamma
+        c, _, _ = error_feedback_round(block.w[a:b], H[g], block_column_quantizer(cand, a, b),
+                                       gamma)
         codes.append(c)
-        objective += obj
-    return dataclasses.replace(cand, codes=torch.cat(codes)), objective
+    return dataclasses.replace(cand, codes=torch.cat(codes))
 
 
-def closed_form_loss(block: Block, candidate: BlockResult) -> float:
-    """Weighted squared error of the stored weights from the mean: ``sum weight * (q - mu)^2``."""
-    err2 = (dequantize(candidate, torch.float64) - block.w.double()) ** 2
-    weight = block.weight.double() if torch.is_tensor(block.weight) else block.weight
-    return float((weight * err2).sum())
+def candidate_loss(block: Block, candidate: BlockResult) -> float:
+    """The block's metric of the stored weights' error from the mean."""
+    return block.metric(dequantize(candidate, torch.float64) - block.w.double())
 
 
 def _quantizers(cfg: BayesQConfig) -> tuple[str, ...]:
@@ -249,6 +306,8 @@ def quantize_model(
         posterior = fit_posterior(
             model, batches, list(pins), n_data=n_data, prior_precision=cfg.prior_precision,
             backend=cfg.backend, reduce=reduce,
+            structure=cfg.structure if cfg.method == "bayesq" else "diag",
+            rank=cfg.rank if cfg.structure == "lowrank" else None,
         )
         info.update(
             structure=posterior.structure, prior_precision=posterior.prior_precision,
@@ -265,10 +324,9 @@ def quantize_model(
         for bits in block.bits:
             for quantizer in _quantizers(cfg):
                 cand = _design(block, bits, quantizer, cfg)
-                if block.H is not None:  # gptq: output reconstruction error tr(dW H dW^T)
-                    cand, loss = _feedback(block, cand, gptq_gamma)
-                else:
-                    loss = closed_form_loss(block, cand)
+                if block.H is not None:  # gptq, bayesq-kron: error-feedback rounding
+                    cand = _feedback(block, cand)
+                loss = candidate_loss(block, cand)
                 opts.append(Option(block_storage_bits(cand), loss, bits, quantizer))
                 cands.append(cand)
         options.append(opts)

@@ -95,7 +95,7 @@ def test_callback_quantizes_the_trained_module(tmp_path, with_calibration):
         ({"allowed_bits": (2, 6)}, "unsupported bit-width 6"),
         ({"compare": ("bayesq",)}, "other than method"),
         ({"compare": ("nope",)}, "each entry must be a method"),
-        ({"structure": "lowrank"}, "not yet supported"),
+        ({"calib_batches": 0}, "positive integer"),
     ],
 )
 def test_callback_validates_arguments_early(kwargs, match):
