@@ -258,6 +258,7 @@ def quantize_model(
     n_data: int | None = None,
     reduce=None,
     progress: bool = True,
+    posterior: Posterior | None = None,
 ) -> QuantizationResult:
     """Quantize the Linear/Conv2d weights of ``model`` to a mixed-precision budget.
 
@@ -276,6 +277,9 @@ def quantize_model(
         Cross-process sum used by the posterior fit under a distributed strategy.
     progress : bool
         Show progress bars.
+    posterior : Posterior, optional
+        A posterior fitted earlier on this model (e.g. ``result.posterior`` of a run at another
+        budget) to reuse instead of fitting again; its structure must match the config.
 
     Returns
     -------
@@ -289,7 +293,6 @@ def quantize_model(
     pins = {name: _pinned_bits(name, cfg) for name, _ in named}  # fail before any work
     info: dict = {"method": cfg.method, "config": cfg.to_dict()}
 
-    posterior: Posterior | None = None
     hessians: dict | None = None
     batches: list = []
     if cfg.method != "rtn":
@@ -301,18 +304,29 @@ def quantize_model(
         t_h = time.perf_counter()
         hessians = layer_input_hessians(model, batches, list(pins), reduce=reduce)
         info.update(n_calib=n_calib, hessian_seconds=time.perf_counter() - t_h)
-    if cfg.method in ("bayesq", "hawq"):
+    wanted = cfg.structure if cfg.method == "bayesq" else "diag"
+    reused = posterior is not None
+    if reused and (posterior.structure != wanted or set(posterior.layers) != set(pins)
+                   or cfg.method not in ("bayesq", "hawq")):
+        raise ValueError(
+            f"the given posterior ({posterior.structure}, layers {sorted(posterior.layers)}) does "
+            f"not match this run (method {cfg.method!r}, {wanted}, layers {sorted(pins)}); fit "
+            "it with the same structure and layer selection, or pass posterior=None"
+        )
+    if cfg.method in ("bayesq", "hawq") and posterior is None:
         n_data = n_data or cfg.n_data or _dataset_len(calibration_loader) or n_calib
         posterior = fit_posterior(
             model, batches, list(pins), n_data=n_data, prior_precision=cfg.prior_precision,
             backend=cfg.backend, reduce=reduce,
-            structure=cfg.structure if cfg.method == "bayesq" else "diag",
+            structure=wanted,
             rank=cfg.rank if cfg.structure == "lowrank" else None,
         )
+    if posterior is not None:
         info.update(
             structure=posterior.structure, prior_precision=posterior.prior_precision,
             n_data=posterior.n_data, n_calib=posterior.n_calib, backend=posterior.backend,
             labels=posterior.labels, posterior_seconds=posterior.seconds,
+            posterior_reused=reused,
         )
 
     t_tables = time.perf_counter()

@@ -238,3 +238,15 @@ def test_lowrank_end_to_end(trained, loader):
         dense = (torch.diag(lp.residual.double().reshape(-1) + lp.prior_precision)
                  + lp.U.double() @ torch.diag(lp.S.double()) @ lp.U.double().T)
         assert layer.expected_loss == pytest.approx(float(dw @ dense @ dw), rel=1e-6)
+
+
+def test_posterior_is_reused_across_budgets(trained, loader):
+    first = quantize_model(trained, loader, BayesQConfig(bits=3.0), progress=False)
+    again = quantize_model(trained, loader, BayesQConfig(bits=3.0), progress=False,
+                           posterior=first.posterior)
+    assert again.info["posterior_reused"] and not first.info["posterior_reused"]
+    assert [b.bits for x in again.layers for b in x.blocks] == [
+        b.bits for x in first.layers for b in x.blocks]
+    with pytest.raises(ValueError, match="does not match this run"):
+        quantize_model(trained, loader, BayesQConfig(structure="kron"), progress=False,
+                       posterior=first.posterior)
