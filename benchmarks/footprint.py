@@ -52,7 +52,7 @@ def _state_bytes(model: nn.Module) -> int:
 
 def _set_cache(model: nn.Module, on: bool) -> None:
     for m in model.modules():
-        if isinstance(m, QUANTIZED_TYPES):
+        if isinstance(m, tuple(QUANTIZED_TYPES.values())):
             m.cache_dequantized = on
             m.clear_cache()
 
