@@ -49,7 +49,9 @@ class BayesQConfig:
         precision: MSE-searched ranges and MSE tables, the posterior ablated), ``"gptq"``,
         ``"hawq"`` (Hessian trace x quantization error).
     structure : str
-        Posterior covariance: ``"diag"``, ``"kron"`` or ``"lowrank"``.
+        Posterior covariance: ``"kron"`` (default: K-FAC metric, error-feedback rounding under
+        ``A + delta I``; best accuracy and NLL at every budget in ``benchmarks/structures.py``),
+        ``"diag"`` or ``"lowrank"``.
     quantizer : str
         ``"uniform"``, ``"nonuniform"`` or ``"auto"`` (both as knapsack candidates).
     tables : str
@@ -100,7 +102,7 @@ class BayesQConfig:
     bits: float = 3.0
     budget_bytes: int | None = None
     method: str = "bayesq"
-    structure: str = "diag"
+    structure: str = "kron"
     quantizer: str = "uniform"
     tables: str = "closed_form"
     solver: str = "greedy"

@@ -56,7 +56,7 @@ def main() -> None:
         for bits in args.bits:
             for variant in args.variants:
                 cfg = BayesQConfig(bits=bits, **VARIANTS[variant])
-                row = run_config(model, calib, val, cfg, n_data, model=name, variant=variant)
+                row = run_config(model, calib, val, cfg, n_data, {"model": name, "variant": variant})
                 rows.append(row)
                 print(f"{name} {bits} {variant}: acc {row['accuracy']:.4f} "
                       f"nll {row['nll']:.4f} ({row['seconds']:.1f} s)", flush=True)

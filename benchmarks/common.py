@@ -56,14 +56,14 @@ def trained(name: str) -> tuple[pl.LightningModule, pl.LightningDataModule]:
 
 def run_config(
     model: torch.nn.Module, calib: DataLoader, val: DataLoader, cfg: BayesQConfig,
-    n_data: int, **extra,
+    n_data: int, tags: dict,
 ) -> dict:
     """Quantize with ``cfg`` and evaluate; one row of a benchmark table."""
     t0 = time.perf_counter()
     res = quantize_model(model, calib, cfg, n_data=n_data, progress=False)
     seconds = time.perf_counter() - t0
     metrics = evaluate(res.model, val)
-    return {**extra, "bits": cfg.bits, "bits_per_weight": res.bits_per_weight,
+    return {**tags, "bits": cfg.bits, "bits_per_weight": res.bits_per_weight,
             "code_bits_per_weight": res.code_bits_per_weight, **metrics, "seconds": seconds,
             "alloc": "/".join(str(b.bits) for x in res.layers for b in x.blocks)[:60]}
 

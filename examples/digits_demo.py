@@ -1,6 +1,6 @@
 """`make demo`: train a small CNN on scikit-learn's digits, quantize it with BayesQ at 3 bits.
 
-Prints the per-layer allocation and FP32 / BayesQ / round-to-nearest at the same budget
+Prints the per-layer allocation and FP32 / BayesQ / round-to-nearest / GPTQ at the same budget
 (accuracy, NLL, ECE, stored bits per weight with metadata); writes the summary as JSON and the
 allocation as a bar chart under ``artifacts/demo``.
 """
@@ -77,7 +77,7 @@ def main() -> None:
 
     dm = DigitsDataModule(batch_size=64)
     model = DigitsCNN()
-    cb = BayesQCallback(bits=args.bits, compare=("rtn",), export_dir=args.out / "model")
+    cb = BayesQCallback(bits=args.bits, compare=("rtn", "gptq"), export_dir=args.out / "model")
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[cb],
         logger=pl.loggers.CSVLogger(args.out, name="logs"), enable_checkpointing=False,
@@ -94,7 +94,7 @@ def main() -> None:
           f"{cb.result.n_weights} quantized weights, validation set of 360 images:")
     print(format_rows(rows))
     info = cb.result.info
-    print(f"\nposterior: diag Laplace ({info['backend']}), prior precision "
+    print(f"\nposterior: {info['structure']} Laplace ({info['backend']}), prior precision "
           f"{info['prior_precision']:.3g} by marginal likelihood, n_data={info['n_data']}, "
           f"n_calib={info['n_calib']}; fit+quantize took {info['seconds']:.1f} s; "
           f"train+quantize {seconds:.1f} s")

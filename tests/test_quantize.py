@@ -98,8 +98,8 @@ def test_config_validation(kwargs, error, match):
 
 def test_bayesq_ranks_layers_by_posterior(trained, loader):
     """With a tight budget BayesQ keeps more bits where the precision-weighted error is larger."""
-    res = quantize_model(trained, loader, BayesQConfig(bits=3.0, allowed_bits=(2, 4)),
-                         progress=False)
+    res = quantize_model(trained, loader, BayesQConfig(bits=3.0, allowed_bits=(2, 4),
+                                                       structure="diag"), progress=False)
     assert {x.bits for x in res.layers} <= {2, 4}
     assert res.info["structure"] == "diag" and res.info["prior_precision"] > 0
     assert res.info["n_data"] == 256 and res.info["n_calib"] == 256
@@ -244,9 +244,10 @@ def test_posterior_is_reused_across_budgets(trained, loader):
     first = quantize_model(trained, loader, BayesQConfig(bits=3.0), progress=False)
     again = quantize_model(trained, loader, BayesQConfig(bits=3.0), progress=False,
                            posterior=first.posterior)
+    assert first.posterior.structure == "kron"  # the default
     assert again.info["posterior_reused"] and not first.info["posterior_reused"]
     assert [b.bits for x in again.layers for b in x.blocks] == [
         b.bits for x in first.layers for b in x.blocks]
     with pytest.raises(ValueError, match="does not match this run"):
-        quantize_model(trained, loader, BayesQConfig(structure="kron"), progress=False,
+        quantize_model(trained, loader, BayesQConfig(structure="diag"), progress=False,
                        posterior=first.posterior)
