@@ -1,9 +1,9 @@
 """Ablation of BayesQ's design choices at equal stored bytes (metadata included).
 
 For the digits CNN and a ResNet-style CNN on Fashion-MNIST, at 2.5 / 3.0 / 3.5 bits per weight:
-uniform vs non-uniform vs auto quantizers; closed-form vs Monte-Carlo tables; posterior-whitened
-vs unweighted MSE (``method="mse"``: the same pipeline with unit precision) vs min-max RTN;
-greedy vs exact (DP) allocation. Prints the table and writes benchmarks/results/ablation.{json,csv}.
+uniform vs non-uniform vs auto quantizers; closed-form vs Monte-Carlo tables (K-FAC and diagonal
+posteriors); posterior-whitened vs unweighted MSE (``method="mse"``: the same pipeline with unit
+precision) vs min-max RTN, GPTQ and HAWQ; greedy vs exact (DP) allocation. Prints the table and writes benchmarks/results/ablation.{json,csv}.
 
 Run with ``make bench`` (or ``python benchmarks/ablation.py [--models digits] [--bits 3.0]``).
 Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package.
@@ -24,15 +24,17 @@ from bayesq_lightning import BayesQConfig  # noqa: E402
 from bayesq_lightning.metrics import evaluate  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
-    "bayesq uniform (default)": {},
+    "bayesq (default: kron, uniform)": {},
     "bayesq nonuniform": {"quantizer": "nonuniform"},
     "bayesq auto": {"quantizer": "auto"},
     "bayesq mc tables": {"tables": "mc"},
     "bayesq dp solver": {"solver": "dp"},
-    "bayesq block_rows=16": {"block_rows": 16},
+    "bayesq diag": {"structure": "diag"},
+    "bayesq diag mc tables": {"structure": "diag", "tables": "mc"},
     "mse (no posterior)": {"method": "mse"},
     "mse nonuniform": {"method": "mse", "quantizer": "nonuniform"},
     "rtn min-max": {"method": "rtn"},
+    "gptq": {"method": "gptq"},
     "hawq": {"method": "hawq"},
 }
 
