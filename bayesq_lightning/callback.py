@@ -56,7 +56,7 @@ class BayesQCallback(Callback):
         **config: any other :class:`~bayesq_lightning.BayesQConfig` field.
 
     Raises:
-        ValueError / NotImplementedError: on an invalid configuration, at construction time.
+        ValueError: on an invalid configuration, at construction time.
     """
 
     def __init__(
@@ -75,7 +75,7 @@ class BayesQCallback(Callback):
             if m not in METHODS or m == self.config.method:
                 raise ValueError(f"compare={tuple(compare)!r}: each entry must be a method of "
                                  f"{METHODS} other than method={self.config.method!r}")
-            dataclasses.replace(self.config, method=m)  # validates (e.g. "not yet supported")
+            dataclasses.replace(self.config, method=m)  # validates the combination
         self.compare = tuple(compare)
         self.evaluate = evaluate
         self.eval_batches = eval_batches

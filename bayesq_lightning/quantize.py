@@ -40,7 +40,7 @@ from .posterior import (
     fit_posterior,
     quantizable_layers,
 )
-from .quantizers import dequantize, design_uniform
+from .quantizers import dequantize, design_nonuniform, design_uniform
 from .result import BlockResult, LayerResult, QuantizationResult
 from .rounding import (
     block_column_quantizer,
@@ -173,8 +173,6 @@ def _design(block: Block, bits: int, quantizer: str, cfg: BayesQConfig) -> Block
                               objective=cfg.range_objective)
         return BlockResult(block.rows, bits, "uniform", cfg.group_size, grid.codes,
                            grid.scale, grid.zero)
-    from .quantizers import design_nonuniform
-
     grid = design_nonuniform(block.w, bits, precision=precision, per_row=cfg.per_row_codebook)
     return BlockResult(block.rows, bits, "nonuniform", None, grid.codes,
                        codebook=grid.codebook)

@@ -85,7 +85,7 @@ def test_empty_loader_is_refused(trained):
         ({"method": "magic"}, ValueError, "not one of"),
         ({"structure": "full"}, ValueError, "not one of"),
         ({"rank": 0}, ValueError, "rank=0"),
-        ({"quantizer": "nonuniform"}, NotImplementedError, "not yet supported"),
+        ({"quantizer": "lattice"}, ValueError, "not one of"),
         ({"calib_batches": 0}, ValueError, "positive integer"),
         ({"prior_precision": -1.0}, ValueError, "positive"),
         ({"budget_bytes": 0}, ValueError, "positive integer"),
@@ -251,3 +251,39 @@ def test_posterior_is_reused_across_budgets(trained, loader):
     with pytest.raises(ValueError, match="does not match this run"):
         quantize_model(trained, loader, BayesQConfig(structure="diag"), progress=False,
                        posterior=first.posterior)
+
+
+@pytest.mark.parametrize(("quantizer", "per_row", "structure"),
+                         [("nonuniform", False, "diag"), ("nonuniform", True, "kron"),
+                          ("auto", False, "kron")])
+def test_nonuniform_and_auto(trained, loader, quantizer, per_row, structure):
+    cfg = BayesQConfig(bits=3.5, quantizer=quantizer, per_row_codebook=per_row,
+                       structure=structure, prior_precision=1.0)
+    res = quantize_model(trained, loader, cfg, progress=False)
+    assert res.bits_per_weight <= 3.5
+    kinds = {b.quantizer for x in res.layers for b in x.blocks}
+    assert kinds <= {"uniform", "nonuniform"}
+    if quantizer == "nonuniform":
+        assert kinds == {"nonuniform"}
+    modules = dict(res.model.named_modules())
+    for layer in res.layers:
+        block = layer.blocks[0]
+        w = modules[layer.name].weight.detach()
+        assert torch.equal(w, dequantize(block).reshape(w.shape))
+        if block.quantizer == "nonuniform":
+            assert block.codebook.dtype == torch.float16
+            assert block.codebook.shape[-1] == 2**block.bits
+            assert block.codebook.dim() == (2 if per_row else 1)
+            # the codebook's metadata is what the allocator paid for
+            assert block_storage_bits(block) == 8 * -(-block.n_weights * block.bits // 8) + \
+                16 * block.codebook.numel()
+
+
+def test_auto_never_worse_than_either_quantizer_alone(trained, loader):
+    losses = {}
+    for q in ("uniform", "nonuniform", "auto"):
+        cfg = BayesQConfig(bits=3.0, quantizer=q, structure="diag", prior_precision=1.0,
+                           solver="dp")
+        res = quantize_model(trained, loader, cfg, progress=False)
+        losses[q] = sum(x.expected_loss for x in res.layers)
+    assert losses["auto"] <= min(losses["uniform"], losses["nonuniform"]) + 1e-9
