@@ -61,8 +61,10 @@ class BayesQConfig:
         Curvature backend: ``"asdl"`` (exact GGN diagonal), ``"asdl_stochastic"`` (Monte-Carlo
         GGN, for many classes) or ``"curvlinops"``.
     range_objective : str
-        Clipping-range search criterion: ``"deployed"`` (precision-weighted error of the stored
-        weights, the tables' own score) or ``"expected"`` (posterior-expected distortion).
+        What the quantizer design minimises (uniform clipping range, non-uniform codebook):
+        ``"deployed"`` (precision-weighted error of the stored weights, the tables' own score;
+        weighted k-means for codebooks) or ``"expected"`` (posterior-expected distortion of
+        DESIGN.md; Lloyd-Max on the posterior mixture for codebooks).
     rank : int, optional
         ``structure="lowrank"``: eigenpairs kept per layer (default 8, cut to n-1 for smaller
         layers; an explicit rank that a layer cannot hold is an error).

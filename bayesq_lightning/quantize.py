@@ -166,14 +166,19 @@ def _blocks(named, cfg: BayesQConfig, posterior: Posterior | None,
 
 
 def _design(block: Block, bits: int, quantizer: str, cfg: BayesQConfig) -> BlockResult:
-    """The candidate quantizer of ``block`` at ``bits``, codes of the mean included."""
-    precision = block.precision
+    """The candidate quantizer of ``block`` at ``bits``, codes of the mean included.
+
+    The posterior mixture (``range_objective="expected"``) only exists for ``bayesq``; the
+    baselines always design for the stored weights (``"deployed"``).
+    """
+    objective = cfg.range_objective if cfg.method == "bayesq" else "deployed"
     if quantizer == "uniform":
-        grid = design_uniform(block.w, bits, precision=precision, group_size=cfg.group_size,
-                              objective=cfg.range_objective)
+        grid = design_uniform(block.w, bits, precision=block.precision,
+                              group_size=cfg.group_size, objective=objective)
         return BlockResult(block.rows, bits, "uniform", cfg.group_size, grid.codes,
                            grid.scale, grid.zero)
-    grid = design_nonuniform(block.w, bits, precision=precision, per_row=cfg.per_row_codebook)
+    grid = design_nonuniform(block.w, bits, precision=block.precision,
+                             per_row=cfg.per_row_codebook, objective=objective)
     return BlockResult(block.rows, bits, "nonuniform", None, grid.codes,
                        codebook=grid.codebook)
 

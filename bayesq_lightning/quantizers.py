@@ -956,8 +956,13 @@ def design_nonuniform(
     per_row: bool = False,
     max_iter: int = 100,
     tol: float = 1e-6,
+    objective: str = "expected",
 ) -> NonuniformGrid:
     r"""``2**bits`` fp16 levels per block (or per row) by posterior-weighted Lloyd-Max.
+
+    ``objective="deployed"`` instead weights the point masses ``mu`` by ``precision`` (weighted
+    k-means: the deployed risk :math:`\sum_i \lambda_i (Q(\mu_i) - \mu_i)^2` that the tables
+    score); the default ``"expected"`` is the posterior mixture described next.
 
     The levels minimise the whitened posterior-expected distortion
 
@@ -1000,11 +1005,13 @@ def design_nonuniform(
     bits = check_bits(bits)
     if mu.dim() != 2:
         raise ValueError(f"mu must be (rows, cols), got shape {tuple(mu.shape)}")
+    if objective not in ("deployed", "expected"):
+        raise ValueError(f"objective={objective!r}: use 'deployed' or 'expected'")
     L = 2**bits
     sigma = weight = None
     if precision is not None:
         weight = precision.to(torch.float64).expand(mu.shape).clamp_min(1e-30)
-        sigma = weight.rsqrt()
+        sigma = weight.rsqrt() if objective == "expected" else None
     x = mu if per_row else mu.reshape(-1)
     res = lloyd_max(
         x,

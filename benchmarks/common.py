@@ -68,7 +68,8 @@ def run_config(
             "alloc": "/".join(str(b.bits) for x in res.layers for b in x.blocks)[:60]}
 
 
-def write_table(rows: Sequence[dict], name: str, columns: Sequence[str]) -> str:
+def write_table(rows: Sequence[dict], name: str, columns: Sequence[str],
+                quiet: bool = False) -> str:
     """Print ``rows`` as a fixed-width table and write them to ``benchmarks/results/name.*``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(list(rows), indent=2))
@@ -83,6 +84,8 @@ def write_table(rows: Sequence[dict], name: str, columns: Sequence[str]) -> str:
     lines.append("-" * len(lines[0]))
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     text = "\n".join(lines)
+    if quiet:
+        return text
     print(text)
     print(f"wrote {RESULTS / name}.json and .csv")
     return text

@@ -346,3 +346,17 @@ def test_empty_cells_keep_their_level():
     for sigma in (None, torch.full_like(x, 1e-3)):
         res = lloyd_max(x, 4, sigma=sigma, init=init, max_iter=5, tol=0.0)
         torch.testing.assert_close(res.levels, torch.tensor([-5.0, -0.2, 0.2, 5.0], dtype=D))
+
+
+def test_nonuniform_deployed_objective_is_weighted_kmeans_on_the_means():
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(4, 64, generator=g) * 0.05
+    lam = torch.full_like(mu, 1.0)  # sigma = 1: a posterior far wider than the weights
+    expected = design_nonuniform(mu, 2, precision=lam, objective="expected")
+    deployed = design_nonuniform(mu, 2, precision=lam, objective="deployed")
+    plain = design_nonuniform(mu, 2)
+    torch.testing.assert_close(deployed.codebook, plain.codebook)  # equal weights: k-means
+    assert deployed.codebook.float().abs().max() <= mu.abs().max() + 1e-3
+    assert expected.codebook.float().abs().max() > 10 * mu.abs().max()  # mixture of N(mu, 1)
+    with pytest.raises(ValueError, match="objective"):
+        design_nonuniform(mu, 2, precision=lam, objective="nope")
