@@ -4,9 +4,13 @@ A *block* is a slice of a layer's output channels that gets one bit-width (one b
 default, ``block_rows`` rows otherwise). For every block, allowed bit-width ``b`` and quantizer
 (uniform grid or non-uniform codebook) a candidate is designed and scored:
 
-* ``bayesq``: the range / codebook is designed under the posterior precision :math:`\lambda`;
-  the loss is the deployed risk :math:`D = \sum_i \lambda_i (q_i - \mu_i)^2` (or the task-aware
-  Monte-Carlo KL of :func:`~bayesq_lightning.tables.mc_tables` with ``tables="mc"``);
+* ``bayesq``: the range / codebook is designed under the diagonal of the posterior precision
+  :math:`\lambda`; the loss is the deployed risk :math:`(q - \mu)^\top \Lambda (q - \mu)` in
+  the posterior's structure (:class:`Metric`): ``diag`` :math:`\sum_i \lambda_i \Delta_i^2`,
+  ``kron`` :math:`\mathrm{tr}(G \Delta A \Delta^\top) + \delta \|\Delta\|^2` with codes from
+  error-feedback rounding under :math:`A + \delta I`, ``lowrank`` with its eigenpairs; or the
+  task-aware Monte-Carlo KL of :func:`~bayesq_lightning.tables.mc_tables` (``tables="mc"``,
+  samples drawn from the diagonal of the precision);
 * ``rtn``: min-max range (k-means codebook), loss :math:`\sum_i (q_i - w_i)^2`, no posterior;
 * ``mse``: as ``bayesq`` with :math:`\lambda = 1` (the posterior ablated);
 * ``hawq``: min-max range, loss ``mean(diag GGN) * ||q - w||^2`` (Hessian trace x error);
