@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import pytest
@@ -287,3 +288,62 @@ def test_auto_never_worse_than_either_quantizer_alone(trained, loader):
         res = quantize_model(trained, loader, cfg, progress=False)
         losses[q] = sum(x.expected_loss for x in res.layers)
     assert losses["auto"] <= min(losses["uniform"], losses["nonuniform"]) + 1e-9
+
+
+# --------------------------------------------------------------------------- constraints
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from bayesq_lightning.allocate import Option, allocate  # noqa: E402
+from bayesq_lightning.quantize import _blocks, _pinned_bits  # noqa: E402
+
+_WIDTHS = (2, 3, 4, 8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    allowed=st.sets(st.sampled_from(_WIDTHS), min_size=1),
+    pins=st.dictionaries(st.sampled_from(["fc1", "fc*", "conv", "*"]),
+                         st.tuples(st.sampled_from(_WIDTHS), st.sampled_from(_WIDTHS)),
+                         max_size=2),
+    pack=st.sampled_from([1, 2, 4]),
+    mult=st.integers(1, 3),
+    slack=st.floats(0.0, 1.0),
+    solver=st.sampled_from(["greedy", "dp"]),
+)
+def test_every_allocation_honours_bit_set_pins_and_packing(allowed, pins, pack, mult, slack,
+                                                           solver):
+    """Random constraints on TinyNet's layers, random tables: the allocation honours them all."""
+    from conftest import TinyNet
+
+    model = TinyNet()
+    named = [(n, m) for n, m in model.named_modules() if n in ("conv", "fc1", "fc2")]
+    cfg = BayesQConfig(allowed_bits=tuple(allowed), block_rows=pack * mult, pack_multiple=pack,
+                       method="rtn", min_bits={k: v[0] for k, v in pins.items()},
+                       max_bits={k: v[1] for k, v in pins.items()})
+    try:
+        widths = {n: _pinned_bits(n, cfg) for n, _ in named}
+    except ValueError as err:  # the bit set cannot meet some layer's pins: said so, by name
+        assert "no width within its pins" in str(err)
+        return
+    blocks = _blocks(named, cfg, None)
+    g = torch.Generator().manual_seed(len(blocks))
+    options = [[Option(8 * (-(-b.w.numel() * k // 8)) + 16 * 2 * b.w.shape[0],
+                       float(torch.rand(1, generator=g)) / k, k) for k in b.bits]
+               for b in blocks]
+    cheapest = sum(min(o.cost for o in opts) for opts in options)
+    richest = sum(max(o.cost for o in opts) for opts in options)
+    budget = int(cheapest + slack * (richest - cheapest))
+    choice = allocate(options, budget, solver=solver)
+    assert sum(opts[j].cost for opts, j in zip(options, choice, strict=True)) <= budget
+    for block, opts, j in zip(blocks, options, choice, strict=True):
+        bits = opts[j].bits
+        assert bits in allowed and bits in widths[block.layer]
+        lo = max([v[0] for k, v in pins.items() if fnmatch.fnmatchcase(block.layer, k)],
+                 default=0)
+        hi = min([v[1] for k, v in pins.items() if fnmatch.fnmatchcase(block.layer, k)],
+                 default=99)
+        assert lo <= bits <= hi
+        r0, r1 = block.rows  # packing: every block starts on a pack boundary and spans whole
+        assert r0 % pack == 0  # multiples of it, except a layer's remainder at the end
+        assert (r1 - r0) % pack == 0 or r1 == block.layer_rows
