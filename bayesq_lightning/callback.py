@@ -142,6 +142,7 @@ class BayesQCallback(Callback):
             def reduce(t: torch.Tensor) -> torch.Tensor:
                 return trainer.strategy.reduce(t, reduce_op="sum")
 
+        self.baselines = {}
         calib, n_data = self._calibration_batches(trainer)
         cfg = dataclasses.replace(self.config, calib_batches=len(calib))
         self._sync_buffers(trainer, pl_module)
