@@ -163,6 +163,7 @@ class BayesQCallback(Callback):
                 report["baselines"] = {
                     m: evaluate(r.model, val, self.eval_batches) for m, r in self.baselines.items()
                 }
+        report["info"] = {k: v for k, v in result.info.items() if k != "config"}
         report["bits_per_weight"] = result.bits_per_weight
         report["code_bits_per_weight"] = result.code_bits_per_weight
         report["baseline_bits_per_weight"] = {m: r.bits_per_weight for m, r in self.baselines.items()}

@@ -18,34 +18,37 @@ from bayesq_lightning import BayesQConfig, quantize_model
 SCRIPT = Path(__file__).parent / "ddp" / "run_callback.py"
 
 
-def _run(out: Path, method: str) -> tuple[dict, dict, dict]:
+def _run(out: Path, method: str, structure: str) -> tuple[dict, dict, dict]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), method], env=env, check=False,
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), method, structure], env=env,
+                          check=False,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return (load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors"),
             load_file(out / "fp32.safetensors"))
 
 
-def _reference(fp32: dict, method: str):
+def _reference(fp32: dict, method: str, structure: str):
     """The same fit in one process: all 6 calibration batches the callback drew."""
     model = TinyNet()
     model.load_state_dict(fp32)
     train = make_data(256, seed=0)
     idx = torch.randperm(256, generator=torch.Generator().manual_seed(0))[:6 * 32].tolist()
     calib = DataLoader(Subset(train, idx), batch_size=32)
-    cfg = BayesQConfig(bits=3.0, method=method, calib_batches=6, block_rows=16)
+    cfg = BayesQConfig(bits=3.0, method=method, structure=structure, calib_batches=6,
+                       block_rows=16)
     return quantize_model(model.eval(), calib, cfg, n_data=256, progress=False)
 
 
-@pytest.mark.parametrize("method", ["bayesq", "gptq"])
-def test_two_process_ddp_matches_single_process(tmp_path, method):
-    r0, r1, fp32 = _run(tmp_path, method)
+@pytest.mark.parametrize(("method", "structure"),
+                         [("bayesq", "kron"), ("bayesq", "diag"), ("gptq", "kron")])
+def test_two_process_ddp_matches_single_process(tmp_path, method, structure):
+    r0, r1, fp32 = _run(tmp_path, method, structure)
     # every rank ends with the same allocation and identical quantized weights
     assert torch.equal(r0["bits"], r1["bits"])
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
-    ref = _reference(fp32, method)
+    ref = _reference(fp32, method, structure)
     assert r0["bits"].tolist() == [b.bits for x in ref.layers for b in x.blocks]
     if method == "bayesq":
         assert int(r0["n_calib"]) == 192 and int(r0["n_data"]) == 256  # no padded sample

@@ -5,7 +5,7 @@ Each rank writes what it ended with to OUT/rank<r>.safetensors; rank 0 also writ
 weights the posterior was fitted on and the calibration batches it used, so the test can refit
 in a single process and compare.
 
-    python tests/ddp/run_callback.py OUT [structure] [method]
+    python tests/ddp/run_callback.py OUT [method] [structure]
 """
 
 from __future__ import annotations
@@ -39,13 +39,14 @@ class SaveFP32(pl.Callback):
 def main() -> None:
     out = Path(sys.argv[1])
     method = sys.argv[2] if len(sys.argv) > 2 else "bayesq"
+    structure = sys.argv[3] if len(sys.argv) > 3 else "kron"
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0)
     torch.set_num_threads(1)
     model = TinyNet()
     train = DataLoader(make_data(256, seed=0), batch_size=32, shuffle=True)
-    cb = BayesQCallback(bits=3.0, method=method, calib_batches=6, progress=False,
-                        evaluate=False, block_rows=16)
+    cb = BayesQCallback(bits=3.0, method=method, structure=structure, calib_batches=6,
+                        progress=False, evaluate=False, block_rows=16)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
         callbacks=[SaveFP32(out), cb], logger=False, enable_checkpointing=False,
