@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ class BayesQCallback(Callback):
             if m not in METHODS or m == self.config.method:
                 raise ValueError(f"compare={tuple(compare)!r}: each entry must be a method of "
                                  f"{METHODS} other than method={self.config.method!r}")
-            dataclasses.replace(self.config, method=m)  # validates the combination
+            self._baseline_config(self.config, m)  # validates the combination now
         self.compare = tuple(compare)
         self.evaluate = evaluate
         self.eval_batches = eval_batches
@@ -115,12 +115,27 @@ class BayesQCallback(Callback):
                              "datamodule or train with a map-style train dataset")
         batches, _ = calibration_samples(source, self.config.calib_batches)
         world, rank = trainer.world_size, trainer.global_rank
+        if world > 1:  # sharding by index needs the same global list on every rank
+            mine = torch.tensor([_fingerprint(batches)], dtype=torch.float64,
+                                device=trainer.strategy.root_device)
+            every = trainer.strategy.all_gather(mine).reshape(-1)
+            if not torch.allclose(every, every[0].expand_as(every), rtol=1e-9, atol=0.0):
+                raise ValueError(
+                    "the calibration batches differ between ranks, so sharding them would count "
+                    "some samples twice and others never; make calibration_dataloader() "
+                    "deterministic (shuffle=False or a seeded generator)"
+                )
         if len(batches) < world:
             raise ValueError(
                 f"{len(batches)} calibration batch(es) for {world} processes: each rank needs "
                 f"one; raise calib_batches to at least {world} or give more calibration data"
             )
         return batches[rank::world], n_data
+
+    def _baseline_config(self, cfg: BayesQConfig, method: str) -> BayesQConfig:
+        """``cfg`` for a compared method; posterior-free methods score in closed form."""
+        tables = cfg.tables if method in ("bayesq", "hawq") else "closed_form"
+        return dataclasses.replace(cfg, method=method, tables=tables)
 
     @staticmethod
     def _val_loader(trainer: pl.Trainer):
@@ -154,7 +169,7 @@ class BayesQCallback(Callback):
             result = quantize_model(pl_module, calib, cfg, n_data=n_data, reduce=reduce,
                                     progress=self.progress and trainer.is_global_zero)
             for method in self.compare:
-                base = quantize_model(pl_module, calib, dataclasses.replace(cfg, method=method),
+                base = quantize_model(pl_module, calib, self._baseline_config(cfg, method),
                                       n_data=n_data, reduce=reduce, progress=False)
                 self.baselines[method] = base
             self._apply(pl_module, result)
@@ -228,3 +243,15 @@ class BayesQCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.report = dict(state_dict.get("report", {}))
+
+
+def _fingerprint(batches: list) -> float:
+    """An order-sensitive checksum of the calibration batches' tensors."""
+    total = 0.0
+    for i, batch in enumerate(batches):
+        parts = batch.values() if isinstance(batch, Mapping) else (
+            batch if isinstance(batch, (tuple, list)) else [batch])
+        for t in parts:
+            if torch.is_tensor(t):
+                total += (i + 1) * float(t.double().sum())
+    return total

@@ -165,6 +165,11 @@ class BayesQConfig:
                 )
         if self.rank is not None and (int(self.rank) != self.rank or self.rank < 1):
             raise ValueError(f"rank={self.rank!r} must be a positive integer or None")
+        if self.tables == "mc" and self.method not in ("bayesq", "hawq"):
+            raise ValueError(
+                f"tables='mc' samples the posterior, which method={self.method!r} does not fit; "
+                "use tables='closed_form' for this method"
+            )
         if int(self.mc_samples) != self.mc_samples or self.mc_samples < 1:
             raise ValueError(f"mc_samples={self.mc_samples!r}: S must be an integer >= 1")
         if self.mc_refine_top_k is not None and self.mc_refine_top_k < 1:

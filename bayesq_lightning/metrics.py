@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from .posterior import LogitsModel, split_batch
+from .posterior import LogitsModel, inputs_to, split_batch
 
 
 @torch.no_grad()
@@ -37,7 +37,7 @@ def evaluate(
             if y is None:
                 raise ValueError("evaluation needs labelled batches: (inputs, targets) or dicts "
                                  "with a 'labels' key")
-            x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+            x = inputs_to(x, device)
             y = y.to(device)
             logits = net(x).float()
             if acc is None:

@@ -97,15 +97,19 @@ class Posterior:
 # --------------------------------------------------------------------------- model helpers
 
 
-def clone_fp32(model: nn.Module) -> nn.Module:
-    """An fp32 deep copy in eval mode that shares nothing with ``model`` (nor its Trainer)."""
+def clone_module(model: nn.Module) -> nn.Module:
+    """A deep copy that shares nothing with ``model`` (nor its Trainer); mode and dtypes kept."""
     memo: dict[int, object] = {}
     for attr in ("_trainer", "_fabric"):  # a LightningModule must not drag its Trainer along
         ref = model.__dict__.get(attr)
         if ref is not None:
             memo[id(ref)] = None
-    clone = copy.deepcopy(model, memo)
-    return clone.float().eval()
+    return copy.deepcopy(model, memo)
+
+
+def clone_fp32(model: nn.Module) -> nn.Module:
+    """An fp32 deep copy in eval mode that shares nothing with ``model`` (nor its Trainer)."""
+    return clone_module(model).float().eval()
 
 
 def quantizable_layers(
@@ -227,6 +231,19 @@ def _labelled_dataset(net: nn.Module, batches: list, device: torch.device) -> tu
         else:
             items.extend(zip(x.float() if x.is_floating_point() else x, y, strict=True))
     return _Samples(items), ("model predictions" if used_predictions else "given")
+
+
+def inputs_to(x, device, dtype: torch.dtype | None = None):
+    """Move a tensor or a mapping of tensors to ``device``; cast floating ones to ``dtype``."""
+    def move(v):
+        if not torch.is_tensor(v):
+            return v
+        v = v.to(device)
+        return v.to(dtype) if dtype is not None and v.is_floating_point() else v
+
+    if isinstance(x, Mapping):
+        return {k: move(v) for k, v in x.items()}
+    return move(x)
 
 
 def _to(x, device):

@@ -40,7 +40,7 @@ from .posterior import (
     Posterior,
     calibration_samples,
     check_finite,
-    clone_fp32,
+    clone_module,
     fit_posterior,
     quantizable_layers,
 )
@@ -160,7 +160,7 @@ def _blocks(named, cfg: BayesQConfig, posterior: Posterior | None,
             elif cfg.method == "hawq":  # mean GGN diagonal: the layer's Hessian trace per weight
                 metric = Metric(diag=float((lp.precision - lp.prior_precision).mean()))
             elif cfg.method == "gptq":
-                H = hessians[name]
+                H = hessians[name].cpu()  # every metric input lives on the CPU
                 metric = Metric(output=H, layer_rows=out, rows=rows)
             else:
                 metric = Metric(diag=1.0)
@@ -296,6 +296,9 @@ def quantize_model(
     cfg = config or BayesQConfig()
     t_start = time.perf_counter()
     named = quantizable_layers(model, cfg.include, cfg.exclude)
+    if any(name == "" for name, _ in named):
+        raise ValueError("the model itself is a Linear/Conv2d layer and cannot be replaced in "
+                         "place; wrap it in a parent module (e.g. nn.Sequential(layer))")
     check_finite(named)
     pins = {name: _pinned_bits(name, cfg) for name, _ in named}  # fail before any work
     info: dict = {"method": cfg.method, "config": cfg.to_dict()}
@@ -321,6 +324,8 @@ def quantize_model(
             "it with the same structure and layer selection, or pass posterior=None"
         )
     if cfg.method in ("bayesq", "hawq") and posterior is None:
+        if reduce is not None:  # the fallback must be the global count, as in the fit
+            n_calib = int(reduce(torch.tensor(float(n_calib))).item())
         n_data = n_data or cfg.n_data or _dataset_len(calibration_loader) or n_calib
         posterior = fit_posterior(
             model, batches, list(pins), n_data=n_data, prior_precision=cfg.prior_precision,
@@ -379,8 +384,7 @@ def quantize_model(
 
     layers = _layer_results(named, blocks, options, candidates, choice)
     # The returned model holds packed integer weights (QuantizedLinear / QuantizedConv2d).
-    qmodel = clone_fp32(model).to(dtype=_float_dtype(model))
-    qmodel.train(model.training)
+    qmodel = clone_module(model)  # dtypes kept as they are (e.g. fp32 norms in a bf16 model)
     replace_quantized_layers(qmodel, layers)
     total_bits = sum(opts[j].cost for opts, j in zip(options, choice, strict=True))
     code_bits = sum(storage_bits(b.n_weights, b.bits, 0) for x in layers for b in x.blocks)
@@ -413,10 +417,3 @@ def _dataset_len(loader) -> int | None:
         return len(loader.dataset)
     except (AttributeError, TypeError):
         return None
-
-
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32

@@ -199,12 +199,14 @@ class UniformGrid:
 
 def _grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 (scale, zero) of the asymmetric grid whose end levels are ``lo`` and ``hi``."""
-    hi = torch.maximum(hi, lo + 1e-8)
-    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8).half()
+    # The smallest normal fp16 step keeps zero = -lo / scale finite for all-zero (pruned,
+    # zero-initialised) rows, whose range would otherwise round the scale to 0.
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(torch.finfo(torch.float16).tiny).half()
     zero = (-lo / scale.float()).half()
     bad = ~torch.isfinite(scale.float()) | ~torch.isfinite(zero.float())
     if bad.any():
-        raise ValueError("weight range overflows fp16 scales; rescale the layer or exclude it")
+        raise ValueError("weight range overflows fp16 scales (|w| > 65504); rescale the layer "
+                         "or exclude it with exclude=[...]")
     return scale, zero
 
 

@@ -370,7 +370,7 @@ def layer_input_hessians(
     protocol; they are kept in memory until the pass ends. With ``reduce`` (a cross-process sum)
     each rank's mean is weighted by its sample count, so every rank gets the global mean.
     """
-    from .posterior import LogitsModel, clone_fp32, split_batch
+    from .posterior import LogitsModel, clone_fp32, inputs_to, split_batch
 
     net = LogitsModel(clone_fp32(model))
     device = next(net.parameters()).device
@@ -380,9 +380,7 @@ def layer_input_hessians(
         lambda _m, args, n=n: seen[n].append(args[0].detach())) for n in names]
     try:
         for batch in batches:
-            x = split_batch(batch)[0]
-            x = ({k: v.to(device) for k, v in x.items()} if isinstance(x, dict)
-                 else x.to(device))
+            x = inputs_to(split_batch(batch)[0], device, torch.float32)
             net(x)
     finally:
         for h in hooks:

@@ -85,17 +85,17 @@ def mc_tables(
 
     Cost: ``samples * (1 + sum_blocks (1 + candidates))`` forward passes over the batches.
     """
-    from .posterior import LogitsModel, clone_fp32, split_batch
+    from .posterior import LogitsModel, batch_size_of, clone_fp32, inputs_to, split_batch
 
     net = LogitsModel(clone_fp32(model))
     device = next(net.parameters()).device
     modules = dict(net.model.named_modules())
-    xs = [_to_device(split_batch(b)[0], device) for b in batches]
+    xs = [inputs_to(split_batch(b)[0], device, torch.float32) for b in batches]
     layers = sorted({name for name, _ in blocks})
     gen = torch.Generator().manual_seed(seed)
     # per block, per candidate, per sample: the KL difference (summed over inputs)
     values = [torch.zeros(len(c), samples, dtype=torch.float64) for c in candidates]
-    count = torch.tensor(float(sum(_n_rows(x) for x in xs)), dtype=torch.float64)
+    count = torch.tensor(float(sum(batch_size_of(x) for x in xs)), dtype=torch.float64)
     if reduce is not None:
         count = reduce(count.to(device)).cpu()
     passes = 0
@@ -151,15 +151,3 @@ def _kl_sum(net, xs, base, weight, rows: tuple[int, int], replacement) -> float:
         logq = net(x).float().log_softmax(-1)
         total += float((logp.exp() * (logp - logq)).sum())
     return total
-
-
-def _n_rows(x) -> int:
-    if isinstance(x, dict):
-        return len(next(iter(x.values())))
-    return len(x)
-
-
-def _to_device(x, device):
-    if isinstance(x, dict):
-        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in x.items()}
-    return x.to(device)

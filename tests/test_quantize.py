@@ -347,3 +347,58 @@ def test_every_allocation_honours_bit_set_pins_and_packing(allowed, pins, pack, 
         r0, r1 = block.rows  # packing: every block starts on a pack boundary and spans whole
         assert r0 % pack == 0  # multiples of it, except a layer's remainder at the end
         assert (r1 - r0) % pack == 0 or r1 == block.layer_rows
+
+
+# --------------------------------------------------------------------------- review findings
+@pytest.mark.parametrize("method", ["rtn", "bayesq"])
+def test_all_zero_rows_quantize(trained, loader, method):
+    with torch.no_grad():
+        trained.fc1.weight[3] = 0.0  # a pruned / dead channel
+        trained.fc1.weight[5] = 1e-9
+    res = quantize_model(trained, loader, BayesQConfig(bits=4.0, method=method,
+                                                       structure="diag", prior_precision=1.0),
+                         progress=False)
+    w = dict(res.model.named_modules())["fc1"].weight
+    assert torch.isfinite(w).all() and (w[3] == 0).all()
+
+
+class _MixedNet(torch.nn.Module):
+    """A bf16 model that keeps its norm in fp32 (as HF `_keep_in_fp32_modules` does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(64, 32).bfloat16()
+        self.norm = torch.nn.LayerNorm(32)
+        self.fc2 = torch.nn.Linear(32, 4).bfloat16()
+
+    def forward(self, x):  # inputs follow each layer's dtype (its bias's, once packed)
+        h = self.norm(self.fc1(x.flatten(1).to(self.fc1.bias.dtype)).float())
+        return self.fc2(h.to(self.fc2.bias.dtype)).float()
+
+
+@pytest.mark.parametrize("kwargs", [{"method": "gptq"}, {"tables": "mc", "mc_samples": 2,
+                                                         "structure": "diag"}])
+@pytest.mark.parametrize("mixed", [True, False])
+def test_half_precision_models_and_inputs(loader, kwargs, mixed):
+    torch.manual_seed(0)
+    model = _MixedNet() if mixed else torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
+    ).bfloat16()  # bf16 inputs straight into the layers: the fp32 fits must cast them
+    bf16_loader = [(x.bfloat16(), y) for x, y in list(loader)[:4]]
+    res = quantize_model(model, bf16_loader, BayesQConfig(bits=4.0, prior_precision=1.0,
+                                                          **kwargs), progress=False)
+    if mixed:
+        assert res.model.norm.weight.dtype == torch.float32  # dtypes kept, not recast
+    out = res.model(bf16_loader[0][0])
+    assert torch.isfinite(out.float()).all()
+
+
+def test_mc_tables_need_a_posterior_and_root_layers_are_refused():
+    with pytest.raises(ValueError, match="tables='mc' samples the posterior"):
+        BayesQConfig(method="rtn", tables="mc")
+    from bayesq_lightning import BayesQCallback
+
+    cb = BayesQCallback(tables="mc", compare=("rtn", "gptq"))  # baselines score in closed form
+    assert cb._baseline_config(cb.config, "rtn").tables == "closed_form"
+    with pytest.raises(ValueError, match="wrap it in a parent module"):
+        quantize_model(torch.nn.Linear(4, 4), None, BayesQConfig(method="rtn"), progress=False)
