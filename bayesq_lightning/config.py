@@ -165,6 +165,9 @@ class BayesQConfig:
                 )
         if self.rank is not None and (int(self.rank) != self.rank or self.rank < 1):
             raise ValueError(f"rank={self.rank!r} must be a positive integer or None")
+        if self.rank is not None and self.structure != "lowrank":
+            raise ValueError(f"rank={self.rank} applies to structure='lowrank' only "
+                             f"(structure={self.structure!r}); drop it or switch structure")
         if self.tables == "mc" and self.method not in ("bayesq", "hawq"):
             raise ValueError(
                 f"tables='mc' samples the posterior, which method={self.method!r} does not fit; "
@@ -172,6 +175,8 @@ class BayesQConfig:
             )
         if int(self.mc_samples) != self.mc_samples or self.mc_samples < 1:
             raise ValueError(f"mc_samples={self.mc_samples!r}: S must be an integer >= 1")
+        if self.mc_refine_top_k is not None and self.tables != "mc":
+            raise ValueError("mc_refine_top_k applies to tables='mc' only; set tables='mc'")
         if self.mc_refine_top_k is not None and self.mc_refine_top_k < 1:
             raise ValueError(f"mc_refine_top_k={self.mc_refine_top_k!r} must be >= 1 or None")
         for name in ("min_bits", "max_bits"):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .allocate import Option, allocate, lower_convex_hull
+from .allocate import InfeasibleBudgetError, Option, allocate, lower_convex_hull
 from .config import BayesQConfig
 from .modules import replace_quantized_layers
 from .posterior import (
@@ -301,6 +301,11 @@ def quantize_model(
                          "place; wrap it in a parent module (e.g. nn.Sequential(layer))")
     check_finite(named)
     pins = {name: _pinned_bits(name, cfg) for name, _ in named}  # fail before any work
+    for field in ("min_bits", "max_bits"):
+        for pattern in getattr(cfg, field) or {}:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in pins):
+                raise ValueError(f"{field} pattern {pattern!r} matches no quantized layer; "
+                                 f"layers: {list(pins)}")
     info: dict = {"method": cfg.method, "config": cfg.to_dict()}
 
     hessians: dict | None = None
@@ -362,7 +367,7 @@ def quantize_model(
     n_weights = sum(m.weight.numel() for _, m in named)
     budget = _budget_bits(cfg, n_weights)
     t_alloc = time.perf_counter()
-    choice = allocate(options, budget, solver=cfg.solver, n_weights=n_weights)
+    choice = _allocate(options, budget, cfg, n_weights)
     info["allocation_seconds"] = time.perf_counter() - t_alloc
 
     if cfg.tables == "mc":
@@ -378,7 +383,7 @@ def quantize_model(
         for i, losses in zip(refine, mc.losses, strict=True):
             options[i] = [Option(o.cost, max(loss, 0.0), o.bits, o.tag)
                           for o, loss in zip(options[i], losses, strict=True)]
-        choice = allocate(options, budget, solver=cfg.solver, n_weights=n_weights)
+        choice = _allocate(options, budget, cfg, n_weights)
         info.update(mc_blocks=len(refine), mc_forward_passes=mc.forward_passes,
                     mc_seconds=time.perf_counter() - t_mc)
 
@@ -394,6 +399,20 @@ def quantize_model(
         code_bits_per_weight=code_bits / n_weights, budget_bits=budget, info=info,
         posterior=posterior,
     )
+
+
+def _allocate(options, budget: int, cfg: BayesQConfig, n_weights: int) -> list[int]:
+    """:func:`allocate`, with an infeasible ``budget_bytes`` stated in bytes."""
+    if cfg.budget_bytes is None:
+        return allocate(options, budget, solver=cfg.solver, n_weights=n_weights)
+    try:
+        return allocate(options, budget, solver=cfg.solver)
+    except InfeasibleBudgetError as err:
+        need = -(-err.min_cost // 8)
+        raise InfeasibleBudgetError(
+            f"budget_bytes={cfg.budget_bytes} is infeasible: the cheapest allocation needs "
+            f"{need} bytes (metadata included); raise budget_bytes to at least {need} or allow "
+            "fewer bits", err.min_cost) from None
 
 
 def _layer_results(named, blocks, options, candidates, choice) -> list[LayerResult]:

@@ -402,3 +402,16 @@ def test_mc_tables_need_a_posterior_and_root_layers_are_refused():
     assert cb._baseline_config(cb.config, "rtn").tables == "closed_form"
     with pytest.raises(ValueError, match="wrap it in a parent module"):
         quantize_model(torch.nn.Linear(4, 4), None, BayesQConfig(method="rtn"), progress=False)
+
+
+def test_options_that_would_be_ignored_are_refused(trained):
+    with pytest.raises(ValueError, match="applies to structure='lowrank' only"):
+        BayesQConfig(rank=4)
+    with pytest.raises(ValueError, match="applies to tables='mc' only"):
+        BayesQConfig(mc_refine_top_k=2)
+    with pytest.raises(ValueError, match="'fc9' matches no quantized layer"):
+        quantize_model(trained, None, BayesQConfig(method="rtn", min_bits={"fc9": 8}),
+                       progress=False)
+    with pytest.raises(InfeasibleBudgetError, match=r"budget_bytes=10 is infeasible.*\d+ bytes"):
+        quantize_model(trained, None, BayesQConfig(method="rtn", budget_bytes=10),
+                       progress=False)
