@@ -218,7 +218,7 @@ def _labelled_dataset(net: nn.Module, batches: list, device: torch.device) -> tu
     items, used_predictions = [], False
     for batch in batches:
         x, y = split_batch(batch)
-        x = _to(x, device)
+        x = inputs_to(x, device, torch.float32)  # the fit runs on an fp32 copy
         if y is None:
             y = net(x).argmax(-1)
             used_predictions = True
@@ -229,7 +229,7 @@ def _labelled_dataset(net: nn.Module, batches: list, device: torch.device) -> tu
                 row["labels"] = y[i]
                 items.append(row)
         else:
-            items.extend(zip(x.float() if x.is_floating_point() else x, y, strict=True))
+            items.extend(zip(x, y, strict=True))
     return _Samples(items), ("model predictions" if used_predictions else "given")
 
 
@@ -244,12 +244,6 @@ def inputs_to(x, device, dtype: torch.dtype | None = None):
     if isinstance(x, Mapping):
         return {k: move(v) for k, v in x.items()}
     return move(x)
-
-
-def _to(x, device):
-    if isinstance(x, Mapping):
-        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in x.items()}
-    return x.to(device)
 
 
 # --------------------------------------------------------------------------- the fit
