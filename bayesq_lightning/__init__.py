@@ -1,10 +1,23 @@
-"""bayesq-lightning: uncertainty-guided Bayesian mixed-precision quantization for Lightning."""
+"""bayesq-lightning: uncertainty-guided Bayesian mixed-precision quantization for Lightning.
 
-from .callback import BayesQCallback
+The core (``quantize_model``, ``save_quantized`` / ``load_quantized``) needs no Lightning; the
+Lightning shells (``BayesQCallback``) are imported on first use, so ``import bayesq_lightning``
+does not import ``lightning``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .artifact import load_quantized, save_quantized
 from .config import BayesQConfig
-from .export import load_quantized, save_quantized
 from .quantize import quantize_model
 from .result import BlockResult, LayerResult, QuantizationResult
+
+if TYPE_CHECKING:
+    from .lightning import BayesQCallback
+
+_LIGHTNING_SHELLS = {"BayesQCallback": "callback"}
 
 __all__ = [
     "BayesQCallback",
@@ -17,3 +30,11 @@ __all__ = [
     "save_quantized",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING_SHELLS:
+        from . import lightning
+
+        return getattr(lightning, name)
+    raise AttributeError(f"module 'bayesq_lightning' has no attribute {name!r}")

@@ -225,3 +225,30 @@ def _dp(options: Sequence[Sequence[Option]], budget: float) -> list[int]:
         picks[b] = int(choice[b, c])
         c -= (options[b][picks[b]].cost - base[b]) // g
     return picks
+
+
+def boundary_blocks(options: list[list[Option]], choice: list[int], k: int) -> list[int]:
+    """Indices of the ``k`` blocks whose hull upgrades lie closest to the allocation boundary.
+
+    The boundary rate is the best loss-per-bit among the upgrades the allocation did not take;
+    a block's distance is ``min |log(rate_e / boundary)|`` over its hull edges ``e``.
+    """
+    hulls = [lower_convex_hull(o) for o in options]
+    rates: list[list[float]] = []
+    boundary = 0.0
+    for opts, hull, j in zip(options, hulls, choice, strict=True):
+        r = [(opts[a].loss - opts[b].loss) / (opts[b].cost - opts[a].cost)
+             for a, b in zip(hull, hull[1:], strict=False)]
+        rates.append(r)
+        taken = hull.index(j) if j in hull else len(hull) - 1
+        if taken < len(r):
+            boundary = max(boundary, r[taken])
+    tiny = 1e-300
+
+    def distance(r: list[float]) -> float:
+        if not r:
+            return math.inf
+        return min(abs(math.log(max(x, tiny) / max(boundary, tiny))) for x in r)
+
+    order = sorted(range(len(options)), key=lambda i: (distance(rates[i]), i))
+    return [i for i in order[:k] if rates[i]]

@@ -6,14 +6,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from .quantizers import SUPPORTED_BITS, check_bits
+from .allocate import SOLVERS
+from .methods import METHODS, METHODS_TABLE
+from .posterior import BACKENDS, STRUCTURES
+from .quantizers import QUANTIZERS, SUPPORTED_BITS, check_bits
+from .quantizers.uniform import RANGE_OBJECTIVES
+from .tables import TABLES
 
-METHODS = ("bayesq", "rtn", "gptq", "hawq", "mse")
-STRUCTURES = ("diag", "kron", "lowrank")
-QUANTIZERS = ("uniform", "nonuniform", "auto")
-TABLES = ("closed_form", "mc")
-SOLVERS = ("greedy", "dp")
-BACKENDS = ("asdl", "asdl_stochastic", "curvlinops")
 
 def _choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
@@ -134,7 +133,7 @@ class BayesQConfig:
         _choice("tables", self.tables, TABLES)
         _choice("solver", self.solver, SOLVERS)
         _choice("backend", self.backend, BACKENDS)
-        _choice("range_objective", self.range_objective, ("deployed", "expected"))
+        _choice("range_objective", self.range_objective, RANGE_OBJECTIVES)
         if not self.allowed_bits:
             raise ValueError(f"allowed_bits is empty; choose a subset of {SUPPORTED_BITS}")
         self.allowed_bits = tuple(sorted({check_bits(b) for b in self.allowed_bits}))
@@ -168,7 +167,7 @@ class BayesQConfig:
         if self.rank is not None and self.structure != "lowrank":
             raise ValueError(f"rank={self.rank} applies to structure='lowrank' only "
                              f"(structure={self.structure!r}); drop it or switch structure")
-        if self.tables == "mc" and self.method not in ("bayesq", "hawq"):
+        if self.tables == "mc" and not METHODS_TABLE[self.method].supports_mc_tables:
             raise ValueError(
                 f"tables='mc' samples the posterior, which method={self.method!r} does not fit; "
                 "use tables='closed_form' for this method"

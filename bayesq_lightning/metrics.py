@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from .posterior import LogitsModel, inputs_to, split_batch
+from .batches import LogitsModel, inputs_to, split_batch
 
 
 @torch.no_grad()

@@ -3,7 +3,8 @@ r"""Sequential rounding with error feedback (OBS/GPTQ style) under an input-side
 One code path, two callers (see DESIGN "Whitening and the deployed risk"): BayesQ-kron rounds
 under the Kronecker factor ``A`` with ``gamma = delta / mean(diag G)``, GPTQ under
 ``H = X X^T / n`` with ``gamma = 0.01 mean(diag H)`` (:func:`gptq_gamma`). Any quantizer plugs in
-through a per-column callback; :func:`round_uniform_with_feedback` is the fixed uniform grid.
+through a per-column callback (:func:`block_column_quantizer` for a candidate's grid or codebook);
+:func:`feedback_round_block` re-rounds one allocation block, per group for grouped convolutions.
 
 Notation
 --------
@@ -38,13 +39,16 @@ column, such a column neither gives nor receives feedback: it is plain round-to-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batches import batch_inputs, fp32_logits_copy
 from .quantizers import round_uniform
+from .result import BlockResult
 
 QuantizeColumn = Callable[[Tensor, int], tuple[Tensor, Tensor]]
 """``(w_col (rows,), original column index) -> (codes uint8 (rows,), q_col float (rows,))``."""
@@ -146,58 +150,6 @@ def error_feedback_round(
     return codes, Q, objective
 
 
-def grouped_conv_feedback(
-    W: Tensor,
-    H_groups: Tensor,
-    quantizer_for_rows: Callable[[int, int], QuantizeColumn],
-    gamma: float | Sequence[float],
-    block_size: int = 128,
-    act_order: bool = False,
-) -> tuple[Tensor, Tensor, float]:
-    """Error feedback per group of a grouped or depthwise Conv2d.
-
-    Group ``g`` owns the output rows ``[g * rows/groups, (g+1) * rows/groups)`` of
-    ``W = weight.flatten(1)`` and sees only its own input channels, so each group is an
-    independent problem under its own ``H_groups[g]`` (as returned by :func:`input_hessian`).
-
-    Parameters
-    ----------
-    W : Tensor
-        ``(rows, cols)`` flattened conv weight, ``cols = in / groups * kh * kw``.
-    H_groups : Tensor
-        ``(groups, cols, cols)``.
-    quantizer_for_rows : callable
-        ``(row_start, row_stop) -> quantize_column`` for that group's rows (e.g. slicing per-row
-        scales).
-    gamma : float or sequence of float
-        Damping, one for all groups or one per group.
-    block_size, act_order
-        As in :func:`error_feedback_round`, per group.
-
-    Returns
-    -------
-    codes, Q, objective
-        As in :func:`error_feedback_round`; the objective is the sum over groups.
-    """
-    groups = H_groups.shape[0]
-    rows = W.shape[0]
-    if H_groups.dim() != 3 or rows % groups:
-        raise ValueError(f"H_groups {tuple(H_groups.shape)} must be (groups, cols, cols) with "
-                         f"groups dividing rows={rows}")
-    gammas = [float(gamma)] * groups if isinstance(gamma, (int, float)) else list(gamma)
-    if len(gammas) != groups:
-        raise ValueError(f"{len(gammas)} gamma values for {groups} groups")
-    per = rows // groups
-    parts = [
-        error_feedback_round(W[g * per : (g + 1) * per], H_groups[g],
-                             quantizer_for_rows(g * per, (g + 1) * per), gammas[g],
-                             block_size, act_order)
-        for g in range(groups)
-    ]
-    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-            sum(p[2] for p in parts))
-
-
 def uniform_column_quantizer(
     scale: Tensor, zero: Tensor, bits: int, group_size: int | None = None
 ) -> QuantizeColumn:
@@ -215,56 +167,6 @@ def uniform_column_quantizer(
         return codes, ((codes.float() - z.float()) * s.float()).to(w.dtype)
 
     return quantize_column
-
-
-def round_uniform_with_feedback(
-    W: Tensor,
-    H: Tensor,
-    scale: Tensor,
-    zero: Tensor,
-    bits: int,
-    group_size: int | None = None,
-    gamma: float | Sequence[float] | None = None,
-    act_order: bool = False,
-    block_size: int = 128,
-) -> tuple[Tensor, Tensor, float]:
-    """Error-feedback rounding onto a fixed uniform grid (GPTQ with static groups).
-
-    The codes are representable by ``BlockResult(quantizer="uniform", scale=scale, zero=zero,
-    group_size=group_size)``, and ``dequantize`` of that block equals ``Q.float()`` exactly.
-
-    Parameters
-    ----------
-    W : Tensor
-        ``(rows, cols)`` weights.
-    H : Tensor
-        ``(cols, cols)``, or ``(groups, cols, cols)`` for a grouped/depthwise conv (then error
-        feedback runs per group, see :func:`grouped_conv_feedback`).
-    scale, zero : Tensor
-        fp16 ``(rows, n_groups)`` grid, used as stored.
-    bits : int
-        Bit-width of the grid.
-    group_size : int, optional
-        Columns per scale/zero; ``None`` for one per row.
-    gamma : float or sequence of float, optional
-        Damping; ``None`` uses :func:`gptq_gamma` (per group for a 3-D ``H``).
-    act_order, block_size
-        As in :func:`error_feedback_round`.
-    """
-    if H.dim() == 3:
-        if gamma is None:
-            gamma = [gptq_gamma(h) for h in H]
-        return grouped_conv_feedback(
-            W, H,
-            lambda r0, r1: uniform_column_quantizer(scale[r0:r1], zero[r0:r1], bits, group_size),
-            gamma, block_size, act_order,
-        )
-    if gamma is None:
-        gamma = gptq_gamma(H)
-    if not isinstance(gamma, (int, float)):
-        raise TypeError("a 2-D H takes one float gamma; per-group gammas need a 3-D H")
-    return error_feedback_round(W, H, uniform_column_quantizer(scale, zero, bits, group_size),
-                                float(gamma), block_size, act_order)
 
 
 def gptq_gamma(H: Tensor, percdamp: float = 0.01) -> float:
@@ -351,7 +253,7 @@ def codebook_column_quantizer(codebook: Tensor) -> QuantizeColumn:
     return quantize_column
 
 
-def block_column_quantizer(block, r0: int, r1: int) -> QuantizeColumn:
+def block_column_quantizer(block: BlockResult, r0: int, r1: int) -> QuantizeColumn:
     """The column quantizer of a ``BlockResult``'s grid or codebook, for its rows ``r0:r1``."""
     if block.quantizer == "uniform":
         return uniform_column_quantizer(block.scale[r0:r1], block.zero[r0:r1], block.bits,
@@ -370,17 +272,12 @@ def layer_input_hessians(
     protocol; they are kept in memory until the pass ends. With ``reduce`` (a cross-process sum)
     each rank's mean is weighted by its sample count, so every rank gets the global mean.
     """
-    from .posterior import LogitsModel, clone_fp32, inputs_to, split_batch
-
-    net = LogitsModel(clone_fp32(model))
-    device = next(net.parameters()).device
-    modules = dict(net.model.named_modules())
+    net, device, modules = fp32_logits_copy(model)
     seen: dict[str, list[Tensor]] = {n: [] for n in names}
     hooks = [modules[n].register_forward_pre_hook(
         lambda _m, args, n=n: seen[n].append(args[0].detach())) for n in names]
     try:
-        for batch in batches:
-            x = inputs_to(split_batch(batch)[0], device, torch.float32)
+        for x in batch_inputs(batches, device):
             net(x)
     finally:
         for h in hooks:
@@ -391,3 +288,38 @@ def layer_input_hessians(
         n_total = reduce(n_local.clone())
         hessians = {n: reduce(h * n_local) / n_total for n, h in hessians.items()}
     return hessians
+
+
+def group_pieces(rows: tuple[int, int], per: int) -> Iterator[tuple[int, tuple[int, int]]]:
+    """``(group, (a, b))`` for the groups of ``per`` rows meeting ``rows``; a, b block-relative."""
+    r0, r1 = rows
+    for g in range(r0 // per, (r1 - 1) // per + 1):
+        yield g, (max(r0, g * per) - r0, min(r1, (g + 1) * per) - r0)
+
+
+def feedback_round_block(cand: BlockResult, W: Tensor, H: Tensor, gamma: float | None,
+                         layer_rows: int) -> BlockResult:
+    """Re-round ``cand``'s codes with error feedback under ``H`` on the candidate's own grid.
+
+    ``W`` holds the block's rows ``cand.rows`` of a layer with ``layer_rows`` rows. ``H`` is
+    ``(cols, cols)``, or ``(groups, cols, cols)`` for a grouped/depthwise conv, whose rows in
+    the block are then rounded under their own group's matrix. ``gamma=None`` damps each
+    matrix with :func:`gptq_gamma`.
+    """
+    H = H if H.dim() == 3 else H.unsqueeze(0)
+    codes = []
+    for g, (a, b) in group_pieces(cand.rows, layer_rows // H.shape[0]):
+        damp = gptq_gamma(H[g]) if gamma is None else gamma
+        c, _, _ = error_feedback_round(W[a:b], H[g], block_column_quantizer(cand, a, b), damp)
+        codes.append(c)
+    return dataclasses.replace(cand, codes=torch.cat(codes))
+
+
+def output_error(dW: Tensor, H: Tensor, rows: tuple[int, int], layer_rows: int) -> float:
+    r""":math:`\mathrm{tr}(\Delta W H \Delta W^\top)` of a block, per group for a 3-D ``H``."""
+    dW = dW.double()
+    H = H if H.dim() == 3 else H.unsqueeze(0)
+    total = 0.0
+    for g, (a, b) in group_pieces(rows, layer_rows // H.shape[0]):
+        total += float(((dW[a:b] @ H[g].double()) * dW[a:b]).sum())
+    return total

@@ -1,7 +1,8 @@
-"""Expected-loss tables ``D[block][bits]`` and exact storage costs ``C[block][bits]``.
+"""Task-aware Monte-Carlo tables ``D[block][bits]`` (``tables="mc"``).
 
-``C`` comes from :func:`storage_bits` alone: tables, allocator, report and export all call it,
-so what the allocator counts is what the artifact holds.
+Closed-form scores are the posterior's own quadratic form
+(:meth:`~bayesq_lightning.posterior.LayerPosterior.quad_form`); costs are
+:func:`~bayesq_lightning.quantizers.storage_bits`.
 """
 
 from __future__ import annotations
@@ -13,36 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .batches import batch_inputs, batch_size_of, fp32_logits_copy
 from .quantizers import dequantize
 from .result import BlockResult
 
-META_BITS = 16  # every scale, zero point and codebook level is stored as fp16
-
-
-def storage_bits(n_weights: int, bits: int, n_meta: int) -> int:
-    """Exact stored bits of one block: one packed code buffer plus fp16 metadata.
-
-    Parameters
-    ----------
-    n_weights : int
-        Codes in the block.
-    bits : int
-        Bits per code.
-    n_meta : int
-        fp16 values stored with the block (scales, zeros, codebook levels).
-
-    Returns
-    -------
-    int
-        ``8 * ceil(n_weights * bits / 8) + 16 * n_meta``.
-    """
-    return 8 * (-(-n_weights * bits // 8)) + META_BITS * n_meta
-
-
-def block_storage_bits(block) -> int:
-    """:func:`storage_bits` of a :class:`~bayesq_lightning.result.BlockResult`."""
-    return storage_bits(block.n_weights, block.bits, block.n_meta)
-
+TABLES = ("closed_form", "mc")  # closed form: the score of each method; mc: this module
 
 @dataclass
 class MCTables:
@@ -70,7 +46,9 @@ def mc_tables(
 ) -> MCTables:
     r"""Task-aware expected loss of every candidate, by posterior sampling.
 
-    For posterior samples :math:`w_s \sim N(\mu, \Lambda^{-1})` (quantized layers only) and the
+    For posterior samples :math:`w_s` (quantized layers only, drawn by each layer's
+    :meth:`~bayesq_lightning.posterior.LayerPosterior.sample`: today from the diagonal of the
+    precision, :math:`N(\mu, \mathrm{diag}(\Lambda)^{-1})`, for every structure) and the
     calibration inputs :math:`x`,
 
     .. math::
@@ -85,12 +63,11 @@ def mc_tables(
 
     Cost: ``samples * (1 + sum_blocks (1 + candidates))`` forward passes over the batches.
     """
-    from .posterior import LogitsModel, batch_size_of, clone_fp32, inputs_to, split_batch
-
-    net = LogitsModel(clone_fp32(model))
-    device = next(net.parameters()).device
-    modules = dict(net.model.named_modules())
-    xs = [inputs_to(split_batch(b)[0], device, torch.float32) for b in batches]
+    if int(samples) != samples or samples < 1:
+        raise ValueError(f"samples={samples!r}: Monte-Carlo tables need at least one posterior "
+                         "sample (mc_samples >= 1)")
+    net, device, modules = fp32_logits_copy(model)
+    xs = batch_inputs(batches, device)
     layers = sorted({name for name, _ in blocks})
     gen = torch.Generator().manual_seed(seed)
     # per block, per candidate, per sample: the KL difference (summed over inputs)
@@ -106,9 +83,7 @@ def mc_tables(
         steps = tqdm(steps, desc="bayesq mc tables", leave=False)
     for s in steps:
         for name in layers:
-            lp = posterior.layers[name]
-            eps = torch.randn(lp.mean.shape, generator=gen, dtype=torch.float32)
-            w_s = lp.mean.float().cpu() + eps * lp.precision.float().cpu().rsqrt()
+            w_s = posterior.layers[name].sample(1, generator=gen)[0]
             modules[name].weight.copy_(w_s.to(device))
         base = [net(x).float().log_softmax(-1) for x in xs]
         passes += len(xs)

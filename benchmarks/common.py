@@ -13,9 +13,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from bayesq_lightning import BayesQConfig, quantize_model
-from bayesq_lightning.data import DigitsDataModule, FashionMNISTDataModule
+from bayesq_lightning.lightning.data import DigitsDataModule, FashionMNISTDataModule
+from bayesq_lightning.lightning.models import DigitsCNN, SmallResNet
 from bayesq_lightning.metrics import evaluate
-from bayesq_lightning.models import DigitsCNN, SmallResNet
 
 CACHE = Path(".cache/bench")
 RESULTS = Path("benchmarks/results")

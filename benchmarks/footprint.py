@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import trained, write_table  # noqa: E402
 
 from bayesq_lightning import BayesQConfig, quantize_model, save_quantized  # noqa: E402
-from bayesq_lightning.modules import QUANTIZED_TYPES  # noqa: E402
+from bayesq_lightning.artifact.modules import QUANTIZED_TYPES  # noqa: E402
 
 
 def _median_ms(model: nn.Module, x: torch.Tensor, runs: int) -> float:

@@ -16,8 +16,8 @@ import lightning.pytorch as pl
 import torch
 
 from bayesq_lightning import BayesQCallback
-from bayesq_lightning.data import DigitsDataModule
-from bayesq_lightning.models import DigitsCNN
+from bayesq_lightning.lightning.data import DigitsDataModule
+from bayesq_lightning.lightning.models import DigitsCNN
 
 
 def summary_rows(cb: BayesQCallback) -> list[dict]:

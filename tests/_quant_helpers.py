@@ -8,9 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bayesq_lightning.quantizers import dequantize, design_uniform
+from bayesq_lightning.quantizers import block_storage_bits, dequantize, design_uniform
 from bayesq_lightning.result import BlockResult, LayerResult, QuantizationResult
-from bayesq_lightning.tables import block_storage_bits
 
 
 def weight_2d(module: nn.Module) -> torch.Tensor:

@@ -68,7 +68,7 @@ def _digits():
     try:
         from bayesq_lightning.lightning.data import DigitsDataModule
     except ImportError:
-        from bayesq_lightning.data import DigitsDataModule
+        from bayesq_lightning.lightning.data import DigitsDataModule
 
     dm = DigitsDataModule(batch_size=64)
     dm.setup()
@@ -79,7 +79,7 @@ def _model():
     try:
         from bayesq_lightning.lightning.models import DigitsCNN
     except ImportError:
-        from bayesq_lightning.models import DigitsCNN
+        from bayesq_lightning.lightning.models import DigitsCNN
 
     torch.manual_seed(0)
     return DigitsCNN()

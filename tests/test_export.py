@@ -14,10 +14,14 @@ from _quant_helpers import dequantized_float_model, make_result, rtn_layer, rtn_
 from safetensors.torch import load_file
 from torch import nn
 
-from bayesq_lightning import export
-from bayesq_lightning.export import ArtifactError, load_quantized, save_quantized
-from bayesq_lightning.modules import QuantizedConv2d, QuantizedLinear, replace_quantized_layers
-from bayesq_lightning.tables import block_storage_bits
+from bayesq_lightning.artifact import export
+from bayesq_lightning.artifact.export import ArtifactError, load_quantized, save_quantized
+from bayesq_lightning.artifact.modules import (
+    QuantizedConv2d,
+    QuantizedLinear,
+    replace_quantized_layers,
+)
+from bayesq_lightning.quantizers import block_storage_bits
 
 
 class SmallCNN(nn.Module):

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bayesq_lightning.packing import pack_codes, packed_nbytes, unpack_codes
-from bayesq_lightning.tables import storage_bits
+from bayesq_lightning.artifact.packing import pack_codes, packed_nbytes, unpack_codes
+from bayesq_lightning.quantizers import storage_bits
 
 BITS = (2, 3, 4, 8)
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_unchanged, snapshot
-from torch import nn
 
-from bayesq_lightning.posterior import calibration_samples, fit_posterior, quantizable_layers
+from bayesq_lightning.batches import calibration_samples
+from bayesq_lightning.layers import quantizable_layers
+from bayesq_lightning.posterior import fit_posterior
 
 
 def _curvature(post, delta):
@@ -53,14 +54,3 @@ def test_unlabelled_calibration_uses_model_predictions(trained, loader):
 def test_empty_calibration_loader_is_refused():
     with pytest.raises(ValueError, match="no samples"):
         calibration_samples([], 4)
-
-
-def test_model_without_quantizable_layers_is_refused():
-    model = nn.Sequential(nn.BatchNorm1d(4), nn.ReLU())
-    with pytest.raises(ValueError, match="no quantizable layer"):
-        quantizable_layers(model)
-
-
-def test_include_exclude_patterns(trained):
-    assert [n for n, _ in quantizable_layers(trained, include=["fc*"])] == ["fc1", "fc2"]
-    assert [n for n, _ in quantizable_layers(trained, exclude=["fc2"])] == ["conv", "fc1"]

@@ -9,7 +9,9 @@ import torch
 from conftest import assert_unchanged, snapshot
 from torch import nn
 
-from bayesq_lightning.posterior import calibration_samples, fit_posterior, quantizable_layers
+from bayesq_lightning.batches import calibration_samples
+from bayesq_lightning.layers import quantizable_layers
+from bayesq_lightning.posterior import fit_posterior
 
 
 def _mlp(seed: int = 0, d_in: int = 4, hidden: int = 3, classes: int = 5) -> nn.Sequential:
@@ -186,7 +188,8 @@ def test_kron_grouped_conv_gets_diagonal_metric():
                          structure="kron")
     diag = fit_posterior(model, [(x, y)], ["0", "3"], n_data=80, prior_precision=1.5)
     conv = kron.layers["0"]
-    assert conv.structure == "diag" and conv.A is None and "grouped" in conv.note
+    assert conv.structure == "diag" and not hasattr(conv, "A") and "grouped" in conv.note
+    assert conv.rounding_matrix((0, 4)) is None  # nearest rounding, diagonal score
     assert any(n.startswith("0:") for n in kron.info["notes"])
     torch.testing.assert_close(conv.precision, diag.layers["0"].precision)
     assert kron.layers["3"].structure == "kron"
@@ -317,3 +320,76 @@ def test_dict_batches_for_kron_and_lowrank():
         b = fit_posterior(model, as_tuple, ["lin"], n_data=12, prior_precision=1.0,
                           structure=structure, **extra)
         torch.testing.assert_close(a.layers["lin"].precision, b.layers["lin"].precision)
+
+
+# --------------------------------------------------------------------------- the interface
+
+
+def _dense_precision(lp) -> torch.Tensor:
+    """Lambda over W.flatten() (row-major), built from the structure's fields by hand."""
+    n = lp.mean.numel()
+    if lp.structure == "kron":
+        return torch.kron(lp.G.double(), lp.A.double()) + lp.prior_precision * torch.eye(
+            n, dtype=torch.float64)
+    if lp.structure == "lowrank":
+        return (torch.diag(lp.residual.double().reshape(-1) + lp.prior_precision)
+                + lp.U.double() @ torch.diag(lp.S.double()) @ lp.U.double().T)
+    return torch.diag(lp.precision.double().reshape(-1))
+
+
+def _spd(n: int, g: torch.Generator) -> torch.Tensor:
+    M = torch.randn(n, n, generator=g, dtype=torch.float64)
+    return M @ M.T / n + 0.1 * torch.eye(n, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "lowrank"])
+@pytest.mark.parametrize("rows", [(0, 5), (1, 4), (3, 5)])
+def test_quad_form_is_the_blocks_diagonal_block_of_the_precision(structure, rows):
+    from bayesq_lightning.posterior import (
+        KronLayerPosterior,
+        LayerPosterior,
+        LowRankLayerPosterior,
+    )
+
+    g = torch.Generator().manual_seed(3)
+    out, cols, delta = 5, 6, 0.7
+    mean = torch.randn(out, cols, generator=g)
+    if structure == "kron":
+        G, A = _spd(out, g), _spd(cols, g)
+        lam = torch.outer(G.diagonal(), A.diagonal()) + delta
+        lp = KronLayerPosterior("l", mean, lam.float(), delta, A=A.float(), G=G.float())
+    elif structure == "lowrank":
+        U = torch.linalg.qr(torch.randn(out * cols, 3, generator=g, dtype=torch.float64))[0]
+        S = torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64)
+        res = torch.rand(out, cols, generator=g, dtype=torch.float64)
+        lam = res + (U.square() * S).sum(1).view(out, cols) + delta
+        lp = LowRankLayerPosterior("l", mean, lam.float(), delta, U=U.float(), S=S.float(),
+                                   residual=res.float())
+    else:
+        lp = LayerPosterior("l", mean, torch.rand(out, cols, generator=g) + delta, delta)
+    r0, r1 = rows
+    dW = torch.randn(r1 - r0, cols, generator=g, dtype=torch.float64)
+    idx = slice(r0 * cols, r1 * cols)
+    dense = _dense_precision(lp)[idx, idx]
+    assert lp.quad_form(dW, rows) == pytest.approx(float(dW.reshape(-1) @ dense @ dW.reshape(-1)),
+                                                   rel=1e-6)
+    rounding = lp.rounding_matrix(rows)
+    if structure == "kron":  # error feedback under A, damped by the prior precision
+        H, gamma = rounding
+        torch.testing.assert_close(H, lp.A)
+        assert gamma == delta
+    else:
+        assert rounding is None
+
+
+def test_samples_follow_the_diagonal_of_the_precision():
+    from bayesq_lightning.posterior import LayerPosterior
+
+    lam = torch.tensor([[4.0, 100.0], [1.0, 25.0]])
+    lp = LayerPosterior("l", torch.tensor([[1.0, -2.0], [0.0, 3.0]]), lam, 0.5)
+    draws = lp.sample(20_000, generator=torch.Generator().manual_seed(0))
+    assert draws.shape == (20_000, 2, 2)
+    torch.testing.assert_close(draws.mean(0), lp.mean, atol=0.03, rtol=0)
+    torch.testing.assert_close(draws.var(0), 1 / lam, rtol=0.05, atol=0)
+    hot = lp.sample(20_000, temperature=4.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(hot.var(0), 4 / lam, rtol=0.05, atol=0)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import fnmatch
 import math
 
 import pytest
@@ -9,8 +8,7 @@ from conftest import assert_unchanged, snapshot
 
 from bayesq_lightning import BayesQConfig, quantize_model
 from bayesq_lightning.allocate import InfeasibleBudgetError
-from bayesq_lightning.quantizers import dequantize
-from bayesq_lightning.tables import block_storage_bits
+from bayesq_lightning.quantizers import block_storage_bits, dequantize
 
 
 @pytest.mark.parametrize("method", ["bayesq", "rtn"])
@@ -76,34 +74,27 @@ def test_empty_loader_is_refused(trained):
         quantize_model(trained, [], BayesQConfig(), progress=False)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        ({"bits": 0}, ValueError, "positive finite"),
-        ({"bits": float("nan")}, ValueError, "positive finite"),
-        ({"allowed_bits": (3, 5)}, ValueError, "unsupported bit-width 5"),
-        ({"allowed_bits": ()}, ValueError, "allowed_bits is empty"),
-        ({"method": "magic"}, ValueError, "not one of"),
-        ({"structure": "full"}, ValueError, "not one of"),
-        ({"rank": 0}, ValueError, "rank=0"),
-        ({"quantizer": "lattice"}, ValueError, "not one of"),
-        ({"calib_batches": 0}, ValueError, "positive integer"),
-        ({"prior_precision": -1.0}, ValueError, "positive"),
-        ({"budget_bytes": 0}, ValueError, "positive integer"),
-    ],
-)
-def test_config_validation(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        BayesQConfig(**kwargs)
-
-
 def test_bayesq_ranks_layers_by_posterior(trained, loader):
-    """With a tight budget BayesQ keeps more bits where the precision-weighted error is larger."""
-    res = quantize_model(trained, loader, BayesQConfig(bits=3.0, allowed_bits=(2, 4),
-                                                       structure="diag"), progress=False)
-    assert {x.bits for x in res.layers} <= {2, 4}
+    """With a tight budget BayesQ upgrades the layers that save the most loss per stored bit.
+
+    With widths {2, 4} every layer has one upgrade; the greedy takes them in order of
+    ``(D_2 - D_4) / (C_4 - C_2)``, so every upgraded layer's rate is at least every other one's.
+    """
+    cfg = BayesQConfig(bits=3.0, allowed_bits=(2, 4), structure="diag")
+    res = quantize_model(trained, loader, cfg, progress=False)
     assert res.info["structure"] == "diag" and res.info["prior_precision"] > 0
     assert res.info["n_data"] == 256 and res.info["n_calib"] == 256
+    by_bits = {}
+    for width in (2, 4):  # each layer's loss and cost at both widths, same posterior
+        pinned = BayesQConfig(bits=8.0, allowed_bits=(width,), structure="diag")
+        other = quantize_model(trained, loader, pinned, progress=False, posterior=res.posterior)
+        by_bits[width] = {x.name: (x.expected_loss, x.bytes) for x in other.layers}
+    rate = {n: (by_bits[2][n][0] - by_bits[4][n][0]) / (by_bits[4][n][1] - by_bits[2][n][1])
+            for n in by_bits[2]}
+    up = [x.name for x in res.layers if x.bits == 4]
+    down = [x.name for x in res.layers if x.bits == 2]
+    assert up and down, "the budget must force a real choice"
+    assert min(rate[n] for n in up) >= max(rate[n] for n in down)
 
 
 def test_blocks_groups_and_pins(trained, loader):
@@ -128,18 +119,6 @@ def test_pins_that_the_bit_set_cannot_meet(trained, loader):
         quantize_model(trained, loader, cfg, progress=False)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [({"block_rows": 6, "pack_multiple": 4}, "not a multiple of pack_multiple=4"),
-     ({"mc_samples": 0}, "S must be an integer >= 1"),
-     ({"group_size": 0}, "group_size"),
-     ({"min_bits": {"fc1": 5}}, "unsupported bit-width 5")],
-)
-def test_granularity_validation(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        BayesQConfig(**kwargs)
-
-
 @pytest.mark.parametrize("solver", ["greedy", "dp"])
 def test_hawq_and_solvers(trained, loader, solver):
     res = quantize_model(trained, loader, BayesQConfig(bits=3.0, method="hawq", solver=solver,
@@ -152,8 +131,11 @@ def test_mc_tables_end_to_end_with_refinement(trained, loader):
                        prior_precision=1.0)
     res = quantize_model(trained, loader, cfg, progress=False)
     assert res.bits_per_weight <= 3.0
-    assert res.info["mc_blocks"] == 2 and res.info["mc_forward_passes"] > 0
-    assert res.info["mc_seconds"] >= 0
+    # S * (1 + sum over refined blocks of (1 + candidates)) passes over the 8 batches
+    assert res.info["mc_blocks"] == 2
+    assert res.info["mc_forward_passes"] == 2 * (1 + 2 * (1 + 4)) * 8
+    assert len(res.info["mc_stderr"]) == 2  # the chosen candidates' standard errors
+    assert all(math.isfinite(se) and se >= 0 for se in res.info["mc_stderr"].values())
 
 
 class GroupedNet(torch.nn.Module):
@@ -262,10 +244,8 @@ def test_nonuniform_and_auto(trained, loader, quantizer, per_row, structure):
                        structure=structure, prior_precision=1.0)
     res = quantize_model(trained, loader, cfg, progress=False)
     assert res.bits_per_weight <= 3.5
-    kinds = {b.quantizer for x in res.layers for b in x.blocks}
-    assert kinds <= {"uniform", "nonuniform"}
     if quantizer == "nonuniform":
-        assert kinds == {"nonuniform"}
+        assert {b.quantizer for x in res.layers for b in x.blocks} == {"nonuniform"}
     modules = dict(res.model.named_modules())
     for layer in res.layers:
         block = layer.blocks[0]
@@ -288,65 +268,6 @@ def test_auto_never_worse_than_either_quantizer_alone(trained, loader):
         res = quantize_model(trained, loader, cfg, progress=False)
         losses[q] = sum(x.expected_loss for x in res.layers)
     assert losses["auto"] <= min(losses["uniform"], losses["nonuniform"]) + 1e-9
-
-
-# --------------------------------------------------------------------------- constraints
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from bayesq_lightning.allocate import Option, allocate  # noqa: E402
-from bayesq_lightning.quantize import _blocks, _pinned_bits  # noqa: E402
-
-_WIDTHS = (2, 3, 4, 8)
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    allowed=st.sets(st.sampled_from(_WIDTHS), min_size=1),
-    pins=st.dictionaries(st.sampled_from(["fc1", "fc*", "conv", "*"]),
-                         st.tuples(st.sampled_from(_WIDTHS), st.sampled_from(_WIDTHS)),
-                         max_size=2),
-    pack=st.sampled_from([1, 2, 4]),
-    mult=st.integers(1, 3),
-    slack=st.floats(0.0, 1.0),
-    solver=st.sampled_from(["greedy", "dp"]),
-)
-def test_every_allocation_honours_bit_set_pins_and_packing(allowed, pins, pack, mult, slack,
-                                                           solver):
-    """Random constraints on TinyNet's layers, random tables: the allocation honours them all."""
-    from conftest import TinyNet
-
-    model = TinyNet()
-    named = [(n, m) for n, m in model.named_modules() if n in ("conv", "fc1", "fc2")]
-    cfg = BayesQConfig(allowed_bits=tuple(allowed), block_rows=pack * mult, pack_multiple=pack,
-                       method="rtn", min_bits={k: v[0] for k, v in pins.items()},
-                       max_bits={k: v[1] for k, v in pins.items()})
-    try:
-        widths = {n: _pinned_bits(n, cfg) for n, _ in named}
-    except ValueError as err:  # the bit set cannot meet some layer's pins: said so, by name
-        assert "no width within its pins" in str(err)
-        return
-    blocks = _blocks(named, cfg, None)
-    g = torch.Generator().manual_seed(len(blocks))
-    options = [[Option(8 * (-(-b.w.numel() * k // 8)) + 16 * 2 * b.w.shape[0],
-                       float(torch.rand(1, generator=g)) / k, k) for k in b.bits]
-               for b in blocks]
-    cheapest = sum(min(o.cost for o in opts) for opts in options)
-    richest = sum(max(o.cost for o in opts) for opts in options)
-    budget = int(cheapest + slack * (richest - cheapest))
-    choice = allocate(options, budget, solver=solver)
-    assert sum(opts[j].cost for opts, j in zip(options, choice, strict=True)) <= budget
-    for block, opts, j in zip(blocks, options, choice, strict=True):
-        bits = opts[j].bits
-        assert bits in allowed and bits in widths[block.layer]
-        lo = max([v[0] for k, v in pins.items() if fnmatch.fnmatchcase(block.layer, k)],
-                 default=0)
-        hi = min([v[1] for k, v in pins.items() if fnmatch.fnmatchcase(block.layer, k)],
-                 default=99)
-        assert lo <= bits <= hi
-        r0, r1 = block.rows  # packing: every block starts on a pack boundary and spans whole
-        assert r0 % pack == 0  # multiples of it, except a layer's remainder at the end
-        assert (r1 - r0) % pack == 0 or r1 == block.layer_rows
 
 
 # --------------------------------------------------------------------------- review findings
@@ -393,22 +314,12 @@ def test_half_precision_models_and_inputs(loader, kwargs, mixed):
     assert torch.isfinite(out.float()).all()
 
 
-def test_mc_tables_need_a_posterior_and_root_layers_are_refused():
-    with pytest.raises(ValueError, match="tables='mc' samples the posterior"):
-        BayesQConfig(method="rtn", tables="mc")
-    from bayesq_lightning import BayesQCallback
-
-    cb = BayesQCallback(tables="mc", compare=("rtn", "gptq"))  # baselines score in closed form
-    assert cb._baseline_config(cb.config, "rtn").tables == "closed_form"
+def test_root_layers_are_refused():
     with pytest.raises(ValueError, match="wrap it in a parent module"):
         quantize_model(torch.nn.Linear(4, 4), None, BayesQConfig(method="rtn"), progress=False)
 
 
-def test_options_that_would_be_ignored_are_refused(trained):
-    with pytest.raises(ValueError, match="applies to structure='lowrank' only"):
-        BayesQConfig(rank=4)
-    with pytest.raises(ValueError, match="applies to tables='mc' only"):
-        BayesQConfig(mc_refine_top_k=2)
+def test_pin_patterns_and_byte_budgets_are_checked_before_work(trained):
     with pytest.raises(ValueError, match="'fc9' matches no quantized layer"):
         quantize_model(trained, None, BayesQConfig(method="rtn", min_bits={"fc9": 8}),
                        progress=False)

@@ -8,7 +8,6 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from bayesq_lightning.quantizers import (
-    _SortedMixture,
     check_bits,
     dequantize,
     design_nonuniform,
@@ -17,6 +16,7 @@ from bayesq_lightning.quantizers import (
     expected_sq_error_uniform,
     lloyd_max,
 )
+from bayesq_lightning.quantizers.nonuniform import _SortedMixture
 from bayesq_lightning.result import BlockResult
 
 D = torch.float64
@@ -307,12 +307,19 @@ def test_precision_weighted_codebook_beats_unweighted():
 
 
 def test_design_nonuniform_large_layer_is_not_dense():
-    # 2**8 levels over 200k weights with wide posteriors: an n x L evaluation would be 50M
-    # Gaussian terms per iteration; the sorted/tabulated mixture finishes in well under a second
+    # 2**8 levels over 200k weights with wide posteriors: an n x L evaluation would allocate
+    # 204,800 x 256 float64 terms (419 MB) per iteration; the sorted/tabulated mixture never
+    # allocates more than a chunk at a time
+    from torch.profiler import ProfilerActivity, profile
+
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 3200, generator=g) * 0.02
     lam = (0.004 * torch.exp(0.7 * torch.randn(64, 3200, generator=g))) ** -2
-    grid = design_nonuniform(w, 8, precision=lam, max_iter=10)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        grid = design_nonuniform(w, 8, precision=lam, max_iter=10)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    dense = w.numel() * 256 * 8
+    assert 0 < largest < dense / 20, (largest, dense)
     assert grid.codebook.shape == (256,) and int(grid.codes.max()) < 256
     assert torch.isfinite(grid.levels).all()
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,12 +11,20 @@ from bayesq_lightning.quantizers import dequantize, design_uniform, expand_group
 from bayesq_lightning.result import BlockResult
 from bayesq_lightning.rounding import (
     error_feedback_round,
+    feedback_round_block,
     gptq_gamma,
-    grouped_conv_feedback,
     input_hessian,
-    round_uniform_with_feedback,
+    output_error,
     uniform_column_quantizer,
 )
+
+
+def round_uniform_with_feedback(W, H, scale, zero, bits, group_size=None, gamma=None,
+                                act_order=False, block_size=128):
+    """Error feedback onto a fixed uniform grid (GPTQ with static groups), 2-D ``H``."""
+    gamma = gptq_gamma(H) if gamma is None else gamma
+    return error_feedback_round(W, H, uniform_column_quantizer(scale, zero, bits, group_size),
+                                gamma, block_size, act_order)
 
 
 def _layer(rows: int, cols: int, n: int, seed: int, dtype=torch.float32):
@@ -208,14 +218,24 @@ def test_grouped_and_depthwise_conv(cin, cout, groups):
 
     W = conv.weight.detach().flatten(1)
     grid = design_uniform(W, 2)
-    codes, Q, obj = round_uniform_with_feedback(W, H, grid.scale, grid.zero, 2, block_size=4)
+    cand = BlockResult((0, cout), 2, "uniform", None, grid.codes, grid.scale, grid.zero)
+    codes = feedback_round_block(cand, W, H, None, cout).codes
+    Q = dequantize(dataclasses.replace(cand, codes=codes))
+    obj = output_error(Q - W, H, (0, cout), cout)
     # each group is error_feedback_round on its own rows under its own H
     per = cout // groups
     for g in range(groups):
         rows = slice(g * per, (g + 1) * per)
         qc = uniform_column_quantizer(grid.scale[rows], grid.zero[rows], 2)
-        c_g, q_g, _ = error_feedback_round(W[rows], H[g], qc, gptq_gamma(H[g]), block_size=4)
+        c_g, q_g, _ = error_feedback_round(W[rows], H[g], qc, gptq_gamma(H[g]))
         assert torch.equal(codes[rows], c_g) and torch.equal(Q[rows], q_g)
+    # a block of rows 1..cout-1 rounds each group's part under that group's H
+    part = feedback_round_block(dataclasses.replace(cand, rows=(1, cout), codes=grid.codes[1:],
+                                                    scale=grid.scale[1:], zero=grid.zero[1:]),
+                                W[1:], H, None, cout).codes
+    qc = uniform_column_quantizer(grid.scale[1:per], grid.zero[1:per], 2)
+    assert torch.equal(part[: per - 1], error_feedback_round(W[1:per], H[0], qc,
+                                                             gptq_gamma(H[0]))[0])
     # objective = mean squared output error of the quantized conv per output position
     out = F.conv2d(x, (Q - W).view_as(conv.weight), padding=1, groups=groups)
     assert obj == pytest.approx(float(out.pow(2).sum()) / (6 * 49), rel=1e-4)
@@ -223,8 +243,6 @@ def test_grouped_and_depthwise_conv(cin, cout, groups):
     assert torch.equal(dequantize(block), Q)
     if groups == 2:  # feedback under per-group H beats rounding to nearest
         assert obj < _objective_grouped(_rtn(W, grid, 2, None)[1] - W, H)
-    with pytest.raises(ValueError, match="groups"):
-        grouped_conv_feedback(W[:-1], H, lambda a, b: None, 0.1)
 
 
 def _objective_grouped(dW: torch.Tensor, H: torch.Tensor) -> float:

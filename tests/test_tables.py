@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from bayesq_lightning.posterior import fit_posterior
-from bayesq_lightning.quantizers import dequantize, design_uniform
+from bayesq_lightning.quantizers import dequantize, design_uniform, storage_bits
 from bayesq_lightning.result import BlockResult
-from bayesq_lightning.tables import mc_tables, storage_bits
+from bayesq_lightning.tables import mc_tables
 
 
 def test_storage_bits_is_exact():
@@ -55,6 +55,7 @@ def test_mc_tables_agree_with_closed_form_on_linear_softmax():
 
 
 def test_mc_prior_term_and_sample_count_validation():
+    """The prior term is delta ||q - mu||^2 exactly; fewer than one sample is refused."""
     model, batches, post, blocks, cands = _linear_softmax_case((4,))
     with_prior = mc_tables(model, batches, post, blocks, cands, n_data=post.n_data, samples=2)
     without = mc_tables(model, batches, post, blocks, cands, n_data=post.n_data, samples=2,
@@ -65,3 +66,5 @@ def test_mc_prior_term_and_sample_count_validation():
         prior = lp.prior_precision * float(((dequantize(cs[0], torch.float64)
                                             - lp.mean[r0:r1]) ** 2).sum())
         assert a[0] - b[0] == pytest.approx(prior, rel=1e-6)
+    with pytest.raises(ValueError, match="samples=0"):
+        mc_tables(model, batches, post, blocks, cands, n_data=post.n_data, samples=0)

@@ -32,13 +32,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
-from .config import METHODS, BayesQConfig
-from .export import save_quantized
-from .metrics import evaluate
-from .modules import replace_quantized_layers
-from .posterior import calibration_samples
-from .quantize import quantize_model
-from .result import QuantizationResult
+from ..artifact import save_quantized
+from ..batches import calibration_samples
+from ..config import BayesQConfig
+from ..methods import METHODS, METHODS_TABLE
+from ..metrics import evaluate
+from ..quantize import quantize_model
+from ..result import QuantizationResult
 
 
 class BayesQCallback(Callback):
@@ -134,7 +134,7 @@ class BayesQCallback(Callback):
 
     def _baseline_config(self, cfg: BayesQConfig, method: str) -> BayesQConfig:
         """``cfg`` for a compared method; posterior-free methods score in closed form."""
-        tables = cfg.tables if method in ("bayesq", "hawq") else "closed_form"
+        tables = cfg.tables if METHODS_TABLE[method].supports_mc_tables else "closed_form"
         return dataclasses.replace(cfg, method=method, tables=tables)
 
     @staticmethod
@@ -166,13 +166,13 @@ class BayesQCallback(Callback):
         with torch.inference_mode(False), torch.enable_grad():
             if val is not None:
                 report["fp32"] = evaluate(pl_module, val, self.eval_batches)
-            result = quantize_model(pl_module, calib, cfg, n_data=n_data, reduce=reduce,
-                                    progress=self.progress and trainer.is_global_zero)
-            for method in self.compare:
+            for method in self.compare:  # from the FP32 weights, before they are replaced
                 base = quantize_model(pl_module, calib, self._baseline_config(cfg, method),
                                       n_data=n_data, reduce=reduce, progress=False)
                 self.baselines[method] = base
-            self._apply(pl_module, result)
+            result = quantize_model(pl_module, calib, cfg, n_data=n_data, reduce=reduce,
+                                    progress=self.progress and trainer.is_global_zero,
+                                    inplace=True)
             if val is not None:
                 report["quantized"] = evaluate(pl_module, val, self.eval_batches)
                 report["baselines"] = {
@@ -198,11 +198,6 @@ class BayesQCallback(Callback):
             with torch.no_grad():
                 for buf in pl_module.buffers():
                     torch.distributed.broadcast(buf, src=0)
-
-    @staticmethod
-    def _apply(pl_module: pl.LightningModule, result: QuantizationResult) -> None:
-        """Swap the packed quantized layers into the user's module (same layer names)."""
-        replace_quantized_layers(pl_module, result.layers)
 
     @rank_zero_only
     def _log(self, trainer: pl.Trainer, result: QuantizationResult, report: dict) -> None:

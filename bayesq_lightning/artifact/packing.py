@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantizers import check_bits
+from ..quantizers import check_bits
 
 
 def packed_nbytes(n: int, bits: int) -> int:

@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..quantizers import storage_bits
+from ..result import QuantizationResult
 from .modules import (
     FLOAT_TYPES,
     QUANTIZED_TYPES,
@@ -34,8 +36,6 @@ from .modules import (
     quantized_from_float,
     set_submodule,
 )
-from .result import QuantizationResult
-from .tables import storage_bits
 
 SCHEMA_VERSION = 1
 TENSORS_FILE = "model.safetensors"

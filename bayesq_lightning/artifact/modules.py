@@ -5,7 +5,7 @@ channels), one packed ``uint8`` code buffer and the block's fp16 quantizer param
 buffers, so ``state_dict()`` is the artifact's content:
 
 ``<layer>.block<i>_codes``
-    packed codes (:func:`bayesq_lightning.packing.pack_codes`), ``ceil(n * bits / 8)`` bytes;
+    packed codes (:func:`bayesq_lightning.artifact.packing.pack_codes`), ``ceil(n * bits / 8)`` bytes;
 ``<layer>.block<i>_scale``, ``<layer>.block<i>_zero``
     fp16 ``(rows, n_groups)``, uniform blocks;
 ``<layer>.block<i>_codebook``
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quantizers import check_bits, dequantize
+from ..result import BlockResult, LayerResult
 from .packing import pack_codes, packed_nbytes, unpack_codes
-from .quantizers import check_bits, dequantize
-from .result import BlockResult, LayerResult
 
 _META = {"uniform": ("scale", "zero"), "nonuniform": ("codebook",)}
 

@@ -1,30 +1,4 @@
-r"""Scalar quantizers designed under the posterior, and their closed-form expected distortion.
-
-Notation (used throughout this module)
---------------------------------------
-``mu``, ``sigma``
-    Posterior mean and standard deviation of each weight, :math:`w \sim N(\mu, \sigma^2)`.
-``L = 2**bits``
-    Number of levels. A uniform grid has levels :math:`c_k = s (k - z)`, :math:`k = 0..L-1`, with
-    ``scale`` :math:`s` and float ``zero`` :math:`z` (a float zero also represents mid-rise grids).
-    The cell of level :math:`k` is :math:`(t_{k-1}, t_k]` with thresholds at the midpoints
-    :math:`t_k = s (k + 1/2 - z)`, :math:`t_{-1} = -\infty`, :math:`t_{L-1} = +\infty`.
-
-Closed form. With :math:`a = (t_{k-1} - \mu)/\sigma`, :math:`b = (t_k - \mu)/\sigma`,
-:math:`d = (c_k - \mu)/\sigma`,
-
-.. math::
-
-    E[(Q(w) - w)^2] = \sigma^2 \sum_k (1 + d^2)(\Phi(b) - \Phi(a)) - 2d(\phi(a) - \phi(b))
-                      + a\phi(a) - b\phi(b).
-
-Only cells meeting :math:`[\mu - 6\sigma, \mu + 6\sigma]` are evaluated, one threshold at a time
-over all weights (memory ``O(n)``, never ``n x L``). When that interval spans more than
-``_MAX_CELLS`` cells (``sigma`` several steps wide), the inner cells contribute
-:math:`s^2/12` times their exact probability mass (Sheppard) and only the two unbounded outer
-cells are evaluated exactly.
-
-Non-uniform quantizer. :func:`expected_sq_error_levels` evaluates the same closed form for any
+r"""Non-uniform quantizer. :func:`expected_sq_error_levels` evaluates the same closed form for any
 sorted level set (thresholds at the midpoints). :func:`design_nonuniform` fits ``2**bits`` fp16
 levels per block or per row by posterior-weighted Lloyd-Max (:func:`lloyd_max`) on the mixture
 :math:`\sum_i \lambda_i N(\mu_i, \sigma_i^2)`, i.e. it minimises the whitened expected distortion
@@ -39,263 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .result import BlockResult
-
-SUPPORTED_BITS = (2, 3, 4, 8)
-_MAX_CELLS = 40  # exact evaluation up to ~3 steps per sigma; Sheppard beyond
-_SQRT2 = math.sqrt(2.0)
-_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def _Phi(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (1.0 + torch.erf(x / _SQRT2))
-
-
-def _phi(x: torch.Tensor) -> torch.Tensor:
-    return _INV_SQRT2PI * torch.exp(-0.5 * x * x)
-
-
-def _xphi(x: torch.Tensor) -> torch.Tensor:
-    # x * phi(x) -> 0 at +-inf; keep it finite there.
-    return torch.where(torch.isinf(x), torch.zeros_like(x), x * _phi(x))
-
-
-def _cell_terms(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Standardised E[(d - z)^2 1{a < z <= b}] for z ~ N(0, 1)."""
-    return (1 + d * d) * (_Phi(b) - _Phi(a)) - 2 * d * (_phi(a) - _phi(b)) + _xphi(a) - _xphi(b)
-
-
-def expected_sq_error_uniform(
-    mu: torch.Tensor,
-    sigma: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    n_levels: int,
-) -> torch.Tensor:
-    r"""Posterior-expected squared error :math:`E_w[(Q(w) - w)^2]` of a uniform grid, per weight.
-
-    Parameters
-    ----------
-    mu, sigma : torch.Tensor
-        Posterior mean and standard deviation, same shape (any).
-    scale, zero : torch.Tensor
-        Grid step and float zero point, broadcastable to ``mu``.
-    n_levels : int
-        Number of levels ``L``.
-
-    Returns
-    -------
-    torch.Tensor
-        Expected squared error in weight units, shape of ``mu``.
-    """
-    scale, zero = torch.broadcast_tensors(scale.to(mu.dtype), zero.to(mu.dtype))
-    scale, zero = scale.expand_as(mu), zero.expand_as(mu)
-    sigma = sigma.to(mu.dtype).clamp_min(torch.finfo(mu.dtype).tiny)
-    L = n_levels
-    u = mu / scale + zero  # position in level units
-    # Index of the first and last cell meeting [mu - 6 sigma, mu + 6 sigma].
-    reach = 6.0 * sigma / scale
-    k_lo = torch.floor(u - reach + 0.5).clamp(0, L - 1)
-    k_hi = torch.floor(u + reach + 0.5).clamp(0, L - 1)
-    n_cells = k_hi - k_lo + 1
-    wide = n_cells > _MAX_CELLS
-
-    out = torch.zeros_like(mu)
-    narrow = ~wide
-    if narrow.any():
-        # Walk the window cell by cell; each pass is vectorised over all weights.
-        kl, nc = k_lo[narrow], n_cells[narrow]
-        s_, z_, m_, g_ = scale[narrow], zero[narrow], mu[narrow], sigma[narrow]
-        acc = torch.zeros_like(m_)
-        a = _thr(kl - 1, s_, z_, m_, g_, L)
-        for j in range(int(nc.max().item())):
-            k = kl + j
-            b = _thr(k, s_, z_, m_, g_, L)
-            d = (s_ * (k - z_) - m_) / g_
-            term = _cell_terms(a, b, d)
-            acc = acc + torch.where(j < nc, term, torch.zeros_like(term))
-            a = b
-        out[narrow] = acc
-    if wide.any():
-        s_, z_, m_, g_ = scale[wide], zero[wide], mu[wide], sigma[wide]
-        zero_k, last_k = torch.zeros_like(m_), torch.full_like(m_, L - 1)
-        t_first = _thr(zero_k, s_, z_, m_, g_, L)  # upper edge of cell 0
-        t_last = _thr(last_k - 1, s_, z_, m_, g_, L)  # lower edge of cell L-1
-        ninf, pinf = torch.full_like(m_, -math.inf), torch.full_like(m_, math.inf)
-        outer = _cell_terms(ninf, t_first, (s_ * (0 - z_) - m_) / g_) + _cell_terms(
-            t_last, pinf, (s_ * (L - 1 - z_) - m_) / g_
-        )
-        inner_mass = (_Phi(t_last) - _Phi(t_first)).clamp_min(0)
-        out[wide] = outer + inner_mass * (s_ / g_) ** 2 / 12.0
-    return out * sigma * sigma
-
-
-def _thr(
-    k: torch.Tensor, s: torch.Tensor, z: torch.Tensor, m: torch.Tensor, g: torch.Tensor, L: int
-) -> torch.Tensor:
-    """Standardised upper threshold of cell ``k``; ``-inf`` for k < 0, ``+inf`` for k >= L-1."""
-    t = (s * (k + 0.5 - z) - m) / g
-    t = torch.where(k < 0, torch.full_like(t, -math.inf), t)
-    return torch.where(k >= L - 1, torch.full_like(t, math.inf), t)
-
-
-def check_bits(bits: int) -> int:
-    """Validate one bit-width against what packing supports."""
-    if isinstance(bits, bool) or int(bits) != bits or int(bits) not in SUPPORTED_BITS:
-        raise ValueError(
-            f"unsupported bit-width {bits!r}: packed storage supports {SUPPORTED_BITS}; "
-            f"choose allowed_bits from that set"
-        )
-    return int(bits)
-
-
-def expand_groups(t: torch.Tensor, n_cols: int, group_size: int | None) -> torch.Tensor:
-    """Per-(row, group) values ``(rows, n_groups)`` -> per-weight ``(rows, n_cols)``.
-
-    A ``group_size`` that does not divide ``n_cols`` leaves a shorter last group.
-    """
-    if group_size is None or t.shape[1] == 1:
-        return t.expand(t.shape[0], n_cols)
-    return t.repeat_interleave(group_size, dim=1)[:, :n_cols]
-
-
-def round_uniform(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Nearest-level codes ``clamp(round(w / scale + zero), 0, 2**bits - 1)`` as ``uint8``.
-
-    ``scale`` and ``zero`` broadcast to ``w``; they are used exactly as stored (fp16 values).
-    """
-    s, z = scale.to(w.dtype), zero.to(w.dtype)
-    return torch.clamp(torch.round(w / s + z), 0, 2**bits - 1).to(torch.uint8)
-
-
-def dequantize(block: BlockResult, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Float weights ``(rows, cols)`` of a block from its codes and fp16 parameters.
-
-    The single decoder of the package: the in-memory model, packed modules and loaded artifacts
-    all call it, so their weights agree bit for bit.
-    """
-    codes = block.codes
-    if block.quantizer == "uniform":
-        cols = codes.shape[1]
-        s = expand_groups(block.scale, cols, block.group_size).float()
-        z = expand_groups(block.zero, cols, block.group_size).float()
-        return ((codes.float() - z) * s).to(dtype)
-    if block.quantizer == "nonuniform":
-        book = block.codebook.float()
-        if book.dim() == 1:
-            return book[codes.long()].to(dtype)
-        return torch.gather(book, 1, codes.long()).to(dtype)
-    raise ValueError(f"unknown quantizer {block.quantizer!r}; expected 'uniform' or 'nonuniform'")
-
-
-@dataclass
-class UniformGrid:
-    """fp16 scale and zero per (row, group), plus the codes of the posterior mean on that grid."""
-
-    scale: torch.Tensor
-    zero: torch.Tensor
-    codes: torch.Tensor
-
-
-def _grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 (scale, zero) of the asymmetric grid whose end levels are ``lo`` and ``hi``."""
-    # The smallest normal fp16 step keeps zero = -lo / scale finite for all-zero (pruned,
-    # zero-initialised) rows, whose range would otherwise round the scale to 0.
-    scale = ((hi - lo) / (2**bits - 1)).clamp_min(torch.finfo(torch.float16).tiny).half()
-    zero = (-lo / scale.float()).half()
-    bad = ~torch.isfinite(scale.float()) | ~torch.isfinite(zero.float())
-    if bad.any():
-        raise ValueError("weight range overflows fp16 scales (|w| > 65504); rescale the layer "
-                         "or exclude it with exclude=[...]")
-    return scale, zero
-
-
-def _grouped(t: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """(rows, cols) -> (rows, n_groups, group) with NaN padding of a short last group."""
-    if group_size is None:
-        return t.unsqueeze(1)
-    rows, cols = t.shape
-    n_groups = -(-cols // group_size)
-    pad = n_groups * group_size - cols
-    if pad:
-        t = torch.cat([t, t.new_full((rows, pad), float("nan"))], dim=1)
-    return t.view(rows, n_groups, group_size)
-
-
-def design_uniform(
-    mu: torch.Tensor,
-    bits: int,
-    precision: torch.Tensor | None = None,
-    group_size: int | None = None,
-    objective: str = "deployed",
-    shrink_grid: int = 24,
-) -> UniformGrid:
-    r"""Asymmetric uniform grid per row (or group), clipping range chosen under the posterior.
-
-    For each row and candidate shrink factor ``p`` the grid spans ``[p min(mu), p max(mu)]`` and
-    the ``p`` with the smallest whitened cost is kept:
-
-    * ``objective="deployed"``: the deployed risk :math:`\sum_i \lambda_i (Q(\mu_i) - \mu_i)^2`
-      (the weights actually stored are ``Q(mu)``; this is the score the tables use);
-    * ``objective="expected"``: the posterior-expected distortion
-      :math:`\sum_i E_w[(Q(w_i) - w_i)^2] \lambda_i` (closed form above).
-
-    With ``precision=None`` the range is plain min-max (the round-to-nearest baseline).
-
-    Parameters
-    ----------
-    mu : torch.Tensor
-        Posterior mean, ``(rows, cols)``.
-    bits : int
-        Bit-width.
-    precision : torch.Tensor, optional
-        Posterior precision :math:`\lambda = 1/\sigma^2`, ``(rows, cols)``.
-    group_size : int, optional
-        Columns per scale/zero; ``None`` for one per row.
-    objective : {"deployed", "expected"}
-        Range-search criterion (see above).
-    shrink_grid : int
-        Number of shrink factors tried, evenly spaced in ``[0.2, 1]``.
-    """
-    mu = mu.float()
-    g_mu = _grouped(mu, group_size)
-    lo = torch.nan_to_num(g_mu, nan=math.inf).amin(dim=2).clamp_max(0.0)
-    hi = torch.nan_to_num(g_mu, nan=-math.inf).amax(dim=2).clamp_min(0.0)
-    if objective not in ("deployed", "expected"):
-        raise ValueError(f"objective={objective!r}: use 'deployed' or 'expected'")
-    if precision is None:
-        scale, zero = _grid_from_range(lo, hi, bits)
-    else:
-        lam = torch.nan_to_num(_grouped(precision.float(), group_size))  # 0 on padding
-        mu0 = torch.nan_to_num(g_mu)
-        best = torch.full(lo.shape, math.inf)
-        scale = zero = None
-        for p in torch.linspace(1.0, 0.2, shrink_grid).tolist():
-            s_p, z_p = _grid_from_range(p * lo, p * hi, bits)
-            s_e, z_e = s_p.float().unsqueeze(-1), z_p.float().unsqueeze(-1)
-            if objective == "deployed":
-                q = (round_uniform(mu0, s_e, z_e, bits).float() - z_e) * s_e
-                err = (q - mu0) ** 2
-            else:
-                err = expected_sq_error_uniform(mu0, lam.clamp_min(1e-30).rsqrt(), s_e, z_e,
-                                                2**bits)
-            cost = (lam * err).sum(dim=2)
-            if scale is None:
-                scale, zero, best = s_p, z_p, cost
-                continue
-            better = cost < best
-            best = torch.where(better, cost, best)
-            scale, zero = torch.where(better, s_p, scale), torch.where(better, z_p, zero)
-    cols = mu.shape[1]
-    codes = round_uniform(
-        mu, expand_groups(scale, cols, group_size), expand_groups(zero, cols, group_size), bits
-    )
-    return UniformGrid(scale=scale, zero=zero, codes=codes)
-
-
-# --------------------------------------------------------------------------------------------
-# Non-uniform quantizer: arbitrary sorted levels, posterior-weighted Lloyd-Max
-# --------------------------------------------------------------------------------------------
+from .codec import check_bits
+from .normal import INV_SQRT2PI, SQRT2, Phi, cell_terms, phi
+from .uniform import RANGE_OBJECTIVES
 
 _CHUNK = 1 << 20  # weights per pass of the cell walks: temporaries stay O(_CHUNK), never n x L
 _MASS_FLOOR = 1e-13  # a cell holding less than this fraction of its row's weight is empty
@@ -397,7 +117,7 @@ def expected_sq_error_levels(
         while True:
             b = (e_flat[e_idx + 1] - m_a) / g_a
             d = (l_flat[l_idx] - m_a) / g_a
-            acc.index_add_(0, idx, _cell_terms(a, b, d))
+            acc.index_add_(0, idx, cell_terms(a, b, d))
             more = left > 0
             if not bool(more.any()):
                 break
@@ -607,10 +327,10 @@ class _SortedMixture:
             pos = pos + torch.arange(rep.numel())
             mu_, sd_, w_ = self.v[pos], self.s[pos], self.w[pos]
             z = (t_q[k0:k1][rep] - mu_) / sd_
-            cdf = _Phi(z)
+            cdf = Phi(z)
             terms = [w_ * cdf]
             if first_moment:
-                terms.append(w_ * (mu_ * cdf - sd_ * _phi(z)))
+                terms.append(w_ * (mu_ * cdf - sd_ * phi(z)))
             dst = q_idx[k0:k1]
             for acc, term in zip(flat, terms, strict=True):
                 acc.index_add_(0, dst, torch.zeros(k1 - k0, dtype=z.dtype).index_add_(0, rep, term))
@@ -656,11 +376,11 @@ class _SortedMixture:
         hard.index_add_(0, above[inside], torch.stack([lam, lam * mu], 1)[inside])
         acc = torch.zeros(n_nodes, 5, dtype=mu.dtype)  # G0, G1 and G0 derivatives 1..3
         inv_s = 1.0 / sd
-        y = (lo_w + h_w * j0 - mu) * inv_s * (1.0 / _SQRT2)  # z / sqrt(2) at the first node
-        dy = h_w * inv_s * (1.0 / _SQRT2)
+        y = (lo_w + h_w * j0 - mu) * inv_s * (1.0 / SQRT2)  # z / sqrt(2) at the first node
+        dy = h_w * inv_s * (1.0 / SQRT2)
         # per-weight factors: lam/2, lam/(sqrt(2 pi) s), -s^2, -sqrt(2)/s, 2/s^2, -1/s^2
-        lam_half, lam_pdf = 0.5 * lam, lam * _INV_SQRT2PI * inv_s
-        neg_s2, c_z = -(sd * sd), -_SQRT2 * inv_s
+        lam_half, lam_pdf = 0.5 * lam, lam * INV_SQRT2PI * inv_s
+        neg_s2, c_z = -(sd * sd), -SQRT2 * inv_s
         two_is2 = 2.0 * inv_s * inv_s
         neg_is2 = -0.5 * two_is2
         buf = torch.empty(mu.numel(), 5, dtype=mu.dtype)
@@ -945,7 +665,7 @@ class NonuniformGrid:
     """
 
     codebook: torch.Tensor
-    codes: torch.Tensor
+    codes: torch.Tensor | None
     levels: torch.Tensor | None = None
     n_iter: int = 0
     converged: bool = False
@@ -959,6 +679,7 @@ def design_nonuniform(
     max_iter: int = 100,
     tol: float = 1e-6,
     objective: str = "expected",
+    round_mean: bool = True,
 ) -> NonuniformGrid:
     r"""``2**bits`` fp16 levels per block (or per row) by posterior-weighted Lloyd-Max.
 
@@ -997,18 +718,22 @@ def design_nonuniform(
         Maximum number of Lloyd updates.
     tol : float
         Convergence tolerance on level movement relative to the level spread.
+    objective : {"expected", "deployed"}
+        Posterior mixture (Lloyd-Max) or precision-weighted point masses (weighted k-means).
+    round_mean : bool
+        Round ``mu`` onto the codebook; ``False`` leaves ``codes=None`` (error feedback follows).
 
     Returns
     -------
     NonuniformGrid
         ``codebook`` fp16 ``(2**bits,)`` or ``(rows, 2**bits)``, ``codes`` uint8
-        ``(rows, cols)``, float64 ``levels``, ``n_iter``, ``converged``.
+        ``(rows, cols)`` (or ``None``), float64 ``levels``, ``n_iter``, ``converged``.
     """
     bits = check_bits(bits)
     if mu.dim() != 2:
         raise ValueError(f"mu must be (rows, cols), got shape {tuple(mu.shape)}")
-    if objective not in ("deployed", "expected"):
-        raise ValueError(f"objective={objective!r}: use 'deployed' or 'expected'")
+    if objective not in RANGE_OBJECTIVES:
+        raise ValueError(f"objective={objective!r}: use one of {RANGE_OBJECTIVES}")
     L = 2**bits
     sigma = weight = None
     if precision is not None:
@@ -1027,6 +752,9 @@ def design_nonuniform(
     if not bool(torch.isfinite(book).all()):
         raise ValueError("codebook levels overflow fp16; rescale the layer or exclude it")
     book = book.sort(dim=-1).values
+    if not round_mean:  # the caller rounds by error feedback
+        return NonuniformGrid(codebook=book, codes=None, levels=res.levels, n_iter=res.n_iter,
+                              converged=res.converged)
     b64 = book.double()  # fp16 midpoints are exact in float64
     mids = 0.5 * (b64[..., 1:] + b64[..., :-1])
     mu64 = mu.double()

@@ -1,0 +1,104 @@
+"""Batch and model plumbing shared by every stage: inputs, targets, calibration sets, fp32 copies.
+
+Calibration loaders yield ``(inputs, targets)`` tuples, bare inputs or dict batches
+(HuggingFace style, ``labels`` key); every stage reads them through :func:`split_batch`.
+Every stage that runs the model on calibration data does so on :func:`fp32_logits_copy`, never on
+the caller's model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+
+def clone_module(model: nn.Module) -> nn.Module:
+    """A deep copy that shares nothing with ``model`` (nor its Trainer); mode and dtypes kept."""
+    memo: dict[int, object] = {}
+    for attr in ("_trainer", "_fabric"):  # a LightningModule must not drag its Trainer along
+        ref = model.__dict__.get(attr)
+        if ref is not None:
+            memo[id(ref)] = None
+    return copy.deepcopy(model, memo)
+
+
+def clone_fp32(model: nn.Module) -> nn.Module:
+    """An fp32 deep copy in eval mode that shares nothing with ``model`` (nor its Trainer)."""
+    return clone_module(model).float().eval()
+
+
+def fp32_logits_copy(model: nn.Module) -> tuple[LogitsModel, torch.device, dict[str, nn.Module]]:
+    """An fp32 eval copy of ``model`` returning logits, its device, and its modules by name.
+
+    Module names are those of ``model`` (the copy's ``named_modules`` without the wrapper).
+    """
+    net = LogitsModel(clone_fp32(model))
+    return net, next(net.parameters()).device, dict(net.model.named_modules())
+
+
+def batch_inputs(batches: list, device: torch.device) -> list:
+    """The inputs of every batch on ``device``, floating tensors in fp32 (labels dropped)."""
+    return [inputs_to(split_batch(b)[0], device, torch.float32) for b in batches]
+
+
+class LogitsModel(nn.Module):
+    """Presents any classifier as ``f(x) -> logits (B, C)``; dict batches are passed as kwargs."""
+
+    def __init__(self, model: nn.Module, label_key: str = "labels") -> None:
+        super().__init__()
+        self.model = model
+        self.label_key = label_key
+
+    def forward(self, x):
+        if isinstance(x, Mapping):
+            out = self.model(**{k: v for k, v in x.items() if k != self.label_key})
+        else:
+            out = self.model(x)
+        return getattr(out, "logits", out)
+
+
+def split_batch(batch) -> tuple[object, torch.Tensor | None]:
+    """``(inputs, targets or None)`` of a tuple/list, bare tensor or HuggingFace dict batch."""
+    if isinstance(batch, Mapping):
+        return batch, batch.get("labels")
+    if isinstance(batch, (tuple, list)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
+def batch_size_of(inputs) -> int:
+    if isinstance(inputs, Mapping):
+        return len(next(iter(inputs.values())))
+    return len(inputs)
+
+
+def calibration_samples(loader, calib_batches: int) -> tuple[list, int]:
+    """The first ``calib_batches`` batches of ``loader``, as a list of batches, and their size."""
+    batches, n = [], 0
+    for i, batch in enumerate(loader):
+        if i >= calib_batches:
+            break
+        batches.append(batch)
+        n += batch_size_of(split_batch(batch)[0])
+    if n == 0:
+        raise ValueError(
+            "the calibration loader yielded no samples; pass a DataLoader with at least one "
+            "non-empty batch (calib_batches counts batches from its start)"
+        )
+    return batches, n
+
+
+def inputs_to(x, device, dtype: torch.dtype | None = None):
+    """Move a tensor or a mapping of tensors to ``device``; cast floating ones to ``dtype``."""
+    def move(v):
+        if not torch.is_tensor(v):
+            return v
+        v = v.to(device)
+        return v.to(dtype) if dtype is not None and v.is_floating_point() else v
+
+    if isinstance(x, Mapping):
+        return {k: move(v) for k, v in x.items()}
+    return move(x)

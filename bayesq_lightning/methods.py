@@ -1,0 +1,145 @@
+r"""One record per method: what it needs, how it designs a block's grid and how it scores it.
+
+Every method shares the rest of the pipeline (candidates at every allowed width, the knapsack,
+packing and accounting); they differ only in the fields of :class:`Method`:
+
+========  ===========  =================  ==============  =========================================
+method    data         posterior          grid design     block score of :math:`\Delta = Q - W`
+========  ===========  =================  ==============  =========================================
+bayesq    calibration  ``cfg.structure``  posterior diag  the posterior's ``quad_form``; kron rounds
+                                                          by error feedback under ``A``
+mse       calibration  none               unit weights    :math:`\|\Delta\|^2`
+rtn       none         none               min-max         :math:`\|\Delta\|^2`
+hawq      calibration  diag               min-max         :math:`\overline{\mathrm{GGN}}\,\|\Delta\|^2`
+gptq      calibration  none (input        min-max         :math:`\mathrm{tr}(\Delta H \Delta^\top)`,
+                       Hessians)                          error feedback under ``H = X X^T / n``
+========  ===========  =================  ==============  =========================================
+
+Adding a method is adding a record to :data:`METHODS_TABLE`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .rounding import output_error
+
+if TYPE_CHECKING:
+    from .config import BayesQConfig
+    from .posterior import LayerPosterior
+
+
+@dataclass(frozen=True)
+class BlockInputs:
+    """What the pipeline needs to design, round and score one block."""
+
+    precision: Tensor | None  # per-weight design weights (rows, cols); None: min-max range
+    score: Callable[[Tensor], float]  # loss of the block's error dW = Q - W (rows, cols)
+    H: Tensor | None = None  # input-side matrix of error-feedback rounding; None: nearest
+    gamma: float | None = None  # its damping; None: GPTQ's 1% of the mean diagonal
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    """One block of one layer, and the statistics its method may read."""
+
+    name: str
+    w: Tensor  # the whole layer's weight, (out, cols) fp32 on the CPU
+    rows: tuple[int, int]
+    posterior: LayerPosterior | None
+    hessian: Tensor | None  # the layer's input Hessian (gptq)
+
+
+def _weighted_sq(weight: float, dW: Tensor) -> float:
+    dW = dW.double()
+    return float((weight * dW * dW).sum())
+
+
+def _bayesq(ctx: BlockContext) -> BlockInputs:
+    lp, (r0, r1) = ctx.posterior, ctx.rows
+    precision = lp.precision.reshape_as(ctx.w)[r0:r1].float().cpu()
+    rounding = lp.rounding_matrix(ctx.rows)
+    H, gamma = rounding if rounding is not None else (None, None)
+    return BlockInputs(precision, partial(lp.quad_form, rows=ctx.rows), H, gamma)
+
+
+def _mse(ctx: BlockContext) -> BlockInputs:  # the posterior ablated: same search, unit weights
+    r0, r1 = ctx.rows
+    return BlockInputs(torch.ones(r1 - r0, ctx.w.shape[1]), partial(_weighted_sq, 1.0))
+
+
+def _rtn(ctx: BlockContext) -> BlockInputs:
+    return BlockInputs(None, partial(_weighted_sq, 1.0))
+
+
+def _hawq(ctx: BlockContext) -> BlockInputs:  # mean GGN diagonal: the layer's Hessian trace
+    lp = ctx.posterior
+    trace = float((lp.precision - lp.prior_precision).mean())
+    return BlockInputs(None, partial(_weighted_sq, trace))
+
+
+def _gptq(ctx: BlockContext) -> BlockInputs:
+    H = ctx.hessian.cpu()  # every score input lives on the CPU
+    return BlockInputs(None, partial(output_error, H=H, rows=ctx.rows,
+                                     layer_rows=ctx.w.shape[0]), H, None)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A quantization method as data.
+
+    Attributes
+    ----------
+    name : str
+        The ``BayesQConfig.method`` value.
+    needs_calibration : bool
+        Reads calibration batches (all but ``rtn``).
+    posterior : str or None
+        Posterior structure it fits: ``"config"`` (``BayesQConfig.structure``), a structure
+        name, or ``None``. Monte-Carlo tables sample this posterior, so only methods with one
+        accept ``tables="mc"``.
+    input_hessians : bool
+        Collects each layer's ``X X^T / n`` (GPTQ).
+    posterior_design : bool
+        The grid design follows ``BayesQConfig.range_objective``; otherwise it minimises the
+        error of the stored weights (``"deployed"``).
+    block : callable
+        ``BlockContext -> BlockInputs``.
+    """
+
+    name: str
+    needs_calibration: bool
+    posterior: str | None
+    input_hessians: bool
+    posterior_design: bool
+    block: Callable[[BlockContext], BlockInputs]
+
+    @property
+    def supports_mc_tables(self) -> bool:
+        return self.posterior is not None
+
+    def posterior_structure(self, cfg: BayesQConfig) -> str | None:
+        """The structure this method fits under ``cfg`` (``None``: no posterior)."""
+        return cfg.structure if self.posterior == "config" else self.posterior
+
+    def design_objective(self, cfg: BayesQConfig) -> str:
+        """The range objective of this method's grid design under ``cfg``."""
+        return cfg.range_objective if self.posterior_design else "deployed"
+
+
+METHODS_TABLE: dict[str, Method] = {
+    m.name: m for m in (
+        Method("bayesq", True, "config", False, True, _bayesq),
+        Method("rtn", False, None, False, False, _rtn),
+        Method("gptq", True, None, True, False, _gptq),
+        Method("hawq", True, "diag", False, False, _hawq),
+        Method("mse", True, None, False, False, _mse),
+    )
+}
+METHODS = tuple(METHODS_TABLE)

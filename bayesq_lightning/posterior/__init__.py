@@ -1,0 +1,24 @@
+"""Gaussian posteriors over the quantizable layers' weights, fitted with laplace-torch.
+
+:func:`fit_posterior` builds one of three structures behind one interface
+(:class:`LayerPosterior`: ``quad_form``, ``rounding_matrix``, ``sample``):
+``"diag"`` (:mod:`.diag`), ``"kron"`` (:mod:`.kron`), ``"lowrank"`` (:mod:`.lowrank`), all
+through one laplace-torch scaffold (:mod:`.fit`).
+"""
+
+from .base import KronLayerPosterior, LayerPosterior, LowRankLayerPosterior, Posterior
+from .factory import STRUCTURES, fit_posterior
+from .fit import BACKENDS, Reduce
+from .lowrank import DEFAULT_RANK
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_RANK",
+    "STRUCTURES",
+    "KronLayerPosterior",
+    "LayerPosterior",
+    "LowRankLayerPosterior",
+    "Posterior",
+    "Reduce",
+    "fit_posterior",
+]

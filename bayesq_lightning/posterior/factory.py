@@ -1,0 +1,99 @@
+"""``fit_posterior``: the factory over the posterior structures (laplace-torch's ``Laplace`` style)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from .base import Posterior
+from .diag import fit_diag
+from .fit import BACKENDS, Reduce
+from .kron import fit_kron
+from .lowrank import fit_lowrank
+
+FITS: dict[str, Callable[..., Posterior]] = {"diag": fit_diag, "kron": fit_kron,
+                                             "lowrank": fit_lowrank}
+STRUCTURES = tuple(FITS)
+
+
+def fit_posterior(
+    model: nn.Module,
+    batches: list,
+    layer_names: Sequence[str],
+    *,
+    n_data: int,
+    prior_precision: str | float = "marglik",
+    backend: str = "asdl",
+    batch_size: int | None = None,
+    reduce: Reduce | None = None,
+    structure: str = "diag",
+    rank: int | None = None,
+) -> Posterior:
+    r"""Fit a Laplace posterior over the weights of ``layer_names``.
+
+    With :math:`s = n_\text{data} / n_\text{calib}` (``n_calib`` summed over processes when
+    ``reduce`` is given), the posterior precision of a layer's weight is
+
+    * ``structure="diag"``: :math:`\Lambda = s\,\mathrm{diag}(\mathrm{GGN}) + \delta`;
+    * ``structure="kron"``: :math:`\Lambda = s\,\mathrm{KFAC}(\mathrm{GGN}) + \delta I
+      = G \otimes A + \delta I` with ``mean(diag G) = 1``, see :func:`~bayesq_lightning.posterior.kron.fit_kron`;
+    * ``structure="lowrank"``: :math:`\Lambda = \mathrm{diag}(d) + U S U^\top + \delta I`, with
+      :math:`(U, S)` the top-``rank`` eigenpairs of :math:`s\,\mathrm{GGN}` restricted to the
+      layer's weight and :math:`d = s\,\mathrm{diag}(\mathrm{GGN}) - \mathrm{diag}(U S U^\top)`
+      (clamped at 0), see :func:`~bayesq_lightning.posterior.lowrank.fit_lowrank`.
+
+    ``GGN`` is always the sum over the calibration samples of :math:`J^\top \Lambda_\ell J`
+    (cross-entropy with ``reduction="sum"``).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The trained model (not modified: the fit runs on an fp32 copy).
+    batches : list
+        Calibration batches (``(x, y)``, ``x`` alone, or dicts with a ``labels`` key).
+    layer_names : sequence of str
+        Dotted names of the ``nn.Linear`` / ``nn.Conv2d`` layers to return.
+    n_data : int
+        Training-set size the posterior stands for; curvature and loss are rescaled by
+        ``n_data / n_calib``.
+    prior_precision : "marglik" or float
+        :math:`\delta`, fitted by marginal likelihood or fixed. ``kron``: marglik of the K-FAC
+        posterior (laplace-torch ``KronLaplace``, scalar prior); ``lowrank``: marglik of the
+        diagonal posterior that also provides the residual diagonal.
+    backend : str
+        ``"asdl"`` (exact GGN diagonal), ``"asdl_stochastic"`` (MC GGN) or ``"curvlinops"``.
+        For ``kron`` the Kronecker factors always come from ``CurvlinopsGGN`` (stochastic, i.e.
+        MC-Fisher K-FAC, for ``"asdl_stochastic"``); ``backend`` then only serves the diagonal
+        fallback of grouped convolutions. For ``lowrank`` it computes the GGN diagonal.
+    batch_size : int, optional
+        Batch size of the loader laplace-torch iterates (default: that of ``batches[0]``).
+    reduce : callable, optional
+        ``reduce(tensor) -> tensor`` summing across processes. Every process must call
+        ``fit_posterior`` with the same model, layers and arguments, so that the calls happen
+        in the same order everywhere: curvature (diag: the GGN diagonal; kron: each Kronecker
+        factor before decomposition), loss and sample count; for ``lowrank`` also every
+        matrix-vector product of the per-layer GGN operator.
+    structure : {"diag", "kron", "lowrank"}
+        Posterior structure.
+    rank : int, optional
+        ``lowrank`` only: number of eigenpairs per layer. ``None`` means ``DEFAULT_RANK`` (8),
+        clamped to ``n_weights - 1`` for smaller layers (with a note); an explicit ``rank`` that
+        is not smaller than a layer's weight count is an error naming the layer.
+
+    Returns
+    -------
+    Posterior
+        Per layer: mean weight, diagonal of the precision (weight-shaped), ``delta`` and the
+        structure's factors (a :class:`~bayesq_lightning.posterior.LayerPosterior` of the structure).
+    """
+    if structure not in FITS:
+        raise ValueError(f"structure={structure!r} is not one of {STRUCTURES}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if rank is not None and structure != "lowrank":
+        raise ValueError(f"rank={rank!r} applies to structure='lowrank' only")
+    extra = {"rank": rank} if structure == "lowrank" else {}
+    return FITS[structure](model, batches, layer_names, n_data=n_data,
+                           prior_precision=prior_precision, backend=backend,
+                           batch_size=batch_size, reduce=reduce, **extra)

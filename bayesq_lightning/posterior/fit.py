@@ -1,0 +1,195 @@
+r"""The laplace-torch scaffold every structure fits through, and what the fits share.
+
+What the posterior stands for. It is the *training-set* posterior with its curvature estimated on
+the calibration samples,
+
+.. math::
+
+    \Lambda = \frac{n_\text{data}}{n_\text{calib}} \, \mathrm{GGN}_\text{calib} + \delta I,
+
+so it does not change with the number of calibration batches beyond sampling noise.
+laplace-torch's diagonal simply sums per-sample curvature, so we fit on a loader over exactly the
+calibration samples (:class:`Prepared`) and rescale curvature and loss by ``n_data / n_calib``
+before fitting the prior precision :math:`\delta` by marginal likelihood
+(:func:`laplace_fit`). The fit runs on an fp32 copy in eval mode; the caller's model is never
+touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..batches import batch_size_of, fp32_logits_copy, inputs_to, split_batch
+from ..layers import QUANTIZABLE
+
+BACKENDS = ("asdl", "asdl_stochastic", "curvlinops")
+_BACKEND_CLASSES = {"asdl": ("AsdlGGN", False), "asdl_stochastic": ("AsdlGGN", True),
+                    "curvlinops": ("CurvlinopsGGN", False)}
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def backend_class(backend: str) -> tuple[str, bool]:
+    """laplace-torch curvature class name and ``stochastic`` flag of a ``backend`` option."""
+    return _BACKEND_CLASSES[backend]
+
+
+class _Samples(Dataset):
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+@torch.no_grad()
+def _labelled_dataset(net: nn.Module, batches: list, device: torch.device) -> tuple[Dataset, str]:
+    """One dataset over exactly the calibration samples, with targets for laplace-torch.
+
+    The GGN does not depend on labels; where a batch carries none, the model's own predictions
+    stand in (the report says which).
+    """
+    items, used_predictions = [], False
+    for batch in batches:
+        x, y = split_batch(batch)
+        x = inputs_to(x, device, torch.float32)  # the fit runs on an fp32 copy
+        if y is None:
+            y = net(x).argmax(-1)
+            used_predictions = True
+        y = y.to(device)
+        if isinstance(x, Mapping):
+            for i in range(len(y)):
+                row = {k: v[i] for k, v in x.items() if k != "labels"}
+                row["labels"] = y[i]
+                items.append(row)
+        else:
+            items.extend(zip(x, y, strict=True))
+    return _Samples(items), ("model predictions" if used_predictions else "given")
+
+
+class Prepared:
+    """The fp32 clone, the calibration dataset over exactly the calibration samples, its loader."""
+
+    def __init__(self, model: nn.Module, batches: list, batch_size: int | None) -> None:
+        self.net, self.device, self.modules = fp32_logits_copy(model)
+        self.data, self.labels = _labelled_dataset(self.net, batches, self.device)
+        self.n_calib = len(self.data)
+        bs = batch_size or batch_size_of(split_batch(batches[0])[0])
+        self.loader = DataLoader(self.data, batch_size=bs)
+
+    @property
+    def dict_key_x(self) -> str:
+        """A key of the inputs whose first dimension is the batch (for dict batches)."""
+        first = self.data[0]
+        if isinstance(first, Mapping) and "input_ids" not in first:
+            return next(k for k in first if k != "labels")
+        return "input_ids"  # laplace-torch's default
+
+
+@contextmanager
+def _trainable_only(net: nn.Module, modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Make exactly the direct parameters of ``modules`` trainable; restore on exit, always.
+
+    laplace-torch takes ``la.params`` = the parameters with ``requires_grad`` and its K-FAC
+    refuses trainable parameters outside ``nn.Linear`` / ``nn.Conv2d``. The flags are put back
+    in a ``finally`` so no object keeps them, also when the fit raises.
+    """
+    saved = [(p, p.requires_grad) for p in net.parameters()]
+    try:
+        for p in net.parameters():
+            p.requires_grad_(False)
+        for m in modules:
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def is_grouped(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1
+
+
+def check_layers(prep: Prepared, layer_names: Sequence[str]) -> None:
+    bad = [n for n in layer_names if not isinstance(prep.modules.get(n), QUANTIZABLE)]
+    if bad:
+        found = {n: type(prep.modules[n]).__name__ if n in prep.modules else "missing"
+                 for n in bad}
+        raise ValueError(
+            f"layers {found} are not nn.Linear / nn.Conv2d modules of the model; only those "
+            "get a posterior (check the names passed as layer_names)"
+        )
+
+
+@dataclass
+class LaplaceFit:
+    """A fitted laplace-torch object at the ``n_data`` scale, its parameters and ``delta``."""
+
+    la: object
+    names: list[str]   # parameter names relative to the user's model
+    params: list[nn.Parameter]
+    delta: float
+    n_total: int       # calibration samples summed over processes
+
+
+def laplace_fit(
+    prep: Prepared,
+    modules: Sequence[nn.Module],
+    *,
+    hessian_structure: str,
+    backend_cls: type,
+    stochastic: bool,
+    prior_precision: str | float,
+    n_data: int,
+    rescale: Callable[[object], int],
+    abort: str,
+) -> LaplaceFit:
+    """Fit laplace-torch on exactly the parameters of ``modules``, rescaled to ``n_data``.
+
+    The one scaffold behind every structure: freeze everything else (and restore it, always),
+    build ``Laplace``, fit on :attr:`Prepared.loader`, let ``rescale(la)`` combine processes and
+    rescale the curvature and loss to the ``n_data`` scale (it returns the global calibration
+    count), then fit :math:`\delta` by marginal likelihood (or keep the given value).
+    laplace-torch calls ``exit()`` on some numerical failures; that becomes a ``RuntimeError``
+    whose message is ``abort`` formatted with ``exc``.
+    """
+    from laplace import Laplace
+
+    with _trainable_only(prep.net, modules):
+        names = [n.removeprefix("model.") for n, p in prep.net.named_parameters()
+                 if p.requires_grad]
+        params = [p for p in prep.net.parameters() if p.requires_grad]
+        la = Laplace(
+            prep.net, "classification", subset_of_weights="all",
+            hessian_structure=hessian_structure, backend=backend_cls,
+            backend_kwargs={"stochastic": stochastic},
+            prior_precision=1.0 if prior_precision == "marglik" else float(prior_precision),
+            dict_key_x=prep.dict_key_x,
+        )
+        try:
+            la.fit(prep.loader)
+            n_total = rescale(la)
+        except SystemExit as exc:  # laplace-torch calls exit() on numerical failure
+            raise RuntimeError(abort.format(exc=repr(exc))) from None
+        la.n_data = n_data
+        if prior_precision == "marglik":
+            la.optimize_prior_precision(method="marglik", pred_type="glm", link_approx="probit")
+        delta = float(la.prior_precision.reshape(-1)[0])
+    return LaplaceFit(la, names, params, delta, n_total)
+
+
+def global_count(n_local: int, reduce: Reduce | None, device: torch.device) -> int:
+    """The calibration sample count summed over processes."""
+    if reduce is None:
+        return n_local
+    return int(reduce(torch.tensor(float(n_local), device=device)).item())

@@ -1,0 +1,171 @@
+r"""K-FAC Laplace: :math:`\Lambda = s\,(G \otimes A) + \delta I` per layer (laplace-torch ``KronLaplace``).
+
+Stored with the scale folded into ``A`` and ``mean(diag G) = 1``; see :func:`fit_kron` for how
+laplace-torch scales the factors and how several processes combine them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..layers import QUANTIZABLE
+from .base import KronLayerPosterior, LayerPosterior, Posterior
+from .diag import diag_core
+from .fit import Prepared, Reduce, backend_class, check_layers, is_grouped, laplace_fit
+
+
+def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_data: int,
+             prior_precision: str | float, backend: str, batch_size: int | None,
+             reduce: Reduce | None) -> Posterior:
+    r"""K-FAC Laplace (laplace-torch ``KronLaplace`` with ``CurvlinopsGGN``).
+
+    **How laplace-torch scales K-FAC.** ``BaseLaplace.fit`` sets ``N = len(loader.dataset)``
+    and calls ``backend.kron(X, y, N=N)`` per batch of ``M`` samples. curvlinops'
+    ``KFACLinearOperator`` over that one batch (loss ``CrossEntropyLoss(reduction="sum")``)
+    returns the output factor as a *sum*, :math:`G_b = \sum_{n \in b} g_n g_n^\top` (correction
+    1 for ``"sum"``), and the input factor as a *mean*,
+    :math:`A_b = \frac{1}{M\,T} \sum_{n \in b} \sum_t x_{n,t} x_{n,t}^\top` (``T`` = number of
+    conv output positions, 1 for Linear); laplace-torch then multiplies ``A_b`` by ``M / N``
+    (``_rescale_kron_factors``), and ``Kron.__add__`` sums each factor over batches. After the
+    fit, :math:`G = \sum_n g_n g_n^\top` and :math:`A = \frac{1}{N T} \sum_{n,t} x x^\top`, so
+    :math:`G \otimes A` is the K-FAC approximation of the GGN *summed* over the ``N``
+    calibration samples -- the same quantity the diagonal sums exactly. ``N`` must therefore be
+    the number of samples actually iterated, which holds because the loader is over exactly the
+    calibration samples.
+
+    **Rescaling.** :math:`\Lambda = \frac{n_\text{data}}{n_\text{calib}} G \otimes A + \delta I`.
+    Then the split is normalised: :math:`c = \mathrm{mean}(\mathrm{diag}\,G)`,
+    :math:`G \leftarrow G / c`, :math:`A \leftarrow c\,s\,A` (a layer with :math:`G = 0`,
+    e.g. dead ReLUs, keeps :math:`G = 0`). Bias blocks (one dense factor, already a sum) are
+    multiplied by ``s``. ``la.H_facs`` gets the rescaled factors, ``la.loss`` the rescaled loss,
+    and ``la.H = la.H_facs.decompose()`` is recomputed, so the marginal likelihood that fits
+    :math:`\delta` (scalar prior) sees exactly the stored posterior.
+
+    **Several processes.** Summing the factors as laplace-torch returns them is wrong: each
+    shard's ``A_r`` is divided by its own ``N_r``. Each process multiplies ``A_r`` back by
+    ``N_r`` (the unnormalised per-sample sum), sums ``G_r``, ``N_r A_r``, bias blocks, loss and
+    ``N_r`` across processes, then divides the summed ``A`` by :math:`\sum_r N_r` -- exactly the
+    factors of a single fit over all samples.
+
+    **Layers.** K-FAC covers ``nn.Linear`` and ungrouped ``nn.Conv2d`` layers (every other
+    parameter is frozen for the fit, on the fp32 clone). Grouped and depthwise convolutions get
+    the *diagonal metric* (exact GGN diagonal from :func:`~bayesq_lightning.posterior.diag.diag_core`, rescaled, plus the
+    K-FAC :math:`\delta`) with a note: curvlinops averages their input patches over the channel
+    groups and shares one ``A`` across groups, which is not the per-group statistic the
+    error-feedback rounding needs. :math:`\delta` is fitted on the K-FAC layers only.
+    """
+    from laplace.curvature import CurvlinopsGGN
+    from laplace.utils import Kron
+
+    t0 = time.perf_counter()
+    prep = Prepared(model, batches, batch_size)
+    check_layers(prep, layer_names)
+    kfac_modules = {n: m for n, m in prep.modules.items()
+                    if isinstance(m, QUANTIZABLE) and not is_grouped(m)}
+    if not kfac_modules:
+        kinds = sorted({type(m).__name__ for m in prep.net.model.modules()
+                        if list(m.parameters(False))})
+        raise ValueError(
+            "structure='kron' needs at least one nn.Linear or ungrouped nn.Conv2d layer (the "
+            f"only layers K-FAC supports); this model has parameterised layers {kinds}. "
+            "Use structure='diag' (or 'lowrank') for it."
+        )
+    stochastic = backend_class(backend)[1]
+    notes: list[str] = []
+
+    def rescale(la) -> int:
+        kfacs, loss, n_total = _combine_kfacs(la, prep.n_calib, reduce)
+        factor = n_data / n_total
+        for F in kfacs:
+            if len(F) == 2:
+                c = F[0].diagonal().mean()
+                if c > 0:
+                    F[0] = F[0] / c
+                    F[1] = F[1] * (c * factor)
+                else:
+                    F[1] = F[1] * factor
+            else:
+                F[0] = F[0] * factor
+        la.H_facs = Kron(kfacs)
+        la.H = la.H_facs.decompose(damping=la.damping)
+        la.loss = loss.to(kfacs[0][0].dtype) * factor
+        return n_total
+
+    fit = laplace_fit(
+        prep, list(kfac_modules.values()), hessian_structure="kron", backend_cls=CurvlinopsGGN,
+        stochastic=stochastic, prior_precision=prior_precision, n_data=n_data, rescale=rescale,
+        abort="laplace-torch aborted the K-FAC fit: the eigendecomposition of a Kronecker "
+              "factor failed ({exc}); the curvature is probably not finite. Check the model's "
+              "outputs on the calibration data, or use structure='diag'.",
+    )
+    delta, n_total = fit.delta, fit.n_total
+
+    wanted = set(layer_names)
+    layers: dict[str, LayerPosterior] = {}
+    for pname, p, F in zip(fit.names, fit.params, fit.la.H_facs.kfacs, strict=True):
+        lname, _, kind = pname.rpartition(".")
+        if kind != "weight" or lname not in wanted:
+            continue
+        out, n_in = p.shape[0], p[0].numel()
+        if len(F) == 2:
+            G, A = (f.detach().clone() for f in F)
+        else:  # laplace-torch folds a 1x1 weight without bias into one scalar block
+            G, A = torch.ones_like(F[0]).reshape(1, 1), F[0].detach().reshape(1, 1).clone()
+        if G.shape != (out, out) or A.shape != (n_in, n_in):
+            raise RuntimeError(
+                f"K-FAC factors of {lname!r} have shapes G {tuple(G.shape)}, A {tuple(A.shape)}; "
+                f"expected ({out}, {out}) and ({n_in}, {n_in}) (parameter order mismatch)"
+            )
+        lam = torch.outer(G.diagonal(), A.diagonal()).reshape(p.shape) + delta
+        layers[lname] = KronLayerPosterior(lname, p.detach().clone(), lam, delta, A=A, G=G)
+
+    grouped = [n for n in layer_names if n not in layers and is_grouped(prep.modules[n])]
+    backend_name = f"CurvlinopsGGN(stochastic={stochastic}) K-FAC"
+    if grouped:
+        diag = diag_core(prep, grouped, n_data=n_data, prior_precision=1.0, backend=backend,
+                         reduce=reduce)
+        backend_name += f"; grouped convs: {diag.backend} diagonal"
+        for n in grouped:
+            note = (f"grouped Conv2d (groups={prep.modules[n].groups}): diagonal metric, "
+                    "K-FAC shares one input factor across groups")
+            notes.append(f"{n}: {note}")
+            layers[n] = LayerPosterior(n, diag.layers[n].mean, diag.curvature[n] + delta, delta,
+                                       note=note)
+    missing = wanted - set(layers)
+    if missing:
+        raise RuntimeError(f"no curvature was produced for layers {sorted(missing)}")
+    return Posterior(
+        layers={n: layers[n] for n in layer_names}, structure="kron", prior_precision=delta,
+        n_data=n_data, n_calib=n_total, backend=backend_name, labels=prep.labels,
+        seconds=time.perf_counter() - t0,
+        info={"notes": notes, "kfac_normalisation": "mean(diag G) = 1"},
+    )
+
+
+def _combine_kfacs(la, n_local: int, reduce: Reduce | None
+                   ) -> tuple[list[list[torch.Tensor]], torch.Tensor, int]:
+    r"""Kronecker factors, loss and sample count summed over processes, before decomposition.
+
+    Returns factors with :math:`G = \sum_n g g^\top` and :math:`A = \frac{1}{N} \sum_n x x^\top`
+    over *all* ``N`` samples (see :func:`fit_kron`), the summed loss and ``N``.
+    """
+    kfacs = [[f.detach().clone() for f in F] for F in la.H_facs.kfacs]
+    loss = torch.as_tensor(la.loss, dtype=torch.float64).detach().clone()
+    if reduce is None:
+        return kfacs, loss, n_local
+    device = kfacs[0][0].device
+    for F in kfacs:
+        if len(F) == 2:
+            F[1] = F[1] * n_local  # back to the unnormalised per-sample sum
+        for i, f in enumerate(F):
+            F[i] = reduce(f)
+    loss = reduce(loss.to(device))
+    n_total = int(reduce(torch.tensor(float(n_local), device=device)).item())
+    for F in kfacs:
+        if len(F) == 2:
+            F[1] = F[1] / n_total
+    return kfacs, loss, n_total

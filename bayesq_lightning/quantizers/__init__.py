@@ -1,0 +1,35 @@
+"""Scalar quantizers: the codec (codes <-> weights, storage cost), uniform grids, codebooks."""
+
+from .codec import (
+    META_BITS,
+    SUPPORTED_BITS,
+    block_storage_bits,
+    check_bits,
+    dequantize,
+    expand_groups,
+    round_uniform,
+    storage_bits,
+)
+from .nonuniform import NonuniformGrid, design_nonuniform, expected_sq_error_levels, lloyd_max
+from .uniform import UniformGrid, design_uniform, expected_sq_error_uniform
+
+QUANTIZERS = ("uniform", "nonuniform", "auto")
+
+__all__ = [
+    "META_BITS",
+    "QUANTIZERS",
+    "SUPPORTED_BITS",
+    "NonuniformGrid",
+    "UniformGrid",
+    "block_storage_bits",
+    "check_bits",
+    "dequantize",
+    "design_nonuniform",
+    "design_uniform",
+    "expand_groups",
+    "expected_sq_error_levels",
+    "expected_sq_error_uniform",
+    "lloyd_max",
+    "round_uniform",
+    "storage_bits",
+]

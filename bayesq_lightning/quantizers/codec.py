@@ -1,0 +1,89 @@
+"""The codec: integer codes and fp16 parameters <-> float weights, and their exact storage cost.
+
+Everything downstream of the design (tables, allocation, packed modules, the artifact) depends on
+this module and the result records only: :func:`dequantize` is the package's single decoder and
+:func:`storage_bits` its single cost function, so what the allocator counts is what the file holds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..result import BlockResult
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+META_BITS = 16  # every scale, zero point and codebook level is stored as fp16
+
+
+def check_bits(bits: int) -> int:
+    """Validate one bit-width against what packing supports."""
+    if isinstance(bits, bool) or int(bits) != bits or int(bits) not in SUPPORTED_BITS:
+        raise ValueError(
+            f"unsupported bit-width {bits!r}: packed storage supports {SUPPORTED_BITS}; "
+            f"choose allowed_bits from that set"
+        )
+    return int(bits)
+
+
+def expand_groups(t: torch.Tensor, n_cols: int, group_size: int | None) -> torch.Tensor:
+    """Per-(row, group) values ``(rows, n_groups)`` -> per-weight ``(rows, n_cols)``.
+
+    A ``group_size`` that does not divide ``n_cols`` leaves a shorter last group.
+    """
+    if group_size is None or t.shape[1] == 1:
+        return t.expand(t.shape[0], n_cols)
+    return t.repeat_interleave(group_size, dim=1)[:, :n_cols]
+
+
+def round_uniform(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest-level codes ``clamp(round(w / scale + zero), 0, 2**bits - 1)`` as ``uint8``.
+
+    ``scale`` and ``zero`` broadcast to ``w``; they are used exactly as stored (fp16 values).
+    """
+    s, z = scale.to(w.dtype), zero.to(w.dtype)
+    return torch.clamp(torch.round(w / s + z), 0, 2**bits - 1).to(torch.uint8)
+
+
+def dequantize(block: BlockResult, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Float weights ``(rows, cols)`` of a block from its codes and fp16 parameters.
+
+    The single decoder of the package: the in-memory model, packed modules and loaded artifacts
+    all call it, so their weights agree bit for bit.
+    """
+    codes = block.codes
+    if block.quantizer == "uniform":
+        cols = codes.shape[1]
+        s = expand_groups(block.scale, cols, block.group_size).float()
+        z = expand_groups(block.zero, cols, block.group_size).float()
+        return ((codes.float() - z) * s).to(dtype)
+    if block.quantizer == "nonuniform":
+        book = block.codebook.float()
+        if book.dim() == 1:
+            return book[codes.long()].to(dtype)
+        return torch.gather(book, 1, codes.long()).to(dtype)
+    raise ValueError(f"unknown quantizer {block.quantizer!r}; expected 'uniform' or 'nonuniform'")
+
+
+def storage_bits(n_weights: int, bits: int, n_meta: int) -> int:
+    """Exact stored bits of one block: one packed code buffer plus fp16 metadata.
+
+    Parameters
+    ----------
+    n_weights : int
+        Codes in the block.
+    bits : int
+        Bits per code.
+    n_meta : int
+        fp16 values stored with the block (scales, zeros, codebook levels).
+
+    Returns
+    -------
+    int
+        ``8 * ceil(n_weights * bits / 8) + 16 * n_meta``.
+    """
+    return 8 * (-(-n_weights * bits // 8)) + META_BITS * n_meta
+
+
+def block_storage_bits(block) -> int:
+    """:func:`storage_bits` of a :class:`~bayesq_lightning.result.BlockResult`."""
+    return storage_bits(block.n_weights, block.bits, block.n_meta)

@@ -1,0 +1,75 @@
+"""BayesQConfig: every option validated up front, with a message that names the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from bayesq_lightning import BayesQConfig
+from bayesq_lightning.allocate import SOLVERS
+from bayesq_lightning.config import METHODS
+from bayesq_lightning.methods import METHODS_TABLE
+from bayesq_lightning.posterior import BACKENDS, STRUCTURES
+from bayesq_lightning.quantizers import QUANTIZERS
+from bayesq_lightning.tables import TABLES
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"bits": 0}, ValueError, "positive finite"),
+        ({"bits": float("nan")}, ValueError, "positive finite"),
+        ({"allowed_bits": (3, 5)}, ValueError, "unsupported bit-width 5"),
+        ({"allowed_bits": ()}, ValueError, "allowed_bits is empty"),
+        ({"method": "magic"}, ValueError, "not one of"),
+        ({"structure": "full"}, ValueError, "not one of"),
+        ({"rank": 0}, ValueError, "rank=0"),
+        ({"quantizer": "lattice"}, ValueError, "not one of"),
+        ({"calib_batches": 0}, ValueError, "positive integer"),
+        ({"prior_precision": -1.0}, ValueError, "positive"),
+        ({"budget_bytes": 0}, ValueError, "positive integer"),
+    ],
+)
+def test_config_validation(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        BayesQConfig(**kwargs)
+
+
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"block_rows": 6, "pack_multiple": 4}, "not a multiple of pack_multiple=4"),
+     ({"mc_samples": 0}, "S must be an integer >= 1"),
+     ({"group_size": 0}, "group_size"),
+     ({"min_bits": {"fc1": 5}}, "unsupported bit-width 5")],
+)
+def test_granularity_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BayesQConfig(**kwargs)
+
+
+def test_options_that_would_be_ignored_are_refused():
+    with pytest.raises(ValueError, match="applies to structure='lowrank' only"):
+        BayesQConfig(rank=4)
+    with pytest.raises(ValueError, match="applies to tables='mc' only"):
+        BayesQConfig(mc_refine_top_k=2)
+
+
+@pytest.mark.parametrize("method", [m for m, r in METHODS_TABLE.items()
+                                    if not r.supports_mc_tables])
+def test_mc_tables_need_a_method_with_a_posterior(method):
+    with pytest.raises(ValueError, match="tables='mc' samples the posterior"):
+        BayesQConfig(method=method, tables="mc")
+
+
+@pytest.mark.parametrize(("field", "choices"), [
+    ("method", METHODS), ("structure", STRUCTURES), ("quantizer", QUANTIZERS),
+    ("tables", TABLES), ("solver", SOLVERS), ("backend", BACKENDS),
+])
+def test_every_choice_of_every_option_is_accepted(field, choices):
+    """One source per option tuple: the config accepts exactly what the owning module offers."""
+    for value in choices:
+        extra = {"method": "bayesq"} if field == "tables" else {}
+        assert getattr(BayesQConfig(**{field: value, **extra}), field) == value
+    with pytest.raises(ValueError, match="not one of"):
+        BayesQConfig(**{field: "nonsense"})

@@ -1,0 +1,53 @@
+"""The method table: what each method needs, and how it designs and scores a block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bayesq_lightning import BayesQConfig, quantize_model
+from bayesq_lightning.methods import METHODS_TABLE, BlockContext
+from bayesq_lightning.posterior import LayerPosterior
+
+
+@pytest.mark.parametrize(("method", "structure", "calibration", "hessians", "mc"), [
+    ("bayesq", "kron", True, False, True),
+    ("hawq", "diag", True, False, True),
+    ("gptq", None, True, True, False),
+    ("mse", None, True, False, False),
+    ("rtn", None, False, False, False),
+])
+def test_what_each_method_needs(method, structure, calibration, hessians, mc):
+    record = METHODS_TABLE[method]
+    assert record.posterior_structure(BayesQConfig(structure="kron")) == structure
+    assert record.needs_calibration is calibration
+    assert record.input_hessians is hessians
+    assert record.supports_mc_tables is mc
+    expected = "expected" if method == "bayesq" else "deployed"
+    assert record.design_objective(BayesQConfig(range_objective="expected")) == expected
+
+
+def test_block_scores_by_method():
+    w = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    lam = torch.rand(4, 3, generator=torch.Generator().manual_seed(1)) + 0.5
+    lp = LayerPosterior("fc", w, lam, prior_precision=0.5)
+    H = torch.eye(3) * 2.0
+    dW = torch.full((2, 3), 0.1, dtype=torch.float64)
+    ctx = BlockContext("fc", w, (2, 4), lp, H)
+    assert METHODS_TABLE["bayesq"].block(ctx).score(dW) == pytest.approx(
+        float((lam[2:4].double() * dW * dW).sum()))
+    assert METHODS_TABLE["rtn"].block(ctx).score(dW) == pytest.approx(0.06)
+    assert METHODS_TABLE["mse"].block(ctx).precision.eq(1).all()
+    hawq = METHODS_TABLE["hawq"].block(ctx)
+    assert hawq.precision is None  # min-max grid
+    assert hawq.score(dW) == pytest.approx(float((lam - 0.5).mean()) * 0.06)
+    gptq = METHODS_TABLE["gptq"].block(ctx)
+    assert gptq.score(dW) == pytest.approx(2.0 * 0.06) and gptq.H is not None
+    assert gptq.gamma is None  # GPTQ's relative damping
+
+
+def test_mse_needs_calibration_data_like_before(trained):
+    # mse designs with unit weights and never reads the data, but (as since it was added) asks
+    # for a calibration loader like every method except rtn
+    with pytest.raises(ValueError, match="needs a calibration loader"):
+        quantize_model(trained, None, BayesQConfig(method="mse"), progress=False)
