@@ -183,6 +183,21 @@ class _QuantizedWeight(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
+    def from_float(cls, module: nn.Module, layer_result: LayerResult,
+                   cache_dequantized: bool = False) -> _QuantizedWeight:
+        """Pack the blocks of ``layer_result`` for ``module`` (bias and layer options copied)."""
+        if not isinstance(module, FLOAT_TYPES[cls.kind]):
+            raise TypeError(f"layer {layer_result.name!r}: expected "
+                            f"nn.{FLOAT_TYPES[cls.kind].__name__}, got {type(module).__name__}")
+        return cls._from_layer(module, layer_result, cache_dequantized=cache_dequantized,
+                               **cls._float_options(module))
+
+    @staticmethod
+    def _float_options(module: nn.Module) -> dict:
+        """Constructor options read from the float layer besides its weight and bias."""
+        return {}
+
+    @classmethod
     def _from_layer(cls, module: nn.Module, layer: LayerResult, **kwargs) -> _QuantizedWeight:
         shape = tuple(module.weight.shape)
         if tuple(layer.weight_shape) != shape:
@@ -313,17 +328,6 @@ class QuantizedLinear(_QuantizedWeight):
         super().__init__(weight_shape, specs, **kwargs)
         self.out_features, self.in_features = self.weight_shape
 
-    @classmethod
-    def from_float(
-        cls, module: nn.Linear, layer_result: LayerResult, cache_dequantized: bool = False
-    ) -> QuantizedLinear:
-        """Pack the blocks of ``layer_result`` for ``module`` (whose bias is copied)."""
-        if not isinstance(module, nn.Linear):
-            raise TypeError(
-                f"layer {layer_result.name!r}: expected nn.Linear, got {type(module).__name__}"
-            )
-        return cls._from_layer(module, layer_result, cache_dequantized=cache_dequantized)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self._weight(x.dtype), self._bias(x))
 
@@ -381,21 +385,9 @@ class QuantizedConv2d(_QuantizedWeight):
         self.in_channels = self.weight_shape[1] * self.groups
         self.kernel_size = tuple(self.weight_shape[2:])
 
-    @classmethod
-    def from_float(
-        cls, module: nn.Conv2d, layer_result: LayerResult, cache_dequantized: bool = False
-    ) -> QuantizedConv2d:
-        """Pack the blocks of ``layer_result`` for ``module`` (bias and conv options copied)."""
-        if not isinstance(module, nn.Conv2d):
-            raise TypeError(
-                f"layer {layer_result.name!r}: expected nn.Conv2d, got {type(module).__name__}"
-            )
-        return cls._from_layer(
-            module,
-            layer_result,
-            cache_dequantized=cache_dequantized,
-            **conv_options(module),
-        )
+    @staticmethod
+    def _float_options(module: nn.Module) -> dict:
+        return conv_options(module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(
