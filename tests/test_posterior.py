@@ -49,8 +49,3 @@ def test_unlabelled_calibration_uses_model_predictions(trained, loader):
     xs = [x for x, _ in loader][:2]
     post = fit_posterior(trained, xs, names, n_data=500, prior_precision=2.0)
     assert post.labels == "model predictions"
-
-
-def test_empty_calibration_loader_is_refused():
-    with pytest.raises(ValueError, match="no samples"):
-        calibration_samples([], 4)
