@@ -75,8 +75,12 @@ def batch_size_of(inputs) -> int:
     return len(inputs)
 
 
-def calibration_samples(loader, calib_batches: int) -> tuple[list, int]:
-    """The first ``calib_batches`` batches of ``loader``, as a list of batches, and their size."""
+def calibration_samples(loader, calib_batches: int, what: str = "calibration loader"
+                        ) -> tuple[list, int]:
+    """The first ``calib_batches`` batches of ``loader``, as a list of batches, and their size.
+
+    ``what`` names the loader in the error raised when it yields no samples.
+    """
     batches, n = [], 0
     for i, batch in enumerate(loader):
         if i >= calib_batches:
@@ -85,7 +89,7 @@ def calibration_samples(loader, calib_batches: int) -> tuple[list, int]:
         n += batch_size_of(split_batch(batch)[0])
     if n == 0:
         raise ValueError(
-            "the calibration loader yielded no samples; pass a DataLoader with at least one "
+            f"the {what} yielded no samples; pass a DataLoader with at least one "
             "non-empty batch (calib_batches counts batches from its start)"
         )
     return batches, n

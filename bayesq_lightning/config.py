@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from .allocate import SOLVERS
-from .methods import METHODS, METHODS_TABLE
+from .methods import METHODS, METHODS_TABLE, SCORES
 from .posterior import BACKENDS, STRUCTURES
 from .quantizers import QUANTIZERS, SUPPORTED_BITS, check_bits
 from .quantizers.uniform import RANGE_OBJECTIVES
@@ -84,6 +84,19 @@ class BayesQConfig:
     mc_refine_top_k : int, optional
         With ``tables="mc"``: refine only the ``k`` blocks whose closed-form upgrades are
         closest to the allocation boundary (``None``: all blocks).
+    score : str
+        What the tables and the grid design weigh errors by: ``"curvature"`` (default: the
+        likelihood curvature ``s * GGN`` -- twice the second-order increase of the training
+        loss, with no prior term) or ``"posterior_precision"`` (the curvature plus the prior
+        precision ``delta``: the first wave's score, kept for the ablation). The prior always
+        stays in the posterior covariance (``range_objective="expected"``, Monte-Carlo tables).
+    damp : float
+        Error-feedback damping relative to the rounding matrix's scale:
+        ``gamma = damp * mean(diag H)``, for ``gptq`` and ``bayesq``-kron alike (GPTQ's 0.01).
+    act_order : bool
+        Error feedback processes columns by descending ``diag(H)`` (GPTQ's act-order).
+    posterior_temperature : float
+        Monte-Carlo tables sample ``N(mu, T * Lambda^{-1})`` (``T = 1``: the posterior).
     seed : int
         Seed of every random choice (posterior samples, stochastic curvature).
     """
@@ -112,6 +125,10 @@ class BayesQConfig:
     per_row_codebook: bool = False
     mc_samples: int = 4
     mc_refine_top_k: int | None = None
+    score: str = "curvature"
+    damp: float = 0.01
+    act_order: bool = False
+    posterior_temperature: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -134,6 +151,13 @@ class BayesQConfig:
         _choice("solver", self.solver, SOLVERS)
         _choice("backend", self.backend, BACKENDS)
         _choice("range_objective", self.range_objective, RANGE_OBJECTIVES)
+        _choice("score", self.score, SCORES)
+        for name in ("damp", "posterior_temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value!r} must be a positive finite number "
+                                 f"(default {type(self).__dataclass_fields__[name].default})")
         if not self.allowed_bits:
             raise ValueError(f"allowed_bits is empty; choose a subset of {SUPPORTED_BITS}")
         self.allowed_bits = tuple(sorted({check_bits(b) for b in self.allowed_bits}))

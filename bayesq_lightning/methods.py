@@ -6,14 +6,18 @@ packing and accounting); they differ only in the fields of :class:`Method`:
 ========  ===========  =================  ==============  =========================================
 method    data         posterior          grid design     block score of :math:`\Delta = Q - W`
 ========  ===========  =================  ==============  =========================================
-bayesq    calibration  ``cfg.structure``  posterior diag  the posterior's ``quad_form``; kron rounds
-                                                          by error feedback under ``A``
+bayesq    calibration  ``cfg.structure``  curvature diag  the posterior's ``quad_form``: the
+                                                          curvature ``s H`` (``score="curvature"``)
+                                                          or ``s H + delta I``; kron rounds by
+                                                          error feedback under ``A``
 mse       calibration  none               unit weights    :math:`\|\Delta\|^2`
 rtn       none         none               min-max         :math:`\|\Delta\|^2`
-hawq      calibration  diag               min-max         :math:`\overline{\mathrm{GGN}}\,\|\Delta\|^2`
+hawq      calibration  diag               min-max         :math:`\overline{s\,\mathrm{GGN}}\,\|\Delta\|^2`
 gptq      calibration  none (input        min-max         :math:`\mathrm{tr}(\Delta H \Delta^\top)`,
                        Hessians)                          error feedback under ``H = X X^T / n``
 ========  ===========  =================  ==============  =========================================
+
+Error feedback always damps relative to the rounding matrix: ``gamma = damp * mean(diag H)``.
 
 Adding a method is adding a record to :data:`METHODS_TABLE`.
 """
@@ -35,14 +39,17 @@ if TYPE_CHECKING:
     from .posterior import LayerPosterior
 
 
+SCORES = ("curvature", "posterior_precision")
+
+
 @dataclass(frozen=True)
 class BlockInputs:
     """What the pipeline needs to design, round and score one block."""
 
-    precision: Tensor | None  # per-weight design weights (rows, cols); None: min-max range
+    precision: Tensor | None  # posterior precision (rows, cols): sigma of "expected"; None: min-max
     score: Callable[[Tensor], float]  # loss of the block's error dW = Q - W (rows, cols)
     H: Tensor | None = None  # input-side matrix of error-feedback rounding; None: nearest
-    gamma: float | None = None  # its damping; None: GPTQ's 1% of the mean diagonal
+    weight: Tensor | None = None  # design importance per weight; None: the precision
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class BlockContext:
     rows: tuple[int, int]
     posterior: LayerPosterior | None
     hessian: Tensor | None  # the layer's input Hessian (gptq)
+    score: str = "curvature"  # BayesQConfig.score
 
 
 def _weighted_sq(weight: float, dW: Tensor) -> float:
@@ -63,10 +71,12 @@ def _weighted_sq(weight: float, dW: Tensor) -> float:
 
 def _bayesq(ctx: BlockContext) -> BlockInputs:
     lp, (r0, r1) = ctx.posterior, ctx.rows
+    prior = ctx.score == "posterior_precision"
     precision = lp.precision.reshape_as(ctx.w)[r0:r1].float().cpu()
     rounding = lp.rounding_matrix(ctx.rows)
-    H, gamma = rounding if rounding is not None else (None, None)
-    return BlockInputs(precision, partial(lp.quad_form, rows=ctx.rows), H, gamma)
+    return BlockInputs(precision, partial(lp.quad_form, rows=ctx.rows, prior=prior),
+                       None if rounding is None else rounding[0],
+                       lp.design_weights(ctx.rows, prior=prior))
 
 
 def _mse(ctx: BlockContext) -> BlockInputs:  # the posterior ablated: same search, unit weights
@@ -79,15 +89,14 @@ def _rtn(ctx: BlockContext) -> BlockInputs:
 
 
 def _hawq(ctx: BlockContext) -> BlockInputs:  # mean GGN diagonal: the layer's Hessian trace
-    lp = ctx.posterior
-    trace = float((lp.precision - lp.prior_precision).mean())
+    trace = float(ctx.posterior.curvature.double().mean())
     return BlockInputs(None, partial(_weighted_sq, trace))
 
 
 def _gptq(ctx: BlockContext) -> BlockInputs:
     H = ctx.hessian.cpu()  # every score input lives on the CPU
     return BlockInputs(None, partial(output_error, H=H, rows=ctx.rows,
-                                     layer_rows=ctx.w.shape[0]), H, None)
+                                     layer_rows=ctx.w.shape[0]), H)
 
 
 @dataclass(frozen=True)

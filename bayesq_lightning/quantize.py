@@ -54,11 +54,11 @@ class Block:
     layer: str
     rows: tuple[int, int]
     w: torch.Tensor  # (rows, cols) fp32 weights (posterior mean)
-    precision: torch.Tensor | None  # per-weight design weights; None: min-max
+    precision: torch.Tensor | None  # posterior precision of the design; None: min-max
     score: object  # dW -> float
     bits: tuple[int, ...]  # allowed widths after the per-layer pins
     H: torch.Tensor | None = None  # input-side matrix of error-feedback rounding
-    gamma: float | None = None  # its damping; None: GPTQ's 1% of the mean diagonal
+    weight: torch.Tensor | None = None  # design importance per weight; None: the precision
     layer_rows: int = 0
 
 
@@ -72,6 +72,7 @@ def quantize_model(
     progress: bool = True,
     posterior: Posterior | None = None,
     inplace: bool = False,
+    curvature_loader: Iterable | None = None,
 ) -> QuantizationResult:
     """Quantize the Linear/Conv2d weights of ``model`` to a mixed-precision budget.
 
@@ -96,6 +97,11 @@ def quantize_model(
     inplace : bool
         Swap the packed layers into ``model`` itself (the callback does) instead of a copy;
         nothing is swapped if any stage fails.
+    curvature_loader : iterable of batches, optional
+        Batches the posterior's curvature is estimated on (its first ``calib_batches``), e.g. a
+        hold-out split the model was not trained on: on its own training samples a model that
+        fits them has almost no curvature. Default: the calibration batches. GPTQ's input
+        statistics and the Monte-Carlo tables always use the calibration batches.
 
     Returns
     -------
@@ -109,12 +115,20 @@ def quantize_model(
 
     named, pins = _select_layers(model, cfg)                                           # 1
     batches, n_calib = _calibration(method, calibration_loader, cfg)                   # 2
+    curv_batches, n_curv = batches, n_calib
+    if curvature_loader is not None:
+        if method.posterior_structure(cfg) is None:
+            raise ValueError(f"curvature_loader feeds the posterior fit, which method="
+                             f"{cfg.method!r} does not do; drop it or use bayesq/hawq")
+        curv_batches, n_curv = calibration_samples(curvature_loader, cfg.calib_batches,
+                                                   "curvature loader")
+        info["curvature_data"] = "curvature_loader"
     hessians = None
     if method.input_hessians:                                                          # 3
         t_h = time.perf_counter()
         hessians = layer_input_hessians(model, batches, list(pins), reduce=reduce)
         info.update(n_calib=n_calib, hessian_seconds=time.perf_counter() - t_h)
-    posterior = _posterior(model, method, cfg, batches, n_calib, list(pins), posterior,
+    posterior = _posterior(model, method, cfg, curv_batches, n_curv, list(pins), posterior,
                            n_data=n_data, reduce=reduce, loader=calibration_loader, info=info)
 
     t_tables = time.perf_counter()
@@ -136,7 +150,8 @@ def quantize_model(
         mc = mc_tables(
             model, batches, posterior, [(blocks[i].layer, blocks[i].rows) for i in refine],
             [candidates[i] for i in refine], n_data=posterior.n_data, samples=cfg.mc_samples,
-            seed=cfg.seed, reduce=reduce, progress=progress,
+            seed=cfg.seed, prior=cfg.score == "posterior_precision",
+            temperature=cfg.posterior_temperature, reduce=reduce, progress=progress,
         )
         for i, losses in zip(refine, mc.losses, strict=True):
             options[i] = [Option(o.cost, max(loss, 0.0), o.bits, o.tag)
@@ -230,10 +245,10 @@ def _blocks(named, pins: dict[str, tuple[int, ...]], cfg: BayesQConfig, method: 
             rows = (r0, min(r0 + step, w.shape[0]))
             ctx = BlockContext(name, w, rows,
                                None if posterior is None else posterior.layers[name],
-                               None if hessians is None else hessians[name])
+                               None if hessians is None else hessians[name], cfg.score)
             inputs = method.block(ctx)
             blocks.append(Block(name, rows, w[rows[0]:rows[1]], inputs.precision, inputs.score,
-                                pins[name], inputs.H, inputs.gamma, w.shape[0]))
+                                pins[name], inputs.H, inputs.weight, w.shape[0]))
     return blocks
 
 
@@ -249,8 +264,8 @@ def _candidates(blocks: list[Block], method: Method, cfg: BayesQConfig, progress
             for quantizer in quantizers:
                 cand = _design(block, bits, quantizer, objective, cfg)
                 if block.H is not None:  # gptq, bayesq-kron: error-feedback rounding
-                    cand = feedback_round_block(cand, block.w, block.H, block.gamma,
-                                                block.layer_rows)
+                    cand = feedback_round_block(cand, block.w, block.H, block.layer_rows,
+                                                cfg.damp, cfg.act_order)
                 loss = candidate_loss(block, cand)
                 opts.append(Option(block_storage_bits(cand), loss, bits, quantizer))
                 cands.append(cand)
@@ -269,12 +284,12 @@ def _design(block: Block, bits: int, quantizer: str, objective: str,
     if quantizer == "uniform":
         grid = design_uniform(block.w, bits, precision=block.precision,
                               group_size=cfg.group_size, objective=objective,
-                              round_mean=round_mean)
+                              round_mean=round_mean, weight=block.weight)
         return BlockResult(block.rows, bits, "uniform", cfg.group_size, grid.codes,
                            grid.scale, grid.zero)
     grid = design_nonuniform(block.w, bits, precision=block.precision,
                              per_row=cfg.per_row_codebook, objective=objective,
-                             round_mean=round_mean)
+                             round_mean=round_mean, weight=block.weight)
     return BlockResult(block.rows, bits, "nonuniform", None, grid.codes, codebook=grid.codebook)
 
 

@@ -1,8 +1,9 @@
 r"""Sequential rounding with error feedback (OBS/GPTQ style) under an input-side precision.
 
-One code path, two callers (see DESIGN "Whitening and the deployed risk"): BayesQ-kron rounds
-under the Kronecker factor ``A`` with ``gamma = delta / mean(diag G)``, GPTQ under
-``H = X X^T / n`` with ``gamma = 0.01 mean(diag H)`` (:func:`gptq_gamma`). Any quantizer plugs in
+One code path, two callers: BayesQ-kron rounds under the Kronecker factor ``A``, GPTQ under
+``H = X X^T / n``, both damped relative to the matrix's scale, ``gamma = damp * mean(diag H)``
+(:func:`gptq_gamma`, ``damp = 0.01`` as in GPTQ). (Damping by the prior precision, as the first
+wave did, made BayesQ's feedback inert: ``delta / mean(diag A)`` was 1.8 to 1300.) Any quantizer plugs in
 through a per-column callback (:func:`block_column_quantizer` for a candidate's grid or codebook);
 :func:`feedback_round_block` re-rounds one allocation block, per group for grouped convolutions.
 
@@ -297,20 +298,20 @@ def group_pieces(rows: tuple[int, int], per: int) -> Iterator[tuple[int, tuple[i
         yield g, (max(r0, g * per) - r0, min(r1, (g + 1) * per) - r0)
 
 
-def feedback_round_block(cand: BlockResult, W: Tensor, H: Tensor, gamma: float | None,
-                         layer_rows: int) -> BlockResult:
+def feedback_round_block(cand: BlockResult, W: Tensor, H: Tensor, layer_rows: int,
+                         damp: float = 0.01, act_order: bool = False) -> BlockResult:
     """Re-round ``cand``'s codes with error feedback under ``H`` on the candidate's own grid.
 
     ``W`` holds the block's rows ``cand.rows`` of a layer with ``layer_rows`` rows. ``H`` is
     ``(cols, cols)``, or ``(groups, cols, cols)`` for a grouped/depthwise conv, whose rows in
-    the block are then rounded under their own group's matrix. ``gamma=None`` damps each
-    matrix with :func:`gptq_gamma`.
+    the block are then rounded under their own group's matrix. Each matrix is damped relative
+    to its own scale, ``gamma = damp * mean(diag H)`` (:func:`gptq_gamma`).
     """
     H = H if H.dim() == 3 else H.unsqueeze(0)
     codes = []
     for g, (a, b) in group_pieces(cand.rows, layer_rows // H.shape[0]):
-        damp = gptq_gamma(H[g]) if gamma is None else gamma
-        c, _, _ = error_feedback_round(W[a:b], H[g], block_column_quantizer(cand, a, b), damp)
+        c, _, _ = error_feedback_round(W[a:b], H[g], block_column_quantizer(cand, a, b),
+                                       gptq_gamma(H[g], damp), act_order=act_order)
         codes.append(c)
     return dataclasses.replace(cand, codes=torch.cat(codes))
 

@@ -40,26 +40,29 @@ def mc_tables(
     n_data: int,
     samples: int = 4,
     seed: int = 0,
-    prior: bool = True,
+    prior: bool = False,
+    temperature: float = 1.0,
     reduce=None,
     progress: bool = False,
 ) -> MCTables:
     r"""Task-aware expected loss of every candidate, by posterior sampling.
 
-    For posterior samples :math:`w_s` (quantized layers only, drawn by each layer's
-    :meth:`~bayesq_lightning.posterior.LayerPosterior.sample`: today from the diagonal of the
-    precision, :math:`N(\mu, \mathrm{diag}(\Lambda)^{-1})`, for every structure) and the
+    For posterior samples :math:`w_s \sim N(\mu, T \Lambda^{-1})` of the quantized layers, in
+    the fitted structure (each layer's
+    :meth:`~bayesq_lightning.posterior.LayerPosterior.sample`; ``T = temperature``) and the
     calibration inputs :math:`x`,
 
     .. math::
 
         D = 2 n_\text{data} \, \overline{KL}(p(\cdot|x, w_s) \,\|\, p(\cdot|x, w_s[B \leftarrow q]))
-            - (\text{same with } B \leftarrow \mu_B) + \delta \|q - \mu_B\|^2 ,
+            - (\text{same with } B \leftarrow \mu_B) \;[+ \delta \|q - \mu_B\|^2] ,
 
     the mean over samples and inputs. To second order :math:`2 KL \approx d^\top F d`, so ``D``
-    is in the units of the closed-form deployed risk; the subtracted reference (the block set to
-    its posterior mean) removes the per-block constant :math:`\mathrm{tr}(F \Sigma_B)`, which
-    does not change the allocation, and most of the sampling noise.
+    is in the units of the closed-form curvature score; the subtracted reference (the block set
+    to its posterior mean) removes the per-block constant :math:`\mathrm{tr}(F \Sigma_B)`, which
+    does not change the allocation, and most of the sampling noise. The prior term in brackets
+    is added only with ``prior=True`` (the ``score="posterior_precision"`` ablation), so that
+    both tables share the units of the closed form they refine.
 
     Cost: ``samples * (1 + sum_blocks (1 + candidates))`` forward passes over the batches.
     """
@@ -83,7 +86,7 @@ def mc_tables(
         steps = tqdm(steps, desc="bayesq mc tables", leave=False)
     for s in steps:
         for name in layers:
-            w_s = posterior.layers[name].sample(1, generator=gen)[0]
+            w_s = posterior.layers[name].sample(1, temperature, generator=gen)[0]
             modules[name].weight.copy_(w_s.to(device))
         base = [net(x).float().log_softmax(-1) for x in xs]
         passes += len(xs)

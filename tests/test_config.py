@@ -73,3 +73,16 @@ def test_every_choice_of_every_option_is_accepted(field, choices):
         assert getattr(BayesQConfig(**{field: value, **extra}), field) == value
     with pytest.raises(ValueError, match="not one of"):
         BayesQConfig(**{field: "nonsense"})
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"damp": 0.0}, "damp=0.0 must be a positive finite number"),
+    ({"damp": -0.01}, "damp=-0.01 must be a positive"),
+    ({"damp": float("inf")}, "damp=inf"),
+    ({"posterior_temperature": 0}, "posterior_temperature=0 must be a positive"),
+    ({"posterior_temperature": float("nan")}, "posterior_temperature=nan"),
+    ({"score": "hessian"}, r"score='hessian' is not one of \('curvature', 'posterior_precision'\)"),
+])
+def test_scores_damping_and_temperature_are_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BayesQConfig(**kwargs)

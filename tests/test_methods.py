@@ -34,8 +34,15 @@ def test_block_scores_by_method():
     H = torch.eye(3) * 2.0
     dW = torch.full((2, 3), 0.1, dtype=torch.float64)
     ctx = BlockContext("fc", w, (2, 4), lp, H)
-    assert METHODS_TABLE["bayesq"].block(ctx).score(dW) == pytest.approx(
-        float((lam[2:4].double() * dW * dW).sum()))
+    bayesq = METHODS_TABLE["bayesq"].block(ctx)
+    # the default score is the likelihood curvature (precision minus prior), no prior term
+    assert bayesq.score(dW) == pytest.approx(float(((lam[2:4] - 0.5).double() * dW * dW).sum()))
+    torch.testing.assert_close(bayesq.weight, lam[2:4] - 0.5)
+    torch.testing.assert_close(bayesq.precision, lam[2:4])  # the posterior's spread
+    old = METHODS_TABLE["bayesq"].block(BlockContext("fc", w, (2, 4), lp, H,
+                                                     "posterior_precision"))
+    assert old.score(dW) == pytest.approx(float((lam[2:4].double() * dW * dW).sum()))
+    torch.testing.assert_close(old.weight, lam[2:4])
     assert METHODS_TABLE["rtn"].block(ctx).score(dW) == pytest.approx(0.06)
     assert METHODS_TABLE["mse"].block(ctx).precision.eq(1).all()
     hawq = METHODS_TABLE["hawq"].block(ctx)
@@ -43,7 +50,6 @@ def test_block_scores_by_method():
     assert hawq.score(dW) == pytest.approx(float((lam - 0.5).mean()) * 0.06)
     gptq = METHODS_TABLE["gptq"].block(ctx)
     assert gptq.score(dW) == pytest.approx(2.0 * 0.06) and gptq.H is not None
-    assert gptq.gamma is None  # GPTQ's relative damping
 
 
 def test_mse_needs_calibration_data_like_before(trained):

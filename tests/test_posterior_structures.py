@@ -371,13 +371,18 @@ def test_quad_form_is_the_blocks_diagonal_block_of_the_precision(structure, rows
     dW = torch.randn(r1 - r0, cols, generator=g, dtype=torch.float64)
     idx = slice(r0 * cols, r1 * cols)
     dense = _dense_precision(lp)[idx, idx]
-    assert lp.quad_form(dW, rows) == pytest.approx(float(dW.reshape(-1) @ dense @ dW.reshape(-1)),
-                                                   rel=1e-6)
-    rounding = lp.rounding_matrix(rows)
-    if structure == "kron":  # error feedback under A, damped by the prior precision
+    v = dW.reshape(-1)
+    # the posterior precision's block with prior=True, the likelihood curvature's without
+    assert lp.quad_form(dW, rows, prior=True) == pytest.approx(float(v @ dense @ v), rel=1e-6)
+    curvature = dense - delta * torch.eye(len(v), dtype=torch.float64)
+    assert lp.quad_form(dW, rows) == pytest.approx(float(v @ curvature @ v), rel=1e-6)
+    torch.testing.assert_close(lp.curvature.double(), (lp.precision - delta).double(),
+                               rtol=1e-5, atol=1e-5)
+    rounding = lp.rounding_matrix(rows, damp=0.05)
+    if structure == "kron":  # error feedback under A, damped relative to A's scale
         H, gamma = rounding
         torch.testing.assert_close(H, lp.A)
-        assert gamma == delta
+        assert gamma == pytest.approx(0.05 * float(lp.A.diagonal().mean()))
     else:
         assert rounding is None
 

@@ -219,7 +219,7 @@ def test_grouped_and_depthwise_conv(cin, cout, groups):
     W = conv.weight.detach().flatten(1)
     grid = design_uniform(W, 2)
     cand = BlockResult((0, cout), 2, "uniform", None, grid.codes, grid.scale, grid.zero)
-    codes = feedback_round_block(cand, W, H, None, cout).codes
+    codes = feedback_round_block(cand, W, H, cout).codes
     Q = dequantize(dataclasses.replace(cand, codes=codes))
     obj = output_error(Q - W, H, (0, cout), cout)
     # each group is error_feedback_round on its own rows under its own H
@@ -232,7 +232,7 @@ def test_grouped_and_depthwise_conv(cin, cout, groups):
     # a block of rows 1..cout-1 rounds each group's part under that group's H
     part = feedback_round_block(dataclasses.replace(cand, rows=(1, cout), codes=grid.codes[1:],
                                                     scale=grid.scale[1:], zero=grid.zero[1:]),
-                                W[1:], H, None, cout).codes
+                                W[1:], H, cout).codes
     qc = uniform_column_quantizer(grid.scale[1:per], grid.zero[1:per], 2)
     assert torch.equal(part[: per - 1], error_feedback_round(W[1:per], H[0], qc,
                                                              gptq_gamma(H[0]))[0])
@@ -248,3 +248,19 @@ def test_grouped_and_depthwise_conv(cin, cout, groups):
 def _objective_grouped(dW: torch.Tensor, H: torch.Tensor) -> float:
     per = dW.shape[0] // H.shape[0]
     return sum(_objective(dW[g * per : (g + 1) * per], H[g]) for g in range(H.shape[0]))
+
+
+def test_act_order_lowers_output_error_on_correlated_inputs():
+    """256 x 512 layer, 2048 inputs from a Gaussian with a random covariance (GPTQ's setting)."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(256, 512, generator=g) * 0.05
+    M = torch.randn(512, 512, generator=g) * torch.linspace(0.05, 2.0, 512)  # uneven scales
+    X = torch.randn(2048, 512, generator=g) @ M
+    H = X.T @ X / len(X)
+    grid = design_uniform(W, 3)
+    objective = {}
+    for act in (False, True):
+        _, Q, obj = round_uniform_with_feedback(W, H, grid.scale, grid.zero, 3, act_order=act)
+        objective[act] = obj
+        assert obj == pytest.approx(float(((X @ (Q - W).T) ** 2).sum()) / len(X), rel=1e-3)
+    assert objective[True] < objective[False], objective

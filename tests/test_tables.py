@@ -57,9 +57,9 @@ def test_mc_tables_agree_with_closed_form_on_linear_softmax():
 def test_mc_prior_term_and_sample_count_validation():
     """The prior term is delta ||q - mu||^2 exactly; fewer than one sample is refused."""
     model, batches, post, blocks, cands = _linear_softmax_case((4,))
-    with_prior = mc_tables(model, batches, post, blocks, cands, n_data=post.n_data, samples=2)
-    without = mc_tables(model, batches, post, blocks, cands, n_data=post.n_data, samples=2,
-                        prior=False)
+    with_prior = mc_tables(model, batches, post, blocks, cands, n_data=post.n_data, samples=2,
+                           prior=True)
+    without = mc_tables(model, batches, post, blocks, cands, n_data=post.n_data, samples=2)
     lp = post.layers["lin"]
     for (_, (r0, r1)), cs, a, b in zip(blocks, cands, with_prior.losses, without.losses,
                                        strict=True):

@@ -10,12 +10,13 @@ Notation
 ``dW``
     A block's weight error :math:`Q - \mu` over rows ``r0:r1`` of the layer (``(r1 - r0, in)``).
 
-Every consumer goes through three methods, so none of them switches on the structure or reads
+Every consumer goes through these methods, so none of them switches on the structure or reads
 the factors:
 
 * :meth:`LayerPosterior.quad_form` -- the block's score :math:`\mathrm{vec}(dW)^\top
-  \Lambda_B\, \mathrm{vec}(dW)`, with :math:`\Lambda_B` the block's diagonal block of
-  :math:`\Lambda`;
+  (sH)_B\, \mathrm{vec}(dW)`, with :math:`(sH)_B` the block's diagonal block of the likelihood
+  curvature (optionally plus the prior, i.e. :math:`\Lambda_B`);
+* :meth:`LayerPosterior.design_weights` -- the per-weight weights of the grid design;
 * :meth:`LayerPosterior.rounding_matrix` -- the input-side matrix ``H`` and damping ``gamma`` of
   error-feedback rounding, or ``None`` where the structure has none (plain rounding);
 * :meth:`LayerPosterior.sample` -- weights drawn from the posterior (Monte-Carlo tables).
@@ -30,17 +31,25 @@ import torch
 from torch import Tensor
 
 
+def _rows(t: Tensor, rows: tuple[int, int]) -> Tensor:
+    """Rows ``r0:r1`` of a weight-shaped tensor viewed as ``(out, cols)``, float64 on the CPU."""
+    return t.reshape(t.shape[0], -1)[rows[0]:rows[1]].cpu().double()
+
+
 @dataclass
 class LayerPosterior:
     r"""Gaussian over one layer's weight: the diagonal structure and the interface of all.
 
-    ``precision`` is always the *diagonal* of the layer's posterior precision, in the weight's
-    shape, so diagonal consumers (the grid design) work for every structure. ``note`` records a
-    fallback (e.g. a grouped convolution that got the diagonal metric inside a ``kron``
-    posterior, or a clamped rank).
+    The precision is :math:`\Lambda = s H + \delta I`: the likelihood curvature (GGN of the
+    training loss, ``s = n_data / n_calib`` times the calibration sum) plus the prior.
 
-    Diagonal structure: :math:`\Lambda = \mathrm{diag}(\lambda)`,
-    ``quad_form`` :math:`= \sum_i \lambda_i dW_i^2`.
+    ``precision`` is always the *diagonal* of :math:`\Lambda` and ``curvature`` the diagonal of
+    :math:`s H`, both in the weight's shape, so diagonal consumers (the grid design) work for
+    every structure. ``note`` records a fallback (e.g. a grouped convolution that got the
+    diagonal metric inside a ``kron`` posterior, or a clamped rank).
+
+    Diagonal structure: :math:`s H = \mathrm{diag}(c)`, ``quad_form``
+    :math:`= \sum_i c_i\, dW_i^2`.
     """
 
     structure: ClassVar[str] = "diag"
@@ -50,24 +59,54 @@ class LayerPosterior:
     precision: Tensor
     prior_precision: float
     note: str | None = None
+    curvature: Tensor | None = None
 
-    def quad_form(self, dW: Tensor, rows: tuple[int, int]) -> float:
-        """:math:`\\mathrm{vec}(dW)^\\top \\Lambda_B \\mathrm{vec}(dW)` of rows ``rows``, in float64."""
-        r0, r1 = rows
-        lam = self.precision.reshape(self.precision.shape[0], -1)[r0:r1].float().cpu().double()
+    def __post_init__(self) -> None:
+        if self.curvature is None:  # e.g. a record built by hand: the precision minus the prior
+            self.curvature = (self.precision - self.prior_precision).clamp_min(0)
+
+    def quad_form(self, dW: Tensor, rows: tuple[int, int], prior: bool = False) -> float:
+        r"""Twice the second-order loss increase :math:`\mathrm{vec}(dW)^\top (sH)_B \mathrm{vec}(dW)`.
+
+        ``dW`` is the error of rows ``rows`` (``(r1 - r0, cols)``), the result in float64.
+        Treating the trained weights as a stationary point of the training loss, this is the
+        expected increase of the task loss from deploying ``mu + dW`` (times two). With
+        ``prior=True`` the prior's :math:`\delta \|dW\|^2` is added: the quadratic form of the
+        posterior precision :math:`\Lambda_B` (the ``score="posterior_precision"`` ablation).
+        """
         dW = dW.double()
-        return float((lam * dW * dW).sum())
+        total = self._curvature_form(dW, rows)
+        if prior:
+            total += self.prior_precision * float((dW * dW).sum())
+        return total
 
-    def rounding_matrix(self, rows: tuple[int, int]) -> tuple[Tensor, float] | None:
+    def _curvature_form(self, dW: Tensor, rows: tuple[int, int]) -> float:
+        return float((_rows(self.curvature, rows) * dW * dW).sum())
+
+    def design_weights(self, rows: tuple[int, int], prior: bool = False) -> Tensor:
+        r"""Per-weight weights ``(r1 - r0, cols)`` (fp32) of the grid design: ``diag(sH)``.
+
+        A row with no curvature at all falls back to unit weights (plain MSE): a zero-weighted
+        objective has no minimiser. ``prior=True``: the diagonal of :math:`\Lambda` instead.
+        """
+        if prior:
+            return _rows(self.precision, rows).float()
+        w = _rows(self.curvature, rows).float()
+        dead = ~(w > 0).any(dim=1)
+        if dead.any():
+            w[dead] = 1.0
+        return w
+
+    def rounding_matrix(self, rows: tuple[int, int], damp: float = 0.01
+                        ) -> tuple[Tensor, float] | None:
         """``(H, gamma)`` for error-feedback rounding of rows ``rows``; ``None``: round to nearest."""
         return None
 
     def sample(self, n: int = 1, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> Tensor:
-        r"""``n`` draws ``mu + sqrt(T) * eps / sqrt(diag(Lambda))`` (fp32, CPU, ``(n, *shape)``).
+        r"""``n`` draws from :math:`N(\mu, T \Lambda^{-1})` (fp32, CPU, ``(n, *shape)``).
 
-        Every structure samples from the diagonal of its precision for now (the independent
-        per-weight marginals' precisions, not the structured covariance).
+        The diagonal structure: ``mu + sqrt(T) * eps / sqrt(precision)``.
         """
         eps = torch.randn((n, *self.mean.shape), generator=generator, dtype=torch.float32)
         scale = self.precision.float().cpu().rsqrt()
@@ -81,10 +120,11 @@ class KronLayerPosterior(LayerPosterior):
     r"""K-FAC: :math:`\Lambda = G \otimes A + \delta I` over ``W.reshape(out, -1).flatten()``.
 
     ``A`` (in x in) and ``G`` (out x out) are normalised so that ``mean(diag G) = 1`` (``A``
-    carries the scale ``n_data / n_calib``); ``precision = outer(diag G, diag A) + delta``.
-    For rows ``r0:r1`` the score is :math:`\mathrm{tr}(G_B\, dW A\, dW^\top) + \delta \|dW\|^2`
-    with :math:`G_B = G[r_0:r_1, r_0:r_1]`, and error feedback rounds under ``A`` damped by
-    :math:`\delta` (the damping the prior implies for a typical row, since ``mean(diag G) = 1``).
+    carries the scale ``n_data / n_calib``); ``curvature = outer(diag G, diag A)`` and
+    ``precision = curvature + delta``. For rows ``r0:r1`` the score is
+    :math:`\mathrm{tr}(G_B\, dW A\, dW^\top)` with :math:`G_B = G[r_0:r_1, r_0:r_1]`, and error
+    feedback rounds under ``A`` damped relative to its own scale,
+    ``gamma = damp * mean(diag A)`` (GPTQ's rule; ``G`` enters the score, not the rounding).
     """
 
     structure: ClassVar[str] = "kron"
@@ -92,15 +132,36 @@ class KronLayerPosterior(LayerPosterior):
     A: Tensor
     G: Tensor
 
-    def quad_form(self, dW: Tensor, rows: tuple[int, int]) -> float:
+    def __post_init__(self) -> None:
+        if self.curvature is None:
+            self.curvature = torch.outer(self.G.diagonal(), self.A.diagonal()).reshape(
+                self.mean.shape)
+
+    def _curvature_form(self, dW: Tensor, rows: tuple[int, int]) -> float:
         r0, r1 = rows
         G = self.G.double().cpu()[r0:r1, r0:r1]
-        A = self.A.double().cpu()
-        dW = dW.double()
-        return float(((G @ dW @ A) * dW).sum() + self.prior_precision * (dW * dW).sum())
+        return float(((G @ dW @ self.A.double().cpu()) * dW).sum())
 
-    def rounding_matrix(self, rows: tuple[int, int]) -> tuple[Tensor, float]:
-        return self.A.double().cpu().float(), self.prior_precision
+    def rounding_matrix(self, rows: tuple[int, int], damp: float = 0.01
+                        ) -> tuple[Tensor, float]:
+        A = self.A.double().cpu().float()
+        return A, damp * float(A.diagonal().double().mean())
+
+    def sample(self, n: int = 1, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        r"""Draws from :math:`N(\mu, T (G \otimes A + \delta I)^{-1})`.
+
+        With :math:`G = Q_G \mathrm{diag}(g) Q_G^\top` and :math:`A = Q_A \mathrm{diag}(a)
+        Q_A^\top`, the precision is diagonal in the Kronecker eigenbasis with eigenvalues
+        :math:`g_i a_j + \delta`: ``W = mu + Q_G (Z / sqrt((g a^T + delta) / T)) Q_A^T``.
+        """
+        g, QG = torch.linalg.eigh(self.G.double().cpu())
+        a, QA = torch.linalg.eigh(self.A.double().cpu())
+        lam = torch.outer(g.clamp_min(0), a.clamp_min(0)) + self.prior_precision
+        out, cols = lam.shape
+        eps = torch.randn((n, out, cols), generator=generator, dtype=torch.float64)
+        dW = QG @ (eps * (temperature / lam).sqrt()) @ QA.T
+        return self.mean.float().cpu() + dW.float().reshape(n, *self.mean.shape)
 
 
 @dataclass(kw_only=True)
@@ -109,9 +170,9 @@ class LowRankLayerPosterior(LayerPosterior):
 
     ``U`` (n_weights x k, orthonormal columns) and ``S`` (k,) are the top eigenpairs of the
     layer's GGN block, ``residual`` :math:`d` (weight-shaped, >= 0) the rest of its diagonal;
-    ``precision = residual + diag(U S U^T) + delta``. For rows ``r0:r1`` the score is
-    :math:`\sum (d_B + \delta) dW^2 + \|S^{1/2} U_B^\top \mathrm{vec}(dW)\|^2` with ``U_B`` the
-    block's rows of ``U`` (the block's diagonal block of :math:`U S U^\top`).
+    ``curvature = residual + diag(U S U^T)`` and ``precision = curvature + delta``. For rows
+    ``r0:r1`` the score is :math:`\sum d_B\, dW^2 + \|S^{1/2} U_B^\top \mathrm{vec}(dW)\|^2`
+    with ``U_B`` the block's rows of ``U`` (the block's diagonal block of :math:`U S U^\top`).
     """
 
     structure: ClassVar[str] = "lowrank"
@@ -120,14 +181,35 @@ class LowRankLayerPosterior(LayerPosterior):
     S: Tensor
     residual: Tensor
 
-    def quad_form(self, dW: Tensor, rows: tuple[int, int]) -> float:
+    def __post_init__(self) -> None:
+        if self.curvature is None:
+            low = (self.U.square() * self.S).sum(1)
+            self.curvature = self.residual + low.view_as(self.residual)
+
+    def _curvature_form(self, dW: Tensor, rows: tuple[int, int]) -> float:
         r0, r1 = rows
         cols = dW.shape[1]
-        d = self.residual.reshape(self.residual.shape[0], -1)[r0:r1].cpu() + self.prior_precision
         U = self.U[r0 * cols: r1 * cols].cpu().double()
-        dW = dW.double()
         proj = U.T @ dW.reshape(-1)
-        return float((d.double() * dW * dW).sum() + (self.S.cpu().double() * proj * proj).sum())
+        return float((_rows(self.residual, rows) * dW * dW).sum()
+                     + (self.S.cpu().double() * proj * proj).sum())
+
+    def sample(self, n: int = 1, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        r"""Draws from :math:`N(\mu, T \Lambda^{-1})`, :math:`\Lambda = D + U S U^\top`.
+
+        With :math:`D = \mathrm{diag}(d + \delta)` and :math:`V = D^{-1/2} U S^{1/2} = P \Sigma
+        R^\top` (thin SVD), :math:`\Lambda = D^{1/2} (I + V V^\top) D^{1/2}`, so
+        :math:`L = D^{-1/2} (I + P ((1 + \Sigma^2)^{-1/2} - 1) P^\top)` has :math:`L L^\top =
+        \Lambda^{-1}`; a draw is ``mu + sqrt(T) L z``.
+        """
+        d = self.residual.double().cpu().reshape(-1) + self.prior_precision
+        V = self.U.double().cpu() / d.sqrt().unsqueeze(1) * self.S.double().cpu().clamp_min(0).sqrt()
+        P, sv, _ = torch.linalg.svd(V, full_matrices=False)
+        z = torch.randn((n, d.numel()), generator=generator, dtype=torch.float64)
+        z = z + ((z @ P) * ((1 + sv * sv).rsqrt() - 1)) @ P.T
+        draws = z / d.sqrt() * temperature ** 0.5
+        return self.mean.float().cpu() + draws.float().reshape(n, *self.mean.shape)
 
 
 @dataclass

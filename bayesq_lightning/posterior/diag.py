@@ -79,9 +79,9 @@ def diag_core(
                                 torch.split(curvature, sizes), strict=True):
         lname, _, kind = pname.rpartition(".")
         if kind == "weight" and lname in wanted:
-            layers[lname] = LayerPosterior(lname, p.detach().clone(), lam.view_as(p).clone(),
-                                           fit.delta)
             curv_out[lname] = h.view_as(p).clone()
+            layers[lname] = LayerPosterior(lname, p.detach().clone(), lam.view_as(p).clone(),
+                                           fit.delta, curvature=curv_out[lname])
     missing = wanted - set(layers)
     if missing:
         raise RuntimeError(f"no curvature was produced for layers {sorted(missing)}")

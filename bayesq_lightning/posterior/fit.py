@@ -76,11 +76,30 @@ def _labelled_dataset(net: nn.Module, batches: list, device: torch.device) -> tu
     return _Samples(items), ("model predictions" if used_predictions else "given")
 
 
+@torch.no_grad()
+def _check_fits(net: nn.Module, batch, device: torch.device) -> None:
+    """One forward pass on the first batch, before any long work: a clear error if it fails."""
+    x, _ = split_batch(batch)
+    try:
+        out = net(inputs_to(x, device, torch.float32))
+    except Exception as exc:  # any failure here means the batches are not the model's input
+        raise ValueError(
+            f"the curvature/calibration batches do not fit the model ({type(exc).__name__}: "
+            f"{exc}); pass batches of the model's input form: (inputs, targets) tuples, bare "
+            "inputs or dict batches"
+        ) from exc
+    if not torch.is_tensor(out) or out.dim() != 2:
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ValueError(f"the model's output on the calibration batches is {shape}, not "
+                         "(batch, classes) logits; the posterior fit needs a classifier")
+
+
 class Prepared:
     """The fp32 clone, the calibration dataset over exactly the calibration samples, its loader."""
 
     def __init__(self, model: nn.Module, batches: list, batch_size: int | None) -> None:
         self.net, self.device, self.modules = fp32_logits_copy(model)
+        _check_fits(self.net, batches[0], self.device)
         self.data, self.labels = _labelled_dataset(self.net, batches, self.device)
         self.n_calib = len(self.data)
         bs = batch_size or batch_size_of(split_batch(batches[0])[0])

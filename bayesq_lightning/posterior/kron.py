@@ -134,7 +134,7 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
                     "K-FAC shares one input factor across groups")
             notes.append(f"{n}: {note}")
             layers[n] = LayerPosterior(n, diag.layers[n].mean, diag.curvature[n] + delta, delta,
-                                       note=note)
+                                       note=note, curvature=diag.curvature[n])
     missing = wanted - set(layers)
     if missing:
         raise RuntimeError(f"no curvature was produced for layers {sorted(missing)}")

@@ -73,7 +73,7 @@ def fit_lowrank(model: nn.Module, batches: list, layer_names: Sequence[str], *, 
         note = next((s.partition(": ")[2] for s in notes if s.startswith(f"{n}: ")), None)
         layers[n] = LowRankLayerPosterior(
             n, fit.layers[n].mean, precision, fit.delta, note=note, U=U, S=S,
-            residual=residual.view_as(weight),
+            residual=residual.view_as(weight), curvature=(residual + low).view_as(weight),
         )
     return Posterior(
         layers=layers, structure="lowrank", prior_precision=fit.delta, n_data=n_data,

@@ -680,6 +680,7 @@ def design_nonuniform(
     tol: float = 1e-6,
     objective: str = "expected",
     round_mean: bool = True,
+    weight: torch.Tensor | None = None,
 ) -> NonuniformGrid:
     r"""``2**bits`` fp16 levels per block (or per row) by posterior-weighted Lloyd-Max.
 
@@ -722,6 +723,9 @@ def design_nonuniform(
         Posterior mixture (Lloyd-Max) or precision-weighted point masses (weighted k-means).
     round_mean : bool
         Round ``mu`` onto the codebook; ``False`` leaves ``codes=None`` (error feedback follows).
+    weight : torch.Tensor, optional
+        Importance of each weight in the objective (e.g. the curvature), broadcastable to
+        ``mu``; default ``precision``. ``precision`` then only sets the posterior's spread.
 
     Returns
     -------
@@ -735,10 +739,14 @@ def design_nonuniform(
     if objective not in RANGE_OBJECTIVES:
         raise ValueError(f"objective={objective!r}: use one of {RANGE_OBJECTIVES}")
     L = 2**bits
-    sigma = weight = None
+    sigma = None
     if precision is not None:
-        weight = precision.to(torch.float64).expand(mu.shape).clamp_min(1e-30)
-        sigma = weight.rsqrt() if objective == "expected" else None
+        lam = precision.to(torch.float64).expand(mu.shape).clamp_min(1e-30)
+        sigma = lam.rsqrt() if objective == "expected" else None
+        weight = lam if weight is None else weight.to(torch.float64).expand(mu.shape).clamp_min(
+            1e-30)
+    else:  # plain k-means on the point values
+        weight = None
     x = mu if per_row else mu.reshape(-1)
     res = lloyd_max(
         x,

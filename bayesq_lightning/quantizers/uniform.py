@@ -155,18 +155,22 @@ def design_uniform(
     objective: str = "deployed",
     shrink_grid: int = 24,
     round_mean: bool = True,
+    weight: torch.Tensor | None = None,
 ) -> UniformGrid:
     r"""Asymmetric uniform grid per row (or group), clipping range chosen under the posterior.
 
     For each row and candidate shrink factor ``p`` the grid spans ``[p min(mu), p max(mu)]`` and
     the ``p`` with the smallest whitened cost is kept:
 
-    * ``objective="deployed"``: the deployed risk :math:`\sum_i \lambda_i (Q(\mu_i) - \mu_i)^2`
-      (the weights actually stored are ``Q(mu)``; this is the score the tables use);
+    * ``objective="deployed"``: the weighted error of the stored weights
+      :math:`\sum_i c_i (Q(\mu_i) - \mu_i)^2` (the weights actually stored are ``Q(mu)``; with
+      ``c`` the curvature this is the score the tables use);
     * ``objective="expected"``: the posterior-expected distortion
-      :math:`\sum_i E_w[(Q(w_i) - w_i)^2] \lambda_i` (closed form above).
+      :math:`\sum_i c_i E_{w_i \sim N(\mu_i, 1/\lambda_i)}[(Q(w_i) - w_i)^2]` (closed form
+      above), with :math:`\lambda` the posterior precision.
 
-    With ``precision=None`` the range is plain min-max (the round-to-nearest baseline).
+    The weights ``c`` are ``weight`` (default: ``precision``). With ``precision=None`` the range
+    is plain min-max (the round-to-nearest baseline).
 
     Parameters
     ----------
@@ -185,6 +189,8 @@ def design_uniform(
     round_mean : bool
         Round ``mu`` onto the grid (``codes``); ``False`` leaves ``codes=None`` for a caller
         that rounds by error feedback anyway.
+    weight : torch.Tensor, optional
+        Per-weight importance ``c`` of the objective, ``(rows, cols)``; default ``precision``.
     """
     mu = mu.float()
     g_mu = _grouped(mu, group_size)
@@ -196,6 +202,7 @@ def design_uniform(
         scale, zero = _grid_from_range(lo, hi, bits)
     else:
         lam = torch.nan_to_num(_grouped(precision.float(), group_size))  # 0 on padding
+        imp = lam if weight is None else torch.nan_to_num(_grouped(weight.float(), group_size))
         mu0 = torch.nan_to_num(g_mu)
         best = torch.full(lo.shape, math.inf)
         scale = zero = None
@@ -208,7 +215,7 @@ def design_uniform(
             else:
                 err = expected_sq_error_uniform(mu0, lam.clamp_min(1e-30).rsqrt(), s_e, z_e,
                                                 2**bits)
-            cost = (lam * err).sum(dim=2)
+            cost = (imp * err).sum(dim=2)
             if scale is None:
                 scale, zero, best = s_p, z_p, cost
                 continue
