@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .quantizers.uniform import RANGE_OBJECTIVES
 from .rounding import output_error
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 
 SCORES = ("curvature", "posterior_precision")
+DESIGNS = ("auto", "minmax", *RANGE_OBJECTIVES)  # BayesQConfig.range_objective
 
 
 @dataclass(frozen=True)
@@ -137,9 +139,17 @@ class Method:
         """The structure this method fits under ``cfg`` (``None``: no posterior)."""
         return cfg.structure if self.posterior == "config" else self.posterior
 
-    def design_objective(self, cfg: BayesQConfig) -> str:
-        """The range objective of this method's grid design under ``cfg``."""
-        return cfg.range_objective if self.posterior_design else "deployed"
+    def design_objectives(self, cfg: BayesQConfig, feedback: bool) -> tuple[str, ...]:
+        """The grid designs tried for a block under ``cfg`` (each one a knapsack candidate).
+
+        ``"minmax"``, ``"deployed"`` or ``"expected"``; ``feedback``: the block's codes come
+        from error-feedback rounding. ``"auto"`` tries both the weights' own range and the
+        clipped one under feedback, and lets the block's score choose.
+        """
+        objective = cfg.range_objective if self.posterior_design else "deployed"
+        if objective == "auto":
+            return ("minmax", "deployed") if feedback else ("deployed",)
+        return (objective,)
 
 
 METHODS_TABLE: dict[str, Method] = {

@@ -54,3 +54,49 @@ def evaluate(
         raise ValueError("the evaluation loader yielded no batches")
     return {"accuracy": float(acc.compute()), "nll": float(nll.compute()),
             "ece": float(ece.compute())}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` of ``model`` over every labelled batch of ``loader`` (CPU, fp32)."""
+    net = LogitsModel(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits, labels = [], []
+    try:
+        for batch in loader:
+            x, y = split_batch(batch)
+            if y is None:
+                raise ValueError("prediction metrics need labelled batches")
+            logits.append(net(inputs_to(x, device)).float().cpu())
+            labels.append(y.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """``{"accuracy", "nll", "ece"}`` of precomputed logits (the metrics of :func:`evaluate`)."""
+    c = logits.shape[-1]
+    probs = logits.softmax(-1)
+    return {
+        "accuracy": float(MulticlassAccuracy(num_classes=c, average="micro")(probs, labels)),
+        "nll": float(F.cross_entropy(logits, labels)),
+        "ece": float(MulticlassCalibrationError(num_classes=c, n_bins=15, norm="l1")(probs,
+                                                                                     labels)),
+    }
+
+
+def bootstrap_se(values, n_boot: int = 1000, seed: int = 0) -> float:
+    """Bootstrap standard error of the mean of per-example ``values``.
+
+    Pass per-example differences of two models on the same examples (e.g. correctness of A
+    minus correctness of B) for a *paired* standard error.
+    """
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
+    return float(values[idx].mean(axis=1).std(ddof=1))

@@ -138,6 +138,7 @@ def quantize_model(
 
     n_weights = sum(m.weight.numel() for _, m in named)
     budget = _budget_bits(cfg, n_weights)
+    info["min_bits_per_weight"] = sum(min(o.cost for o in opts) for opts in options) / n_weights
     t_alloc = time.perf_counter()
     choice = _allocate(options, budget, cfg, n_weights)                                # 6
     info["allocation_seconds"] = time.perf_counter() - t_alloc
@@ -256,19 +257,20 @@ def _candidates(blocks: list[Block], method: Method, cfg: BayesQConfig, progress
                 ) -> tuple[list[list[Option]], list[list[BlockResult]]]:
     """Stage 5: every block's candidates (width x quantizer) and their (cost, score) options."""
     quantizers = ("uniform", "nonuniform") if cfg.quantizer == "auto" else (cfg.quantizer,)
-    objective = method.design_objective(cfg)
     options, candidates = [], []
     for block in _progress(blocks, progress, "bayesq candidates"):
+        objectives = method.design_objectives(cfg, feedback=block.H is not None)
         opts, cands = [], []
         for bits in block.bits:
             for quantizer in quantizers:
-                cand = _design(block, bits, quantizer, objective, cfg)
-                if block.H is not None:  # gptq, bayesq-kron: error-feedback rounding
-                    cand = feedback_round_block(cand, block.w, block.H, block.layer_rows,
-                                                cfg.damp, cfg.act_order)
-                loss = candidate_loss(block, cand)
-                opts.append(Option(block_storage_bits(cand), loss, bits, quantizer))
-                cands.append(cand)
+                for objective in objectives:
+                    cand = _design(block, bits, quantizer, objective, cfg)
+                    if block.H is not None:  # gptq, bayesq-kron: error-feedback rounding
+                        cand = feedback_round_block(cand, block.w, block.H, block.layer_rows,
+                                                    cfg.damp, cfg.act_order)
+                    loss = candidate_loss(block, cand)
+                    opts.append(Option(block_storage_bits(cand), loss, bits, quantizer))
+                    cands.append(cand)
         options.append(opts)
         candidates.append(cands)
     return options, candidates
@@ -278,16 +280,21 @@ def _design(block: Block, bits: int, quantizer: str, objective: str,
             cfg: BayesQConfig) -> BlockResult:
     """The candidate grid or codebook of ``block`` at ``bits``.
 
-    The mean's nearest codes are only computed where no error feedback replaces them.
+    ``objective`` is ``"minmax"`` (no clipping search; plain k-means codebooks), ``"deployed"``
+    or ``"expected"``. The mean's nearest codes are only computed where no error feedback
+    replaces them.
     """
     round_mean = block.H is None
+    precision = block.precision
+    if objective == "minmax":  # the weights' own range, no clipping search
+        precision, objective = None, "deployed"
     if quantizer == "uniform":
-        grid = design_uniform(block.w, bits, precision=block.precision,
+        grid = design_uniform(block.w, bits, precision=precision,
                               group_size=cfg.group_size, objective=objective,
                               round_mean=round_mean, weight=block.weight)
         return BlockResult(block.rows, bits, "uniform", cfg.group_size, grid.codes,
                            grid.scale, grid.zero)
-    grid = design_nonuniform(block.w, bits, precision=block.precision,
+    grid = design_nonuniform(block.w, bits, precision=precision,
                              per_row=cfg.per_row_codebook, objective=objective,
                              round_mean=round_mean, weight=block.weight)
     return BlockResult(block.rows, bits, "nonuniform", None, grid.codes, codebook=grid.codebook)

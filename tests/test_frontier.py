@@ -1,0 +1,37 @@
+"""Smoke version of benchmarks/frontier.py: a tiny model, two budgets, every method."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+
+import frontier  # noqa: E402
+
+
+def test_frontier_smoke(tmp_path):
+    budgets = [2.5, 3.0]
+    rows = frontier.run_case(frontier.tiny_case(), budgets, list(frontier.METHODS),
+                             uniform_gptq=(2,), log=lambda *_: None)
+    frontier.write(rows, tmp_path, "frontier", seconds=1.0)
+    methods = [r["method"] for r in rows]
+    assert methods[0] == "fp32" and methods[-1] == "gptq uniform b2"
+    assert len(rows) == 1 + len(frontier.METHODS) * len(budgets) + 1
+    for name in frontier.METHODS:
+        mine = [r for r in rows if r["method"] == name]
+        assert [r["bits"] for r in mine] == budgets
+        for r in mine:  # the budget holds, metadata included, and every metric is finite
+            assert r["bits_per_weight"] <= r["bits"] + 1e-9
+            assert all(math.isfinite(r[k]) for k in ("accuracy", "nll", "ece", "accuracy_se",
+                                                      "d_gptq", "d_gptq_se", "prep_s"))
+            assert 0 <= r["accuracy"] <= 1
+    gptq = [r for r in rows if r["method"] == "gptq"]
+    assert all(r["d_gptq"] == 0 and r["d_gptq_se"] == 0 for r in gptq)
+    saved = json.loads((tmp_path / "frontier.json").read_text())
+    assert len(saved["rows"]) == len(rows)
+    table = (tmp_path / "frontier.md").read_text()
+    assert table.count("\n| ") == len(rows) + 1  # header + one line per row
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
