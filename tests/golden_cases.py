@@ -1,7 +1,9 @@
 """Golden fixtures: bit-exact fingerprints of quantization runs on a trained digits CNN.
 
-Recorded once from the commit before the package was reorganised (issue 8, "a move, not a
-rewrite"), compared by ``tests/test_golden.py``. The trained weights are stored beside the
+First recorded on the commit before the package was reorganised (issue 8, "a move, not a
+rewrite"; the reorganised code reproduced them bit for bit), then re-recorded once when the
+scores became curvature-only with relative damping (issue 9, an intended change). Compared by
+``tests/test_golden.py``. The trained weights are stored beside the
 fingerprints (``tests/golden/digits_cnn.safetensors``) so that training noise never enters.
 
 Record (only when a change of behaviour is intended, and say so in the commit)::
