@@ -132,9 +132,10 @@ def test_mc_tables_end_to_end_with_refinement(trained, loader):
                        prior_precision=1.0)
     res = quantize_model(trained, loader, cfg, progress=False)
     assert res.bits_per_weight <= 3.0
-    # S * (1 + sum over refined blocks of (1 + candidates)) passes over the 8 batches
+    # S * (1 + sum over refined blocks of (1 + candidates)) passes over the 8 batches; under
+    # error feedback each of the 4 widths has an unclipped and a clipped grid: 8 candidates
     assert res.info["mc_blocks"] == 2
-    assert res.info["mc_forward_passes"] == 2 * (1 + 2 * (1 + 4)) * 8
+    assert res.info["mc_forward_passes"] == 2 * (1 + 2 * (1 + 8)) * 8
     assert len(res.info["mc_stderr"]) == 2  # the chosen candidates' standard errors
     assert all(math.isfinite(se) and se >= 0 for se in res.info["mc_stderr"].values())
 
