@@ -91,8 +91,10 @@ class BayesQCallback(Callback):
     def _calibration_batches(self, trainer: pl.Trainer) -> tuple[list, int | None]:
         """This rank's share of the ``calib_batches`` calibration batches, and ``n_data``.
 
-        The source is the datamodule's ``calibration_dataloader()`` when it defines one, else a
-        seeded random subset of the training set batched like the train loader. Every rank builds
+        The source is the datamodule's ``calibration_dataloader()`` when it defines one (the
+        bundled datamodules return their calibration hold-out: samples never trained on, whose
+        curvature is not the near-zero one of fitted training samples), else a seeded random
+        subset of the training set batched like the train loader. Every rank builds
         the same global list and keeps batches ``rank::world_size``: no sample is counted twice
         (a ``DistributedSampler``'s padding never enters) and ``calib_batches`` is a global count.
         """
