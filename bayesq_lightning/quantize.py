@@ -117,6 +117,9 @@ def quantize_model(
     batches, n_calib = _calibration(method, calibration_loader, cfg)                   # 2
     curv_batches, n_curv = batches, n_calib
     if curvature_loader is not None:
+        if posterior is not None:
+            raise ValueError("curvature_loader feeds the posterior fit, which a given posterior "
+                             "skips; pass one or the other")
         if method.posterior_structure(cfg) is None:
             raise ValueError(f"curvature_loader feeds the posterior fit, which method="
                              f"{cfg.method!r} does not do; drop it or use bayesq/hawq")
@@ -215,6 +218,13 @@ def _posterior(model: nn.Module, method: Method, cfg: BayesQConfig, batches: lis
             f"{sorted(names)}); fit it with the same structure and layer selection, or pass "
             "posterior=None"
         )
+    if given is not None:
+        modules = dict(model.named_modules())
+        wrong = [n for n in names if tuple(given.layers[n].mean.shape)
+                 != tuple(modules[n].weight.shape)]
+        if wrong:
+            raise ValueError(f"the given posterior's layers {wrong} have other shapes than this "
+                             "model's; it was fitted on another model: pass posterior=None")
     posterior = given
     if wanted is not None and posterior is None:
         if reduce is not None:  # the fallback must be the global count, as in the fit

@@ -228,7 +228,8 @@ def run_case(case: Case, budgets: Sequence[float], methods: Sequence[str],
             res = quantize_model(
                 case.model, case.calib, cfg, n_data=case.n_data, progress=False,
                 posterior=posterior,
-                curvature_loader=case.train_sample if curvature == "train" else None)
+                curvature_loader=(case.train_sample if curvature == "train" and posterior is None
+                                  else None))  # a reused posterior already has its curvature
             prep = time.perf_counter() - t0
             if posterior is not None:
                 prep += res.info.get("posterior_seconds", 0.0)  # the reused fit, counted once

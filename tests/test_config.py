@@ -86,3 +86,13 @@ def test_every_choice_of_every_option_is_accepted(field, choices):
 def test_scores_damping_and_temperature_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BayesQConfig(**kwargs)
+
+
+def test_callback_baselines_drop_mc_only_options():
+    from bayesq_lightning import BayesQCallback
+
+    cb = BayesQCallback(bits=3.0, tables="mc", mc_refine_top_k=4, compare=("rtn", "hawq"))
+    rtn = cb._baseline_config(cb.config, "rtn")
+    assert rtn.tables == "closed_form" and rtn.mc_refine_top_k is None
+    hawq = cb._baseline_config(cb.config, "hawq")  # hawq has a posterior: MC tables apply
+    assert hawq.tables == "mc" and hawq.mc_refine_top_k == 4

@@ -424,3 +424,16 @@ def test_structured_samples_have_the_posterior_covariance(structure):
         expected = T * torch.linalg.inv(_dense_precision(lp))
         torch.testing.assert_close(cov, expected, atol=0.03 * float(expected.diagonal().max()),
                                    rtol=0)
+
+
+def test_design_weights_dead_rows_fall_back_to_a_constant():
+    from bayesq_lightning.posterior import LayerPosterior
+
+    curv = torch.tensor([[0.0, 0.0, 0.0], [2.0, 4.0, 0.0], [1.0, 1.0, 1.0]])
+    lp = LayerPosterior("l", torch.zeros(3, 3), curv + 0.5, 0.5, curvature=curv)
+    w = lp.design_weights((0, 3))
+    # a dead row weighs its own errors alike (MSE), and barely moves a shared codebook
+    assert torch.equal(w[1:], curv[1:]) and (w[0] == w[0, 0]).all()
+    assert 0 < float(w[0, 0]) < 1e-5 * float(curv[curv > 0].mean())
+    assert torch.equal(lp.design_weights((0, 1)), torch.ones(1, 3))  # a whole dead block
+    torch.testing.assert_close(lp.design_weights((0, 3), prior=True), curv + 0.5)

@@ -247,6 +247,15 @@ def test_posterior_is_reused_across_budgets(trained, loader):
     with pytest.raises(ValueError, match="does not match this run"):
         quantize_model(trained, loader, BayesQConfig(structure="diag"), progress=False,
                        posterior=first.posterior)
+    other = type(trained)()
+    other.fc1 = torch.nn.Linear(128, 16)  # same layer names, another shape
+    other.fc2 = torch.nn.Linear(16, 4)
+    with pytest.raises(ValueError, match=r"\['fc1', 'fc2'\] have other shapes"):
+        quantize_model(other, loader, BayesQConfig(bits=3.0), progress=False,
+                       posterior=first.posterior)
+    with pytest.raises(ValueError, match="a given posterior skips"):
+        quantize_model(trained, loader, BayesQConfig(bits=3.0), progress=False,
+                       posterior=first.posterior, curvature_loader=loader)
 
 
 @pytest.mark.parametrize(("quantizer", "per_row", "structure"),

@@ -136,8 +136,9 @@ class BayesQCallback(Callback):
 
     def _baseline_config(self, cfg: BayesQConfig, method: str) -> BayesQConfig:
         """``cfg`` for a compared method; posterior-free methods score in closed form."""
-        tables = cfg.tables if METHODS_TABLE[method].supports_mc_tables else "closed_form"
-        return dataclasses.replace(cfg, method=method, tables=tables)
+        if METHODS_TABLE[method].supports_mc_tables:
+            return dataclasses.replace(cfg, method=method)
+        return dataclasses.replace(cfg, method=method, tables="closed_form", mc_refine_top_k=None)
 
     @staticmethod
     def _val_loader(trainer: pl.Trainer):

@@ -206,7 +206,9 @@ class SentimentDataModule(_TensorDataModule):
 
     A fixed shuffle gives ``n_train`` training sentences, a calibration hold-out of
     ``calib_samples`` and the rest as the test split. Batches are dicts with ``input_ids``,
-    ``attention_mask`` and ``labels``.
+    ``attention_mask`` and ``labels``. The splits are disjoint by record; the source files repeat
+    19 sentences verbatim, so a few test sentences also occur in training (kept: the dataset
+    as published).
     """
 
     def __init__(self, root: str, tokenizer, max_length: int = 64, n_train: int = 1500,
@@ -217,6 +219,9 @@ class SentimentDataModule(_TensorDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        for name in ("n_train", "calib_samples"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
         pairs = load_sentiment(self.root)
         enc = self.tokenizer([t for t, _ in pairs], padding="max_length", truncation=True,
                              max_length=self.max_length, return_tensors="pt")

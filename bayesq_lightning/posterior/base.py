@@ -86,15 +86,19 @@ class LayerPosterior:
     def design_weights(self, rows: tuple[int, int], prior: bool = False) -> Tensor:
         r"""Per-weight weights ``(r1 - r0, cols)`` (fp32) of the grid design: ``diag(sH)``.
 
-        A row with no curvature at all falls back to unit weights (plain MSE): a zero-weighted
-        objective has no minimiser. ``prior=True``: the diagonal of :math:`\Lambda` instead.
+        A row with no curvature at all falls back to a constant weight, i.e. plain MSE for its
+        own grid (a zero-weighted objective has no minimiser): 1e-6 of the block's mean live
+        curvature, so that it barely moves a codebook shared with live rows (whose errors are
+        what the score counts), or 1 where the whole block is dead. ``prior=True``: the
+        diagonal of :math:`\Lambda` instead.
         """
         if prior:
             return _rows(self.precision, rows).float()
         w = _rows(self.curvature, rows).float()
         dead = ~(w > 0).any(dim=1)
         if dead.any():
-            w[dead] = 1.0
+            live = w[~dead]
+            w[dead] = 1e-6 * float(live[live > 0].mean()) if len(live) else 1.0
         return w
 
     def rounding_matrix(self, rows: tuple[int, int], damp: float = 0.01
