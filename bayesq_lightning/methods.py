@@ -76,7 +76,7 @@ def _bayesq(ctx: BlockContext) -> BlockInputs:
     prior = ctx.score == "posterior_precision"
     precision = lp.precision.reshape_as(ctx.w)[r0:r1].float().cpu()
     rounding = lp.rounding_matrix(ctx.rows)
-    return BlockInputs(precision, partial(lp.quad_form, rows=ctx.rows, prior=prior),
+    return BlockInputs(precision, lp.block_form(ctx.rows, prior),
                        None if rounding is None else rounding[0],
                        lp.design_weights(ctx.rows, prior=prior))
 

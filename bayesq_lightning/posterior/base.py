@@ -24,6 +24,7 @@ the factors:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -74,14 +75,28 @@ class LayerPosterior:
         ``prior=True`` the prior's :math:`\delta \|dW\|^2` is added: the quadratic form of the
         posterior precision :math:`\Lambda_B` (the ``score="posterior_precision"`` ablation).
         """
-        dW = dW.double()
-        total = self._curvature_form(dW, rows)
-        if prior:
-            total += self.prior_precision * float((dW * dW).sum())
-        return total
+        return self.block_form(rows, prior)(dW)
 
-    def _curvature_form(self, dW: Tensor, rows: tuple[int, int]) -> float:
-        return float((_rows(self.curvature, rows) * dW * dW).sum())
+    def block_form(self, rows: tuple[int, int], prior: bool = False) -> Callable[[Tensor], float]:
+        """:meth:`quad_form` of rows ``rows`` as a function of ``dW``, its factors in float64 once.
+
+        The pipeline scores every candidate of a block (each width and grid) with one of these.
+        """
+        curvature = self._curvature_form(rows)
+        delta = self.prior_precision
+
+        def form(dW: Tensor) -> float:
+            dW = dW.double()
+            total = curvature(dW)
+            if prior:
+                total += delta * float((dW * dW).sum())
+            return total
+
+        return form
+
+    def _curvature_form(self, rows: tuple[int, int]) -> Callable[[Tensor], float]:
+        c = _rows(self.curvature, rows)
+        return lambda dW: float((c * dW * dW).sum())
 
     def design_weights(self, rows: tuple[int, int], prior: bool = False) -> Tensor:
         r"""Per-weight weights ``(r1 - r0, cols)`` (fp32) of the grid design: ``diag(sH)``.
@@ -142,14 +157,14 @@ class KronLayerPosterior(LayerPosterior):
             self.curvature = torch.outer(self.G.diagonal(), self.A.diagonal()).reshape(
                 self.mean.shape)
 
-    def _curvature_form(self, dW: Tensor, rows: tuple[int, int]) -> float:
+    def _curvature_form(self, rows: tuple[int, int]) -> Callable[[Tensor], float]:
         r0, r1 = rows
-        G = self.G.double().cpu()[r0:r1, r0:r1]
-        return float(((G @ dW @ self.A.double().cpu()) * dW).sum())
+        G, A = self.G.double().cpu()[r0:r1, r0:r1], self.A.double().cpu()
+        return lambda dW: float(((G @ dW @ A) * dW).sum())
 
     def rounding_matrix(self, rows: tuple[int, int], damp: float = 0.01
                         ) -> tuple[Tensor, float]:
-        A = self.A.double().cpu().float()
+        A = self.A.cpu().float()
         return A, damp * float(A.diagonal().double().mean())
 
     def sample(self, n: int = 1, temperature: float = 1.0,
@@ -194,13 +209,17 @@ class LowRankLayerPosterior(LayerPosterior):
             low = (self.U.square() * self.S).sum(1)
             self.curvature = self.residual + low.view_as(self.residual)
 
-    def _curvature_form(self, dW: Tensor, rows: tuple[int, int]) -> float:
+    def _curvature_form(self, rows: tuple[int, int]) -> Callable[[Tensor], float]:
         r0, r1 = rows
-        cols = dW.shape[1]
+        cols = self.residual[0].numel()
         U = self.U[r0 * cols: r1 * cols].cpu().double()
-        proj = U.T @ dW.reshape(-1)
-        return float((_rows(self.residual, rows) * dW * dW).sum()
-                     + (self.S.cpu().double() * proj * proj).sum())
+        d, S = _rows(self.residual, rows), self.S.cpu().double()
+
+        def form(dW: Tensor) -> float:
+            proj = U.T @ dW.reshape(-1)
+            return float((d * dW * dW).sum() + (S * proj * proj).sum())
+
+        return form
 
     def sample(self, n: int = 1, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> Tensor:
