@@ -22,8 +22,8 @@ def plot_frontier(rows: Sequence[Mapping], path: str | Path, highlight: str = "b
     """Accuracy against stored bits per weight, one line per method, one panel per ``case``.
 
     ``rows`` carry ``method``, ``bits_per_weight``, ``accuracy``, ``accuracy_se`` and optionally
-    ``case``; a ``fp32`` row is drawn as a dotted reference line; methods whose name contains
-    ``uniform`` (one width everywhere) as single markers.
+    ``case``; a ``fp32`` row is drawn as a dotted reference line; rows marked ``fixed_width``
+    (one width everywhere) as single markers.
     """
     plt = _pyplot()
     cases = list(dict.fromkeys(r.get("case", "") for r in rows))
@@ -34,10 +34,11 @@ def plot_frontier(rows: Sequence[Mapping], path: str | Path, highlight: str = "b
             if r["method"] == "fp32":
                 ax.axhline(r["accuracy"], color="k", ls=":", lw=1, label="fp32")
         for method in dict.fromkeys(r["method"] for r in sub if r["method"] != "fp32"):
+            mine = [r for r in sub if r["method"] == method]
             pts = sorted((r["bits_per_weight"], r["accuracy"], r.get("accuracy_se", 0.0))
-                         for r in sub if r["method"] == method)
+                         for r in mine)
             x, y, e = zip(*pts, strict=True)
-            style = (dict(marker="s", ls="none", ms=6) if "uniform" in method else
+            style = (dict(marker="s", ls="none", ms=6) if mine[0].get("fixed_width") else
                      dict(marker="o", ms=3, lw=2.2 if method == highlight else 1))
             ax.errorbar(x, y, yerr=e, label=method, capsize=2, **style)
         ax.set_title(case)

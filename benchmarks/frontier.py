@@ -20,7 +20,7 @@ hold-out (``bayesq kron train-curv`` estimates the curvature on training samples
 Lanczos took 142 s per fit on the Fashion CNN on 16 cores, beyond this benchmark's time budget.
 
 Accuracy standard errors are bootstrap standard errors over the test examples (1000 resamples,
-:func:`bayesq_lightning.metrics.bootstrap_se`);
+:mod:`bayesq_lightning.sweep`);
 ``d_gptq`` is the accuracy difference to mixed GPTQ at the same budget with its *paired*
 bootstrap standard error (same resampled examples for both). Posteriors are fitted once per
 method and case and reused across budgets: ``prep_s`` is the fit plus this budget's tables.
@@ -43,15 +43,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bayesq_lightning import BayesQConfig, quantize_model  # noqa: E402
-from bayesq_lightning.metrics import bootstrap_se, metrics_from_logits, predict  # noqa: E402
 from bayesq_lightning.report import plot_frontier  # noqa: E402
+from bayesq_lightning.sweep import cheapest_bits, paired_differences, score, sweep  # noqa: E402
 
 CACHE = Path(os.environ.get("BAYESQ_BENCH_CACHE", ".cache/bench"))
 SENTIMENT_DIR = CACHE / "sentiment" / "package" / "test" / "fixtures"
@@ -174,90 +173,34 @@ CASES: dict[str, Callable[[], Case]] = {
 }
 
 
-# --------------------------------------------------------------------------- statistics
-
-
-def _predict(model: torch.nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`predict` with every packed layer decoding its weight once (same outputs)."""
-    for m in model.modules():
-        if hasattr(m, "cache_dequantized"):
-            m.cache_dequantized = True
-    return predict(model, loader)
-
-
-def _scores(logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    m = metrics_from_logits(logits, labels)
-    correct = (logits.argmax(-1) == labels).double().numpy()
-    return {**m, "accuracy_se": bootstrap_se(correct), "_correct": correct}
-
-
 # --------------------------------------------------------------------------- runs
 
 
 def min_feasible_bits(case: Case, allowed=(2, 3, 4, 8)) -> float:
     """Bits/weight of the cheapest allocation (every block at its narrowest width)."""
-    from bayesq_lightning.allocate import InfeasibleBudgetError
-
-    try:
-        quantize_model(case.model, None, BayesQConfig(bits=0.01, method="rtn",
-                                                      allowed_bits=allowed), progress=False)
-    except InfeasibleBudgetError as err:
-        n = sum(m.weight.numel() for m in case.model.modules()
-                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
-        return err.min_cost / n
-    raise RuntimeError("a 0.01-bit budget was feasible")
+    return cheapest_bits(case.model, allowed)
 
 
 def run_case(case: Case, budgets: Sequence[float], methods: Sequence[str],
              uniform_gptq: Sequence[int] = (2, 3, 4), log: Callable = print) -> list[dict]:
     """Every method at every budget on one case; rows with metrics and paired SEs."""
     torch.manual_seed(0)
-    rows: list[dict] = []
-    fp32 = _scores(*predict(case.model, case.test))
-    rows.append({"case": case.name, "method": "fp32", "bits": 32.0, "bits_per_weight": 32.0,
-                 **fp32, "prep_s": 0.0})
-    log(f"[{case.name}] fp32 accuracy {fp32['accuracy']:.4f}")
-    gptq_at: dict[float, np.ndarray] = {}
+    specs = {}
     for name in methods:
         fields = dict(METHODS[name])
-        curvature = fields.pop("_curvature", None)
-        posterior = None
-        for bits in budgets:
-            cfg = BayesQConfig(bits=bits, **case.config, **fields)
-            t0 = time.perf_counter()
-            res = quantize_model(
-                case.model, case.calib, cfg, n_data=case.n_data, progress=False,
-                posterior=posterior,
-                curvature_loader=(case.train_sample if curvature == "train" and posterior is None
-                                  else None))  # a reused posterior already has its curvature
-            prep = time.perf_counter() - t0
-            if posterior is not None:
-                prep += res.info.get("posterior_seconds", 0.0)  # the reused fit, counted once
-            posterior = res.posterior
-            s = _scores(*_predict(res.model, case.test))
-            if name == "gptq":
-                gptq_at[bits] = s["_correct"]
-            rows.append({"case": case.name, "method": name, "bits": bits,
-                         "bits_per_weight": res.bits_per_weight, **s, "prep_s": prep})
-            log(f"[{case.name}] {name:>24} @ {bits:.3f}: acc {s['accuracy']:.4f} "
-                f"+- {s['accuracy_se']:.4f}, nll {s['nll']:.4f}, ece {s['ece']:.4f}, "
-                f"{res.bits_per_weight:.3f} b/w, {prep:.1f} s")
-    for b in uniform_gptq:
+        if fields.pop("_curvature", None) == "train":
+            fields["curvature_loader"] = case.train_sample
+        specs[name] = fields
+    rows = sweep(case.model, case.calib, case.test, budgets, specs, n_data=case.n_data,
+                 config=case.config, log=lambda line: log(f"[{case.name}] {line}"))
+    for b in uniform_gptq:  # plain GPTQ at one width everywhere, at its achieved bits
         cfg = BayesQConfig(bits=16.0, method="gptq", allowed_bits=(b,), **case.config)
         t0 = time.perf_counter()
         res = quantize_model(case.model, case.calib, cfg, n_data=case.n_data, progress=False)
-        s = _scores(*_predict(res.model, case.test))
-        rows.append({"case": case.name, "method": f"gptq uniform b{b}", "bits": float(b),
-                     "bits_per_weight": res.bits_per_weight, **s,
+        rows.append({"method": f"gptq uniform b{b}", "bits": float(b), "fixed_width": True,
+                     "bits_per_weight": res.bits_per_weight, **score(res.model, case.test),
                      "prep_s": time.perf_counter() - t0})
-    for r in rows:  # paired differences against FP32 and against mixed GPTQ at that budget
-        c = r.pop("_correct")
-        r["d_fp32"] = r["accuracy"] - fp32["accuracy"]
-        r["d_fp32_se"] = bootstrap_se(c - fp32["_correct"])
-        if r["bits"] in gptq_at and "uniform" not in r["method"] and r["method"] != "fp32":
-            r["d_gptq"] = float((c - gptq_at[r["bits"]]).mean())
-            r["d_gptq_se"] = bootstrap_se(c - gptq_at[r["bits"]])
-    return rows
+    return [{"case": case.name, **r} for r in paired_differences(rows, "gptq")]
 
 
 # --------------------------------------------------------------------------- output
@@ -275,7 +218,7 @@ def markdown(rows: Sequence[dict]) -> str:
         for r in (r for r in rows if r["case"] == case):
             d = (f"{100 * r['d_gptq']:+.2f} ± {100 * r['d_gptq_se']:.2f} pt"
                  if "d_gptq" in r else "")
-            budget = "" if r["method"] == "fp32" or "uniform" in r["method"] else f"{r['bits']:g}"
+            budget = "" if r["method"] == "fp32" or r.get("fixed_width") else f"{r['bits']:g}"
             out.append(f"| {r['method']} | {budget} | {r['bits_per_weight']:.3f} | "
                        f"{r['accuracy']:.4f} ± {r['accuracy_se']:.4f} | {d} | {r['nll']:.4f} | "
                        f"{r['ece']:.4f} | {r['prep_s']:.1f} |")

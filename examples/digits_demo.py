@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 
-from bayesq_lightning import BayesQCallback, BayesQConfig, quantize_model
+from bayesq_lightning import BayesQCallback
 from bayesq_lightning.lightning.data import DigitsDataModule
 from bayesq_lightning.lightning.models import DigitsCNN
-from bayesq_lightning.metrics import bootstrap_se, metrics_from_logits, predict
 from bayesq_lightning.report import plot_allocation, plot_frontier
+from bayesq_lightning.sweep import paired_differences, sweep
 
 METHODS = {"rtn": {"method": "rtn"}, "mse": {"method": "mse"}, "gptq": {"method": "gptq"},
            "bayesq kron": {}}
@@ -37,33 +36,6 @@ class KeepFP32(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-
-
-def frontier(model, dm, budgets, n_data) -> list[dict]:
-    """Every method at every budget, on the test split, with (paired) bootstrap SEs."""
-    test = dm.test_dataloader()
-    logits, labels = predict(model, test)
-    fp32_correct = (logits.argmax(-1) == labels).double()
-    rows = [{"method": "fp32", "bits": 32.0, "bits_per_weight": 32.0,
-             **metrics_from_logits(logits, labels), "accuracy_se": bootstrap_se(fp32_correct)}]
-    correct_of: dict[tuple[str, float], torch.Tensor] = {}
-    for name, fields in METHODS.items():
-        posterior = None
-        for bits in budgets:
-            res = quantize_model(model, dm.calibration_dataloader(),
-                                 BayesQConfig(bits=bits, **fields), n_data=n_data,
-                                 progress=False, posterior=posterior)
-            posterior = res.posterior
-            logits, _ = predict(res.model, test)
-            correct = (logits.argmax(-1) == labels).double()
-            correct_of[name, bits] = correct
-            rows.append({"method": name, "bits": bits, "bits_per_weight": res.bits_per_weight,
-                         **metrics_from_logits(logits, labels),
-                         "accuracy_se": bootstrap_se(correct)})
-    for r in rows[1:]:
-        diff = correct_of[r["method"], r["bits"]] - correct_of["gptq", r["bits"]]
-        r["d_gptq"], r["d_gptq_se"] = float(diff.mean()), bootstrap_se(diff)
-    return rows
 
 
 def format_frontier(rows: list[dict]) -> str:
@@ -116,7 +88,8 @@ def main() -> None:
     cheapest = math.ceil(100 * cb.result.info["min_bits_per_weight"]) / 100
     budgets = sorted({b for b in (cheapest, 2.2, 2.5, 3.0) if b >= cheapest})
     t1 = time.perf_counter()
-    rows = frontier(fp32, dm, budgets, n_data=len(dm.train_set))
+    rows = paired_differences(sweep(fp32, dm.calibration_dataloader(), dm.test_dataloader(),
+                                    budgets, METHODS, n_data=len(dm.train_set)), "gptq")
     sweep_seconds = time.perf_counter() - t1
     n_test = len(dm.test_set)
     print(f"\nFrontier on the digits test split ({n_test} images; ± is the bootstrap standard "
