@@ -1,7 +1,8 @@
 """bayesq-lightning: uncertainty-guided Bayesian mixed-precision quantization for Lightning.
 
 The core (``quantize_model``, ``save_quantized`` / ``load_quantized``) needs no Lightning; the
-Lightning shells (``BayesQCallback``) are imported on first use, so ``import bayesq_lightning``
+Lightning shells (``BayesQCallback``, ``PosteriorDistillModule``, ``distill``, ``distill_model``)
+are imported on first use, so ``import bayesq_lightning``
 does not import ``lightning``.
 """
 
@@ -11,20 +12,25 @@ from typing import TYPE_CHECKING, Any
 
 from .artifact import load_quantized, save_quantized
 from .config import BayesQConfig
+from .distillation import DistillConfig
 from .quantize import quantize_model
 from .result import BlockResult, LayerResult, QuantizationResult
 
 if TYPE_CHECKING:
-    from .lightning import BayesQCallback
+    from .lightning import BayesQCallback, PosteriorDistillModule, distill, distill_model
 
-_LIGHTNING_SHELLS = {"BayesQCallback": "callback"}
+_LIGHTNING_SHELLS = ("BayesQCallback", "PosteriorDistillModule", "distill", "distill_model")
 
 __all__ = [
     "BayesQCallback",
     "BayesQConfig",
     "BlockResult",
+    "DistillConfig",
     "LayerResult",
+    "PosteriorDistillModule",
     "QuantizationResult",
+    "distill",
+    "distill_model",
     "load_quantized",
     "quantize_model",
     "save_quantized",

@@ -9,6 +9,7 @@ the caller's model.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping
 
 import torch
@@ -45,19 +46,44 @@ def batch_inputs(batches: list, device: torch.device) -> list:
 
 
 class LogitsModel(nn.Module):
-    """Presents any classifier as ``f(x) -> logits (B, C)``; dict batches are passed as kwargs."""
+    """Presents any classifier as ``f(x) -> logits (B, C)``.
 
-    def __init__(self, model: nn.Module, label_key: str = "labels") -> None:
+    Dict batches (labels removed) reach the model in whichever of the two conventions its
+    ``forward`` takes, read from its signature: ``model(**inputs)`` (HuggingFace models: the
+    keys are parameter names, or it takes ``**kwargs``) or ``model(inputs)`` (a module whose
+    ``forward`` takes the batch dict). ``dict_forward="kwargs"`` / ``"dict"`` overrides the
+    choice. Outputs with a ``logits`` attribute (HuggingFace) are unwrapped.
+    """
+
+    def __init__(self, model: nn.Module, label_key: str = "labels",
+                 dict_forward: str = "auto") -> None:
         super().__init__()
+        if dict_forward not in ("auto", "kwargs", "dict"):
+            raise ValueError(f"dict_forward={dict_forward!r} is not 'auto', 'kwargs' or 'dict'")
         self.model = model
         self.label_key = label_key
+        self.dict_forward = dict_forward
 
     def forward(self, x):
         if isinstance(x, Mapping):
-            out = self.model(**{k: v for k, v in x.items() if k != self.label_key})
+            inputs = {k: v for k, v in x.items() if k != self.label_key}
+            if takes_kwargs(self.model, inputs) if self.dict_forward == "auto" else (
+                    self.dict_forward == "kwargs"):
+                out = self.model(**inputs)
+            else:
+                out = self.model(inputs)
         else:
             out = self.model(x)
         return getattr(out, "logits", out)
+
+
+def takes_kwargs(model: nn.Module, inputs: Mapping) -> bool:
+    """Whether ``model.forward`` takes dict ``inputs`` as keywords (else as one dict argument)."""
+    params = inspect.signature(model.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return True
+    names = {p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+    return set(inputs) <= names
 
 
 def split_batch(batch) -> tuple[object, torch.Tensor | None]:

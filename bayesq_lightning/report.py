@@ -1,4 +1,5 @@
-"""Pictures of a run: the accuracy-vs-bits frontier and the per-layer allocation (matplotlib)."""
+"""Pictures of a run: the accuracy-vs-bits frontier, the per-layer allocation, reliability
+diagrams (matplotlib)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,47 @@ def plot_allocation(results: Mapping[str, QuantizationResult], path: str | Path,
     ax.set_ylabel("stored bits / weight")
     ax.set_title(title)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def reliability_bins(probs, labels, n_bins: int = 15) -> list[tuple[float, float, int]]:
+    """``(mean confidence, accuracy, count)`` per non-empty equal-width confidence bin (ECE's)."""
+    import torch
+
+    conf, pred = probs.max(-1)
+    correct = (pred == labels).double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=conf.dtype)
+    idx = torch.bucketize(conf, edges[1:-1], right=False)  # bins (lo, hi], as torchmetrics
+    out = []
+    for b in range(n_bins):
+        mask = idx == b
+        if mask.any():
+            out.append((float(conf[mask].mean()), float(correct[mask].mean()), int(mask.sum())))
+    return out
+
+
+def plot_reliability(panels: Mapping[str, Mapping[str, tuple]], path: str | Path,
+                     n_bins: int = 15) -> Path:
+    """Reliability diagrams: one panel per key of ``panels``, one line per model in it.
+
+    ``panels[title][model] = (probs (N, C), labels (N,))``; the diagonal is perfect calibration.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    for ax, (title, models) in zip(axes[0], panels.items(), strict=True):
+        ax.plot([0, 1], [0, 1], color="k", ls=":", lw=1)
+        for name, (probs, labels) in models.items():
+            bins = reliability_bins(probs, labels, n_bins)
+            ax.plot([b[0] for b in bins], [b[1] for b in bins], marker="o", ms=3, label=name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

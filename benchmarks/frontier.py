@@ -112,11 +112,13 @@ def _finetune(model, loader, epochs: int, lr: float) -> None:
 def minilm_case() -> Case:
     from safetensors.torch import load_file, save_file
 
-    from bayesq_lightning.lightning.data import SentimentDataModule, load_minilm
+    from bayesq_lightning.lightning.data import SentimentDataModule
+    from bayesq_lightning.lightning.models import load_minilm
 
     torch.manual_seed(0)
     model, tokenizer = load_minilm(num_labels=2)
-    dm = SentimentDataModule(str(SENTIMENT_DIR), tokenizer, batch_size=32, calib_samples=256)
+    dm = SentimentDataModule(str(SENTIMENT_DIR), tokenizer=tokenizer, batch_size=32,
+                             calib_samples=256)
     dm.setup()
     path = CACHE / "minilm_sentiment.safetensors"
     if path.exists():

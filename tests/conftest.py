@@ -34,6 +34,16 @@ class TinyNet(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
+class TinyData(pl.LightningDataModule):
+    """Train (256) and validation (128) splits of :func:`make_data`, for Trainer runs."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(make_data(256, seed=0), batch_size=32, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(make_data(128, seed=1), batch_size=32)
+
+
 def make_data(n: int = 256, seed: int = 0) -> TensorDataset:
     """A learnable 4-class problem: the class sets the mean of one image quadrant."""
     g = torch.Generator().manual_seed(seed)

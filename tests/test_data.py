@@ -63,7 +63,7 @@ class _Tokenizer:
 
 def test_sentiment_datamodule_splits_and_dict_batches(tmp_path):
     _write_sentiment(tmp_path)
-    dm = SentimentDataModule(str(tmp_path), _Tokenizer(), max_length=8, n_train=30,
+    dm = SentimentDataModule(str(tmp_path), tokenizer=_Tokenizer(), max_length=8, n_train=30,
                              batch_size=4, calib_samples=10)
     dm.setup()
     parts = [_indices(s) for s in (dm.train_set, dm.holdout_set, dm.test_set)]

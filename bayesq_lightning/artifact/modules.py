@@ -22,6 +22,7 @@ computes exactly what a float layer holding the dequantized weights computes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -169,6 +170,7 @@ class _QuantizedWeight(nn.Module):
         _check_specs(self.specs, self.weight_shape)
         self.cache_dequantized = cache_dequantized
         self._cached: torch.Tensor | None = None
+        self._tuned: list[BlockResult] | None = None  # decoded blocks while tuning
         for i, s in enumerate(self.specs):
             self.register_buffer(
                 f"block{i}_codes", torch.zeros(s.code_bytes, dtype=torch.uint8, device=device)
@@ -263,8 +265,77 @@ class _QuantizedWeight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight, shape ``weight_shape``, decoded block by block."""
+        if self._tuned is not None:
+            return self._tuned_weight(dtype)
         parts = [dequantize(b, dtype) for b in self.blocks()]
         return torch.cat(parts, dim=0).reshape(self.weight_shape)
+
+    # ------------------------------------------------------------------ tuning
+    def start_tuning(self, meta: Sequence[str]) -> list[nn.Parameter]:
+        """Make the named quantizer parameters trainable; the integer codes stay frozen.
+
+        For each block and each name in ``meta`` (``"scale"``, ``"zero"``, ``"codebook"``) that
+        the block has, an fp32 master copy ``block<i>_<name>_master`` becomes an
+        ``nn.Parameter``. While tuning, ``forward`` decodes with the masters rounded to fp16
+        (straight-through gradient), so the model trained and evaluated is the one
+        :meth:`finish_tuning` stores. The codes are unpacked once and kept.
+
+        Returns
+        -------
+        list of nn.Parameter
+            The new masters (empty when no block has any of ``meta``).
+        """
+        if self._tuned is not None:
+            raise RuntimeError("this layer is already being tuned; call finish_tuning() first")
+        blocks, masters = self.blocks(), []
+        for i, (s, b) in enumerate(zip(self.specs, blocks, strict=True)):
+            for name in s.meta_shapes:
+                if name in meta:
+                    p = nn.Parameter(getattr(self, f"block{i}_{name}").detach().float().clone())
+                    self.register_parameter(f"block{i}_{name}_master", p)
+                    masters.append(p)
+            b.codes = b.codes.clone()  # frozen: never written again while tuning
+        self._tuned = blocks
+        self._cached = None
+        return masters
+
+    def _tuned_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        parts = []
+        for i, b in enumerate(self._tuned):
+            meta = {}
+            for name in self.specs[i].meta_shapes:
+                m = getattr(self, f"block{i}_{name}_master", None)
+                # the fp16 value in the forward, the gradient straight through to the master
+                meta[name] = getattr(b, name) if m is None else m + (m.half().float() - m).detach()
+            parts.append(dequantize(dataclasses.replace(b, **meta), dtype))
+        return torch.cat(parts, dim=0).reshape(self.weight_shape)
+
+    def finish_tuning(self) -> None:
+        """Round the masters to fp16 into the buffers and drop them; the layer is packed again."""
+        if self._tuned is None:
+            return
+        with torch.no_grad():
+            for i, s in enumerate(self.specs):
+                for name in s.meta_shapes:
+                    key = f"block{i}_{name}_master"
+                    m = getattr(self, key, None)
+                    if m is not None:
+                        getattr(self, f"block{i}_{name}").copy_(m.detach().half())
+                        delattr(self, key)
+        self._tuned = None
+        self._cached = None
+
+    def to_float(self, weight: torch.Tensor | None = None) -> nn.Module:
+        """The float layer (``nn.Linear`` / ``nn.Conv2d``) holding ``weight`` (default: decoded)."""
+        w = self.dequantize() if weight is None else weight
+        if tuple(w.shape) != self.weight_shape:
+            raise ValueError(f"weight of shape {tuple(w.shape)} for a layer of {self.weight_shape}")
+        m = self._float_layer()
+        with torch.no_grad():
+            m.weight.copy_(w)
+            if self.bias is not None:
+                m.bias.copy_(self.bias)
+        return m.to(self.block0_codes.device)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -274,14 +345,15 @@ class _QuantizedWeight(nn.Module):
     def _weight(self, dtype: torch.dtype) -> torch.Tensor:
         cached = self._cached
         if (
-            self.cache_dequantized
+            self._tuned is None
+            and self.cache_dequantized
             and cached is not None
             and cached.dtype == dtype
             and cached.device == self.block0_codes.device
         ):
             return cached
         w = self.dequantize(dtype)
-        if self.cache_dequantized:
+        if self.cache_dequantized and self._tuned is None:
             self._cached = w
         return w
 
@@ -330,6 +402,9 @@ class QuantizedLinear(_QuantizedWeight):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self._weight(x.dtype), self._bias(x))
+
+    def _float_layer(self) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -399,6 +474,10 @@ class QuantizedConv2d(_QuantizedWeight):
             self.dilation,
             self.groups,
         )
+
+    def _float_layer(self) -> nn.Conv2d:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
+                         bias=self.bias is not None, **conv_options(self))
 
     def extra_repr(self) -> str:
         return (

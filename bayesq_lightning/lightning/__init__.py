@@ -4,5 +4,6 @@ Only this subpackage imports ``lightning``.
 """
 
 from .callback import BayesQCallback
+from .distill import PosteriorDistillModule, distill, distill_model
 
-__all__ = ["BayesQCallback"]
+__all__ = ["BayesQCallback", "PosteriorDistillModule", "distill", "distill_model"]

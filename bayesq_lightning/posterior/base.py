@@ -19,7 +19,10 @@ the factors:
 * :meth:`LayerPosterior.design_weights` -- the per-weight weights of the grid design;
 * :meth:`LayerPosterior.rounding_matrix` -- the input-side matrix ``H`` and damping ``gamma`` of
   error-feedback rounding, or ``None`` where the structure has none (plain rounding);
-* :meth:`LayerPosterior.sample` -- weights drawn from the posterior (Monte-Carlo tables).
+* :meth:`LayerPosterior.sample` -- weights drawn from the posterior (Monte-Carlo tables, the
+  sampling teacher);
+* :meth:`LayerPosterior.output_variance` -- the GLM variance of a Linear layer's outputs (the
+  last-layer predictive teacher).
 """
 
 from __future__ import annotations
@@ -133,6 +136,34 @@ class LayerPosterior:
             scale = scale * temperature ** 0.5
         return self.mean.float().cpu() + eps * scale
 
+    def output_variance(self, features: Tensor, temperature: float = 1.0) -> Tensor:
+        r"""Diagonal of :math:`J \Sigma J^\top` for a Linear layer's outputs, ``(B, out)`` fp32.
+
+        For :math:`f = W \phi + b` the Jacobian of output ``c`` with respect to ``vec(W)`` is
+        :math:`e_c \otimes \phi`, so with :math:`\Sigma = T \Lambda^{-1}` (the weight's
+        posterior covariance; the bias is not part of it)
+        :math:`\mathrm{Var} f_c = T\, (e_c \otimes \phi)^\top \Lambda^{-1} (e_c \otimes \phi)`.
+        Diagonal structure: :math:`T \sum_j \phi_j^2 / \Lambda_{cj}`.
+
+        Parameters
+        ----------
+        features : Tensor
+            The layer's inputs :math:`\phi`, ``(B, in)``.
+        temperature : float
+            :math:`T`, scales the covariance.
+        """
+        phi = self._check_features(features)
+        return temperature * (phi * phi) @ (1.0 / self.precision.double().cpu()).T
+
+    def _check_features(self, features: Tensor) -> Tensor:
+        if self.mean.dim() != 2 or features.dim() != 2 or features.shape[1] != self.mean.shape[1]:
+            raise ValueError(
+                f"the output variance of {self.name!r} needs a Linear layer's inputs (B, "
+                f"{self.mean.shape[1] if self.mean.dim() == 2 else '?'}); got features of "
+                f"shape {tuple(features.shape)} for a weight of shape {tuple(self.mean.shape)}"
+            )
+        return features.detach().double().cpu()
+
 
 @dataclass(kw_only=True)
 class KronLayerPosterior(LayerPosterior):
@@ -175,16 +206,27 @@ class KronLayerPosterior(LayerPosterior):
         Q_A^\top`, the precision is diagonal in the Kronecker eigenbasis with eigenvalues
         :math:`g_i a_j + \delta`: ``W = mu + Q_G (Z / sqrt((g a^T + delta) / T)) Q_A^T``.
         """
-        if self._eig is None:  # once per layer: every later draw reuses the eigenbases
-            g, QG = torch.linalg.eigh(self.G.double().cpu())
-            a, QA = torch.linalg.eigh(self.A.double().cpu())
-            self._eig = (QG, QA, torch.outer(g.clamp_min(0), a.clamp_min(0)))
-        QG, QA, ga = self._eig
-        lam = ga + self.prior_precision
+        QG, QA, lam = self._eigen()
         out, cols = lam.shape
         eps = torch.randn((n, out, cols), generator=generator, dtype=torch.float64)
         dW = QG @ (eps * (temperature / lam).sqrt()) @ QA.T
         return self.mean.float().cpu() + dW.float().reshape(n, *self.mean.shape)
+
+    def _eigen(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(Q_G, Q_A, g a^T + delta)``, float64, computed once per layer."""
+        if self._eig is None:
+            g, QG = torch.linalg.eigh(self.G.double().cpu())
+            a, QA = torch.linalg.eigh(self.A.double().cpu())
+            self._eig = (QG, QA, torch.outer(g.clamp_min(0), a.clamp_min(0)))
+        QG, QA, ga = self._eig
+        return QG, QA, ga + self.prior_precision
+
+    def output_variance(self, features: Tensor, temperature: float = 1.0) -> Tensor:
+        r"""K-FAC: :math:`\mathrm{Var} f_c = T \sum_{i,j} Q_G[c,i]^2\, (Q_A^\top \phi)_j^2 /
+        (g_i a_j + \delta)` (the Kronecker eigenbasis diagonalises :math:`\Lambda`)."""
+        phi = self._check_features(features)
+        QG, QA, lam = self._eigen()
+        return temperature * ((phi @ QA).square() @ (1.0 / lam).T) @ QG.square().T
 
 
 @dataclass(kw_only=True)
@@ -230,13 +272,31 @@ class LowRankLayerPosterior(LayerPosterior):
         :math:`L = D^{-1/2} (I + P ((1 + \Sigma^2)^{-1/2} - 1) P^\top)` has :math:`L L^\top =
         \Lambda^{-1}`; a draw is ``mu + sqrt(T) L z``.
         """
-        d = self.residual.double().cpu().reshape(-1) + self.prior_precision
-        V = self.U.double().cpu() / d.sqrt().unsqueeze(1) * self.S.double().cpu().clamp_min(0).sqrt()
-        P, sv, _ = torch.linalg.svd(V, full_matrices=False)
+        d, P, sv = self._factors()
         z = torch.randn((n, d.numel()), generator=generator, dtype=torch.float64)
         z = z + ((z @ P) * ((1 + sv * sv).rsqrt() - 1)) @ P.T
         draws = z / d.sqrt() * temperature ** 0.5
         return self.mean.float().cpu() + draws.float().reshape(n, *self.mean.shape)
+
+    def _factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(d + delta, P, Sigma)`` of :meth:`sample`'s factorisation, float64."""
+        d = self.residual.double().cpu().reshape(-1) + self.prior_precision
+        V = self.U.double().cpu() / d.sqrt().unsqueeze(1) * self.S.double().cpu().clamp_min(0).sqrt()
+        P, sv, _ = torch.linalg.svd(V, full_matrices=False)
+        return d, P, sv
+
+    def output_variance(self, features: Tensor, temperature: float = 1.0) -> Tensor:
+        r"""Low rank: with :math:`\Lambda^{-1} = D^{-1/2} (I - P\, \mathrm{diag}(\sigma^2 /
+        (1 + \sigma^2)) P^\top) D^{-1/2}` (see :meth:`sample`) and :math:`x_c = e_c \otimes
+        \phi`, :math:`\mathrm{Var} f_c = T (\sum_j \phi_j^2 / D_{cj} - \sum_k \frac{\sigma_k^2}
+        {1 + \sigma_k^2} (P_k^\top D^{-1/2} x_c)^2)`."""
+        phi = self._check_features(features)
+        d, P, sv = self._factors()
+        out, cols = self.mean.shape
+        dinv = (1.0 / d).reshape(out, cols)
+        proj = torch.einsum("cjk,bj,cj->bck", P.reshape(out, cols, -1), phi, dinv.sqrt())
+        shrink = sv.square() / (1 + sv.square())
+        return temperature * ((phi * phi) @ dinv.T - (proj.square() * shrink).sum(-1))
 
 
 @dataclass

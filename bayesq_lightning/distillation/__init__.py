@@ -1,0 +1,22 @@
+"""Calibration-only distillation of a quantized model toward a teacher (no Lightning here).
+
+The Lightning shells (``PosteriorDistillModule``, ``distill``, ``distill_model``) live in
+:mod:`bayesq_lightning.lightning.distill`.
+"""
+
+from .config import DistillConfig
+from .student import distill_loss, finish_student, start_student
+from .teachers import FP32Teacher, GLMTeacher, SampleTeacher, Teacher, build_teacher, fp32_reference
+
+__all__ = [
+    "DistillConfig",
+    "FP32Teacher",
+    "GLMTeacher",
+    "SampleTeacher",
+    "Teacher",
+    "build_teacher",
+    "distill_loss",
+    "finish_student",
+    "fp32_reference",
+    "start_student",
+]

@@ -1,0 +1,337 @@
+r"""
+Calibration-only distillation as a LightningModule, and the two ways to run it
+^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+
+.. code-block:: python
+
+    cb = BayesQCallback(bits=2.5)
+    trainer = L.Trainer(callbacks=[cb])
+    trainer.fit(module, datamodule)              # quantizes at the end of fit
+    distill(trainer, cb, DistillConfig())        # a second Trainer.fit on the calibration data
+    cb.report["distilled"]                       # accuracy / nll / ece, same data as "quantized"
+
+or, without a Trainer, ``distill_model(fp32_model, result, calibration_loader, DistillConfig())``.
+Lightning does not support ``fit`` inside a callback hook, so distillation is its own
+``Trainer.fit`` after the first returns; a fresh Trainer with the same accelerator, devices and
+strategy reuses the launched processes and their process group.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from typing_extensions import override
+
+from ..batches import LogitsModel, batch_size_of, calibration_samples, inputs_to, split_batch
+from ..distillation.config import DistillConfig
+from ..distillation.student import (
+    TEACHER_KEY,
+    DistillSet,
+    distill_loss,
+    finish_student,
+    start_student,
+    student_inputs,
+    trainable_count,
+)
+from ..distillation.teachers import Teacher, build_teacher, fp32_reference
+from ..metrics import _metric_objects, _update, evaluate
+from ..result import QuantizationResult
+
+
+class PosteriorDistillModule(pl.LightningModule):
+    """Distil a packed quantized ``student`` toward ``teacher`` on inputs alone.
+
+    Args:
+        student: the quantized model (its packed layers are tuned in place: integer codes frozen,
+            quantizer parameters as fp32 masters rounded to fp16 in every forward).
+        teacher: a :class:`~bayesq_lightning.distillation.Teacher` (log-probabilities, frozen).
+        config: :class:`~bayesq_lightning.DistillConfig` (``train``, ``lr``, ``temperature``).
+        n_classes: number of classes of the validation metrics (default: the teacher's).
+        holdout: batches of calibration inputs (or :class:`DistillSet` batches) kept out of
+            training; the student ends at the epoch (0: undistilled) with the lowest KL to the
+            teacher on them.
+
+    Training batches are the calibration inputs (labels, if present, are dropped) or
+    :class:`~bayesq_lightning.distillation.student.DistillSet` batches carrying precomputed teacher
+    log-probabilities. Validation batches are labelled; the student's micro accuracy, NLL and
+    15-bin ECE are logged per epoch as ``student/{accuracy,nll,ece}`` (torchmetrics objects,
+    synced across processes on compute). Call :meth:`finish` after ``fit``.
+    """
+
+    def __init__(self, student: nn.Module, teacher: Teacher, config: DistillConfig | None = None,
+                 n_classes: int | None = None, holdout: Iterable | None = None) -> None:
+        super().__init__()
+        self.config = config or DistillConfig()
+        n_classes = n_classes or getattr(teacher, "n_classes", None)
+        if not n_classes:
+            raise ValueError("n_classes is unknown: pass n_classes= or a teacher built by "
+                             "build_teacher and probed on a batch")
+        if trainable_count(student, self.config.train) == 0:
+            raise ValueError(f"nothing to train: train={self.config.train} selects no parameter "
+                             "of this student")
+        self.student = student
+        self.teacher = teacher
+        self.metrics = nn.ModuleDict(_metric_objects(n_classes, "cpu"))
+        self._state = start_student(student, self.config.train)
+        self._net = LogitsModel(student)
+        self._epoch_start = 0.0
+        self.epoch_seconds: list[float] = []
+        self.holdout = holdout
+        self.holdout_kl: list[float] = []  # per epoch, epoch 0 = before training
+        self.best_epoch = 0
+        self._best: list[torch.Tensor] | None = None
+
+    @property
+    def seconds_per_epoch(self) -> float | None:
+        """Median wall time of a training epoch (validation excluded)."""
+        if not self.epoch_seconds:
+            return None
+        return float(sorted(self.epoch_seconds)[len(self.epoch_seconds) // 2])
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
+        kl = self._track_holdout()
+        if kl is not None:
+            self.log("distill/holdout_kl", kl, on_step=False, on_epoch=True)
+
+    @override
+    def on_train_start(self) -> None:
+        self._track_holdout()
+
+    @override
+    def on_train_end(self) -> None:
+        if self._best is not None:  # back to the epoch with the lowest held-out KL
+            with torch.no_grad():
+                for p, v in zip(self._state.params, self._best, strict=True):
+                    p.copy_(v)
+
+    @torch.no_grad()
+    def holdout_divergence(self) -> float:
+        """Mean ``T^2 KL(teacher || student)`` over the held-out calibration inputs."""
+        total, n = 0.0, 0
+        for batch in self.holdout:
+            x = inputs_to(student_inputs(batch), self.device)
+            target = (batch[TEACHER_KEY].to(self.device) if isinstance(batch, dict)
+                      and TEACHER_KEY in batch else self.teacher(x))
+            b = batch_size_of(x)
+            total += float(distill_loss(self(x), target, self.config.temperature)) * b
+            n += b
+        return total / max(n, 1)
+
+    def _track_holdout(self) -> float | None:
+        # every process sees the whole hold-out and identical students: identical choices
+        if not self.holdout:
+            return None
+        kl = self.holdout_divergence()
+        self.holdout_kl.append(kl)
+        if kl <= min(self.holdout_kl):
+            self.best_epoch = len(self.holdout_kl) - 1
+            self._best = [p.detach().clone() for p in self._state.params]
+        return kl
+
+    @override
+    def train(self, mode: bool = True) -> PosteriorDistillModule:
+        super().train(mode)
+        self.student.eval()  # BatchNorm statistics frozen, no dropout: ranks stay identical
+        self.teacher.eval()
+        return self
+
+    def forward(self, x) -> torch.Tensor:
+        return self._net(x)
+
+    @override
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = student_inputs(batch)
+        if isinstance(batch, dict) and TEACHER_KEY in batch:
+            target = batch[TEACHER_KEY]
+        else:
+            target = self.teacher(x)
+        loss = distill_loss(self(x), target, self.config.temperature)
+        self.log("distill/kl", loss, prog_bar=True, on_step=False, on_epoch=True,
+                 batch_size=batch_size_of(x))
+        return loss
+
+    @override
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = split_batch(batch)
+        if y is None:
+            raise ValueError("validation batches need labels: (inputs, targets) or dicts with "
+                             "a 'labels' key")
+        _update(self.metrics, self(student_inputs(batch)).float(), y)
+        self.log_dict({f"student/{k}": m for k, m in self.metrics.items()}, on_step=False,
+                      on_epoch=True)
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self._state.params, lr=self.config.lr)
+
+    def finish(self, result: QuantizationResult | None = None) -> nn.Module:
+        """Store the fp16-rounded parameters in the packed buffers; returns the student."""
+        finish_student(self.student, self._state, result)
+        return self.student
+
+
+def _probe(teacher: Teacher, student: nn.Module, batch) -> int:
+    """Run teacher and student on one batch before any training: clear errors, the class count."""
+    x = student_inputs(batch)
+    try:
+        t = teacher(x)
+        with torch.no_grad():
+            device = next(student.parameters()).device
+            s = LogitsModel(student)(inputs_to(x, device))
+    except ValueError:
+        raise
+    except Exception as exc:  # any failure here means the batches are not the model's input
+        raise ValueError(
+            f"the calibration batches do not fit the model ({type(exc).__name__}: {exc}); pass "
+            "batches of the model's input form: (inputs, targets) tuples, bare inputs or dict "
+            "batches"
+        ) from exc
+    if t.shape[-1] != s.shape[-1]:
+        raise ValueError(f"the student outputs {s.shape[-1]} classes and the teacher "
+                         f"{t.shape[-1]}; distil a student toward a teacher of the same model")
+    teacher.n_classes = int(t.shape[-1])
+    return teacher.n_classes
+
+
+def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
+         eval_loader: Iterable | None, config: DistillConfig, result: QuantizationResult | None,
+         trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Shared by :func:`distill` and :func:`distill_model`: checks, teacher, fit, report."""
+    teacher = build_teacher(config, fp32_model, posterior, batches)
+    n_classes = _probe(teacher, student, batches[0])
+    if trainable_count(student, config.train) == 0:
+        raise ValueError(f"nothing to train: train={config.train} selects no parameter of this "
+                         "student; include 'scale' / 'zero' (uniform) or 'codebook' (non-uniform)")
+    data = DistillSet(batches, teacher if config.precompute_teacher else None)
+    bs = config.batch_size or batch_size_of(student_inputs(batches[0]))
+    n_hold = int(round(config.holdout * len(data)))
+    if config.holdout and not 0 < n_hold < len(data):
+        raise ValueError(f"holdout={config.holdout} of {len(data)} calibration samples leaves "
+                         "no sample on one side; give more calibration data or holdout=0")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
+    train_set = Subset(data, sorted(order[n_hold:].tolist()))
+    holdout = DataLoader(Subset(data, sorted(order[:n_hold].tolist())), batch_size=bs)
+    g = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(train_set, batch_size=bs, shuffle=True, generator=g)
+    module = PosteriorDistillModule(student, teacher, config, n_classes,
+                                    holdout=holdout if n_hold else None)
+    kwargs = {"max_epochs": config.epochs, "logger": False, "enable_checkpointing": False,
+              "enable_model_summary": False, "num_sanity_val_steps": 0,
+              "limit_val_batches": 0 if eval_loader is None else None, **trainer_kwargs}
+    trainer = pl.Trainer(**kwargs)
+    try:
+        with warnings.catch_warnings():  # the student is in eval mode on purpose
+            warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+            trainer.fit(module, loader, eval_loader)
+            if eval_loader is not None:  # the final student, on every process's shard, synced
+                trainer.validate(module, eval_loader, verbose=False)
+    finally:
+        module.finish(result)
+    report: dict[str, Any] = {"config": config.to_dict(), "teacher": teacher.name,
+                              "teacher_temperature": getattr(teacher, "temperature", None),
+                              "n_calibration": len(data), "n_holdout": n_hold,
+                              "best_epoch": module.best_epoch, "holdout_kl": module.holdout_kl,
+                              "seconds_per_epoch": module.seconds_per_epoch}
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("student/")}
+    if logged:
+        report["logged"] = logged
+    if eval_loader is not None:
+        report["distilled"] = evaluate(student, eval_loader)
+        report["teacher_metrics"] = evaluate(teacher, eval_loader)
+        report["fp32"] = evaluate(teacher.net, eval_loader)
+        rank_zero_info(f"BayesQ distillation ({teacher.name} teacher): " + ", ".join(
+            f"{k}={v:.4f}" for k, v in report["distilled"].items()))
+    return report
+
+
+def distill_model(model: nn.Module, result: QuantizationResult, calibration_loader: Iterable,
+                  config: DistillConfig | None = None, *, eval_loader: Iterable | None = None,
+                  posterior=None, max_batches: int | None = None,
+                  **trainer_kwargs: Any) -> dict[str, Any]:
+    """Distil ``result.model`` in place toward a teacher built from ``model``; no Trainer needed.
+
+    Args:
+        model: the FP32 model ``result`` was quantized from (not modified). When it *is*
+            ``result.model`` (``quantize_model(..., inplace=True)``), the FP32 weights are taken
+            from the posterior's means.
+        result: the :class:`~bayesq_lightning.QuantizationResult`; its packed model is the
+            student, tuned in place, and its block records are refreshed.
+        calibration_loader: calibration batches (labels ignored); never the evaluation data.
+        config: :class:`~bayesq_lightning.DistillConfig`.
+        eval_loader: labelled evaluation data for per-epoch and final metrics.
+        posterior: the posterior of the teacher (default ``result.posterior``); lets a
+            posterior-free baseline distil toward BayesQ's posterior.
+        max_batches: cap on calibration batches (default: all).
+        **trainer_kwargs: passed to ``lightning.pytorch.Trainer`` (``accelerator``, ``devices``,
+            ``strategy``, ``logger``, ...).
+
+    Returns:
+        The report: ``distilled``, ``teacher_metrics``, ``fp32`` (accuracy / NLL / ECE on
+        ``eval_loader``), ``logged`` (the last epoch's logged student metrics), settings.
+    """
+    config = config or DistillConfig()
+    posterior = posterior if posterior is not None else result.posterior
+    student = result.model
+    fp32 = fp32_reference(model, posterior) if model is student else model
+    batches, _ = calibration_samples(calibration_loader, max_batches or 10**12,
+                                     "distillation calibration loader")
+    return _run(student, fp32, posterior, batches, eval_loader, config, result, trainer_kwargs)
+
+
+def distill(trainer: pl.Trainer, callback, config: DistillConfig | None = None,
+            **trainer_kwargs: Any) -> dict[str, Any]:
+    """Distil the module a finished ``trainer.fit`` quantized with ``callback`` (a
+    :class:`~bayesq_lightning.BayesQCallback`), on the calibration batches it used.
+
+    A fresh Trainer with the same accelerator, devices, nodes and strategy runs the
+    distillation; the distilled weights end in the user's module, and
+    ``callback.report["distilled"]`` (and ``["teacher"]``) are filled on the data
+    ``callback.report["quantized"]`` was measured on. Returns the distillation report.
+    """
+    module = trainer.lightning_module
+    if module is None:
+        raise ValueError("the trainer holds no LightningModule; pass the trainer fit ran on")
+    return distill_callback_result(trainer, callback, module, config, **trainer_kwargs)
+
+
+def distill_callback_result(trainer: pl.Trainer, callback, module: nn.Module,
+                            config: DistillConfig | None = None,
+                            **trainer_kwargs: Any) -> dict[str, Any]:
+    """:func:`distill` for a ``module`` the callback quantized (``bayesq distill`` runs no fit)."""
+    config = config or DistillConfig()
+    result = callback.result
+    if result is None or not getattr(callback, "calibration_batches", None):
+        raise ValueError("the callback has not quantized anything yet: run trainer.fit(...) "
+                         "with the BayesQCallback attached before distill(trainer, callback)")
+    strategy = "ddp" if isinstance(trainer.strategy, DDPStrategy) else "auto"
+    kwargs = {"accelerator": trainer.accelerator, "devices": trainer.num_devices,
+              "num_nodes": trainer.num_nodes, "strategy": strategy,
+              "logger": trainer.loggers or False,
+              "enable_progress_bar": trainer.progress_bar_callback is not None, **trainer_kwargs}
+    val = callback.eval_loader
+    fp32 = fp32_reference(module, result.posterior)
+    with torch.inference_mode(False), torch.enable_grad():
+        report = _run(module, fp32, result.posterior, callback.calibration_batches, val, config,
+                      result, kwargs)
+    if "distilled" in report:
+        callback.report["distilled"] = report["distilled"]
+        callback.report["teacher"] = report["teacher_metrics"]
+    callback.report["distill"] = {k: v for k, v in report.items()
+                                  if k not in ("distilled", "teacher_metrics", "fp32")}
+    return report
+
