@@ -42,6 +42,7 @@ bench: bench-assets
 	$(PY) benchmarks/ablation.py
 	$(PY) benchmarks/structures.py
 	$(PY) benchmarks/footprint.py
+	$(PY) benchmarks/distill.py
 
 clean:
 	rm -rf $(VENV) artifacts lightning_logs .pytest_cache

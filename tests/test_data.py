@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -72,3 +73,38 @@ def test_sentiment_datamodule_splits_and_dict_batches(tmp_path):
     batch = next(iter(dm.calibration_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
     assert batch["input_ids"].shape == (4, 8)
+
+
+def _write_idx(path, array) -> None:
+    """An IDX file as Fashion-MNIST ships it: magic (0, 0, 0x08, ndim), big-endian dims, bytes."""
+    import numpy as np
+
+    arr = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big")
+                                                      for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.tobytes())
+
+
+def test_fashion_idx_files_are_parsed_and_the_datamodule_splits_them(tmp_path):
+    from bayesq_lightning.lightning.data import FashionMNISTDataModule, load_fashion_mnist
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 40), ("t10k", 12)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz",
+                   torch.randint(0, 256, (n, 28, 28), generator=g).numpy())
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz",
+                   (torch.arange(n) % 10).numpy())
+    d = load_fashion_mnist(tmp_path)
+    assert d["train_x"].shape == (40, 1, 28, 28) and d["test_y"].tolist() == list(range(10)) + [0, 1]
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz") as f:
+        raw = torch.tensor(list(f.read()[16:16 + 28 * 28]), dtype=torch.float32)
+    torch.testing.assert_close(d["train_x"][0, 0].reshape(-1), (raw / 255.0 - 0.286) / 0.353)
+    dm = FashionMNISTDataModule(root=str(tmp_path), batch_size=8, calib_samples=10)
+    dm.setup()
+    parts = [_indices(s) for s in (dm.train_set, dm.holdout_set)]
+    assert [len(p) for p in parts] == [30, 10] and not parts[0] & parts[1]
+    assert len(dm.test_set) == 12
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path)

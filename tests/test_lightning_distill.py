@@ -64,7 +64,8 @@ def test_distill_model_tunes_metadata_only_and_exports(setup, tmp_path):
     fp32 = snapshot(model)
     codes = _codes(res.model)
     before = {k: v.clone() for k, v in res.model.state_dict().items()}
-    rep = distill_model(model, res, calib, DistillConfig(epochs=3, lr=1e-3), eval_loader=test,
+    rep = distill_model(model, res, calib, DistillConfig(epochs=3, lr=1e-3, holdout=0.0),
+                        eval_loader=test,
                         **QUIET)
     assert_unchanged(model, fp32)  # the teacher's source is copied, never trained
     after = res.model.state_dict()
@@ -111,25 +112,32 @@ def test_training_step_never_reads_labels(setup):
     ("nothing_to_train", "nothing to train"),
     ("bad_inputs", "do not fit the model"),
     ("class_mismatch", "same model"),
+    ("unlabelled_eval", "labelled batches"),
+    ("bad_trainer_argument", "max_epochz"),
 ])
 def test_bad_input_is_refused_before_training(setup, case, match):
     model, res, calib, test = setup
     cfg, loader, teacher_model, posterior = DistillConfig(), calib, model, res.posterior
-    if case == "no_posterior":
+    extra = {}
+    if case == "unlabelled_eval":
+        test = [x for x, _ in test]
+    elif case == "bad_trainer_argument":
+        extra = {"max_epochz": 3}
+    elif case == "no_posterior":
         res.posterior = None
         posterior = None
     elif case == "nothing_to_train":
         cfg = DistillConfig(train=("codebook",))
     elif case == "bad_inputs":
-        loader = [torch.randn(8, 3)]
+        loader = [(torch.randn(8, 3), torch.zeros(8, dtype=torch.long))]  # labelled, wrong shape
     else:
         teacher_model = TinyNet()
         teacher_model.fc2 = nn.Linear(32, 5)
         cfg = DistillConfig(teacher="fp32")
     before = snapshot(res.model)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         distill_model(teacher_model, res, loader, cfg, eval_loader=test, posterior=posterior,
-                      **QUIET)
+                      **QUIET, **extra)
     assert_unchanged(res.model, before)
 
 
@@ -152,8 +160,26 @@ def test_distill_after_the_callback_fills_the_report(tmp_path):
     trainer.loggers[0].save()
     logs = list((tmp_path / "logs").rglob("metrics.csv"))
     assert any("student/accuracy" in p.read_text() for p in logs)
+    assert any("bayesq/teacher/ece" in p.read_text() for p in logs)
     with pytest.raises(ValueError, match="run trainer.fit"):
         distill(trainer, BayesQCallback(bits=3.0), DistillConfig())
+    with pytest.raises(ValueError, match="already distilled"):
+        distill(trainer, cb, DistillConfig())
+
+
+def test_a_failure_during_training_puts_the_student_back(setup):
+    model, res, calib, test = setup
+    before = snapshot(res.model)
+
+    class Boom(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        distill_model(model, res, calib, DistillConfig(epochs=2, lr=1e-2), callbacks=[Boom()],
+                      **QUIET)
+    assert_unchanged(res.model, before)
+    assert BayesQCallback(2.5).config.bits == 2.5  # a number is the budget
 
 
 def test_two_process_ddp_students_agree_and_metrics_match_one_process(tmp_path):

@@ -22,7 +22,6 @@ computes exactly what a float layer holding the dequantized weights computes.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -170,7 +169,7 @@ class _QuantizedWeight(nn.Module):
         _check_specs(self.specs, self.weight_shape)
         self.cache_dequantized = cache_dequantized
         self._cached: torch.Tensor | None = None
-        self._tuned: list[BlockResult] | None = None  # decoded blocks while tuning
+        self._tuned = False  # start_tuning .. finish_tuning
         for i, s in enumerate(self.specs):
             self.register_buffer(
                 f"block{i}_codes", torch.zeros(s.code_bytes, dtype=torch.uint8, device=device)
@@ -265,7 +264,7 @@ class _QuantizedWeight(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight, shape ``weight_shape``, decoded block by block."""
-        if self._tuned is not None:
+        if self._tuned:
             return self._tuned_weight(dtype)
         parts = [dequantize(b, dtype) for b in self.blocks()]
         return torch.cat(parts, dim=0).reshape(self.weight_shape)
@@ -285,34 +284,39 @@ class _QuantizedWeight(nn.Module):
         list of nn.Parameter
             The new masters (empty when no block has any of ``meta``).
         """
-        if self._tuned is not None:
+        if self._tuned:
             raise RuntimeError("this layer is already being tuned; call finish_tuning() first")
-        blocks, masters = self.blocks(), []
-        for i, (s, b) in enumerate(zip(self.specs, blocks, strict=True)):
+        masters = []
+        for i, (s, b) in enumerate(zip(self.specs, self.blocks(), strict=True)):
             for name in s.meta_shapes:
                 if name in meta:
                     p = nn.Parameter(getattr(self, f"block{i}_{name}").detach().float().clone())
                     self.register_parameter(f"block{i}_{name}_master", p)
                     masters.append(p)
-            b.codes = b.codes.clone()  # frozen: never written again while tuning
-        self._tuned = blocks
+            # frozen codes, unpacked once; a buffer so that .to(device) moves it
+            self.register_buffer(f"block{i}_unpacked", b.codes, persistent=False)
+        self._tuned = True
         self._cached = None
         return masters
 
     def _tuned_weight(self, dtype: torch.dtype) -> torch.Tensor:
         parts = []
-        for i, b in enumerate(self._tuned):
+        for i, s in enumerate(self.specs):
             meta = {}
-            for name in self.specs[i].meta_shapes:
+            for name in s.meta_shapes:
                 m = getattr(self, f"block{i}_{name}_master", None)
                 # the fp16 value in the forward, the gradient straight through to the master
-                meta[name] = getattr(b, name) if m is None else m + (m.half().float() - m).detach()
-            parts.append(dequantize(dataclasses.replace(b, **meta), dtype))
+                meta[name] = (getattr(self, f"block{i}_{name}") if m is None
+                              else m + (m.half().float() - m).detach())
+            block = BlockResult(rows=s.rows, bits=s.bits, quantizer=s.quantizer,
+                                group_size=s.group_size, codes=getattr(self, f"block{i}_unpacked"),
+                                **meta)
+            parts.append(dequantize(block, dtype))
         return torch.cat(parts, dim=0).reshape(self.weight_shape)
 
     def finish_tuning(self) -> None:
         """Round the masters to fp16 into the buffers and drop them; the layer is packed again."""
-        if self._tuned is None:
+        if not self._tuned:
             return
         with torch.no_grad():
             for i, s in enumerate(self.specs):
@@ -322,7 +326,8 @@ class _QuantizedWeight(nn.Module):
                     if m is not None:
                         getattr(self, f"block{i}_{name}").copy_(m.detach().half())
                         delattr(self, key)
-        self._tuned = None
+                delattr(self, f"block{i}_unpacked")
+        self._tuned = False
         self._cached = None
 
     def to_float(self, weight: torch.Tensor | None = None) -> nn.Module:
@@ -345,7 +350,7 @@ class _QuantizedWeight(nn.Module):
     def _weight(self, dtype: torch.dtype) -> torch.Tensor:
         cached = self._cached
         if (
-            self._tuned is None
+            not self._tuned
             and self.cache_dequantized
             and cached is not None
             and cached.dtype == dtype
@@ -353,7 +358,7 @@ class _QuantizedWeight(nn.Module):
         ):
             return cached
         w = self.dequantize(dtype)
-        if self.cache_dequantized and self._tuned is None:
+        if self.cache_dequantized and not self._tuned:
             self._cached = w
         return w
 

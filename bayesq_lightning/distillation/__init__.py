@@ -6,7 +6,15 @@ The Lightning shells (``PosteriorDistillModule``, ``distill``, ``distill_model``
 
 from .config import DistillConfig
 from .student import distill_loss, finish_student, start_student
-from .teachers import FP32Teacher, GLMTeacher, SampleTeacher, Teacher, build_teacher, fp32_reference
+from .teachers import (
+    FP32Teacher,
+    GLMTeacher,
+    SampleTeacher,
+    Teacher,
+    build_teacher,
+    fp32_reference,
+    tune_teacher,
+)
 
 __all__ = [
     "DistillConfig",
@@ -19,4 +27,5 @@ __all__ = [
     "finish_student",
     "fp32_reference",
     "start_student",
+    "tune_teacher",
 ]

@@ -42,7 +42,7 @@ class DistillConfig:
         Run the teacher once per calibration sample before training (else once per step).
     holdout : float
         Fraction of the calibration inputs held out of training to choose the epoch: after
-        each epoch the KL to the teacher on them is measured (labels are never used), and the
+        each epoch the KL to the teacher on them is measured (no label enters it), and the
         student ends at the epoch with the lowest, the undistilled epoch 0 included, so
         distillation cannot make that measure worse. ``0``: train on all, keep the last epoch.
     train : tuple of str

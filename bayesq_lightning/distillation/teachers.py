@@ -31,7 +31,7 @@ from ..batches import LogitsModel, clone_fp32, inputs_to, split_batch
 TEACHERS = ("posterior", "fp32")
 PREDICTIVES = ("glm", "samples")
 GLM_GRID = (0.0, *(10.0 ** (k / 4) for k in range(-16, 5)))  # 0 and 1e-4 ... 10
-SAMPLES_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0)
+SAMPLES_GRID = (0.0, 1e-4, 1e-3, 1e-2, 0.1, 1.0)
 
 
 def fp32_reference(model: nn.Module, posterior=None) -> nn.Module:
@@ -216,16 +216,28 @@ class SampleTeacher(Teacher):
         self.seed = seed
         modules = dict(self.net.model.named_modules())
         self._layers = {n: modules[n] for n in posterior.layers}
+        self._draws: dict[float, list[dict[str, torch.Tensor]]] = {}
+
+    def draws(self) -> list[dict[str, torch.Tensor]]:
+        """The ``n_samples`` weight draws at the current temperature, drawn once and kept
+        (``n_samples`` copies of the quantized weights: memory for speed, as every batch
+        reuses the same draws)."""
+        t = float(self.temperature)
+        if t not in self._draws:
+            self._draws = {t: [
+                {n: self.posterior.layers[n].sample(1, t, torch.Generator().manual_seed(
+                    self.seed * 1_000_003 + s * 10_007 + i))[0]
+                 for i, n in enumerate(self._layers)}
+                for s in range(self.n_samples)]}
+        return self._draws[t]
 
     def log_probs(self, x) -> torch.Tensor:
         means = {n: m.weight.detach().clone() for n, m in self._layers.items()}
         total = None
         try:
-            for s in range(self.n_samples):
-                for i, (n, m) in enumerate(self._layers.items()):
-                    g = torch.Generator().manual_seed(self.seed * 1_000_003 + s * 10_007 + i)
-                    draw = self.posterior.layers[n].sample(1, self.temperature, g)[0]
-                    m.weight.copy_(draw.to(m.weight.device))
+            for draw in self.draws():
+                for n, m in self._layers.items():
+                    m.weight.copy_(draw[n].to(m.weight.device))
                 p = self.net(x).float().softmax(-1)
                 total = p if total is None else total + p
         finally:
@@ -260,13 +272,20 @@ def build_teacher(config, fp32_model: nn.Module, posterior=None, batches: list |
             "methods such as 'rtn' or 'gptq' fit none); pass posterior= from a method='bayesq' "
             "result, or use teacher='fp32'"
         )
-    fixed = config.posterior_temperature
-    t = 1.0 if fixed is None else fixed
+    t = 1.0 if config.posterior_temperature is None else config.posterior_temperature
     if config.predictive == "glm":
         teacher: Teacher = GLMTeacher(fp32_model, posterior, t)
     else:
         teacher = SampleTeacher(fp32_model, posterior, config.n_samples, t, config.seed)
-    if fixed is None and batches:
-        grid = GLM_GRID if config.predictive == "glm" else SAMPLES_GRID
-        teacher.tune_temperature(batches, grid)
+    if batches:
+        tune_teacher(teacher, config, batches)
     return teacher
+
+
+def tune_teacher(teacher: Teacher, config, batches: list) -> float | None:
+    """With ``config.posterior_temperature=None``, tune a posterior teacher's temperature on
+    labelled ``batches`` (see :func:`build_teacher`); returns it, or ``None`` if untouched."""
+    if config.teacher != "posterior" or config.posterior_temperature is not None:
+        return None
+    return teacher.tune_temperature(batches, GLM_GRID if config.predictive == "glm"
+                                    else SAMPLES_GRID)

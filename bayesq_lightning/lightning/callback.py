@@ -39,12 +39,15 @@ from ..metrics import evaluate
 from ..quantize import quantize_model
 from ..result import QuantizationResult
 
+DEFAULTS = BayesQConfig()  # never modified: the callback keeps a replaced copy
+
 
 class BayesQCallback(Callback):
     """Run :func:`~bayesq_lightning.quantize_model` on the trained module at the end of fit.
 
     Args:
-        config: the :class:`~bayesq_lightning.BayesQConfig` (default: its defaults, 3.0 bits).
+        config: the :class:`~bayesq_lightning.BayesQConfig` (default: its defaults, 3.0 bits);
+            a number is taken as ``bits``.
         compare: baseline methods (e.g. ``("rtn",)``) quantized at the same budget from the same
             FP32 weights and evaluated beside BayesQ; reported under ``report["baselines"]``.
         evaluate: evaluate accuracy / NLL / ECE on the validation data before and after.
@@ -61,7 +64,7 @@ class BayesQCallback(Callback):
 
     def __init__(
         self,
-        config: BayesQConfig | None = None,
+        config: BayesQConfig = DEFAULTS,
         *,
         compare: Sequence[str] = (),
         evaluate: bool = True,
@@ -70,14 +73,16 @@ class BayesQCallback(Callback):
         progress: bool = True,
         **fields: Any,
     ) -> None:
-        if config is not None and not isinstance(config, BayesQConfig):
+        if isinstance(config, (int, float)) and not isinstance(config, bool):
+            fields, config = {"bits": config, **fields}, DEFAULTS  # BayesQCallback(2.5)
+        if not isinstance(config, BayesQConfig):
             raise TypeError(f"config must be a BayesQConfig, got {type(config).__name__}; pass "
                             "single options as keywords, e.g. BayesQCallback(bits=3.0)")
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(BayesQConfig)})
         if unknown:
             raise TypeError(f"unknown BayesQConfig field(s) {unknown}; see BayesQConfig for the "
                             "options")
-        self.config = dataclasses.replace(config or BayesQConfig(), **fields)
+        self.config = dataclasses.replace(config, **fields)  # always a new, validated copy
         for m in compare:
             if m not in METHODS or m == self.config.method:
                 raise ValueError(f"compare={tuple(compare)!r}: each entry must be a method of "

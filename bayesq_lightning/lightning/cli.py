@@ -5,6 +5,7 @@ r"""The ``bayesq`` command: ``LightningCLI`` with ``quantize`` and ``distill`` b
     bayesq fit      --config configs/digits_cnn.yaml                    # train; BayesQ at the end
     bayesq quantize --config configs/digits_cnn.yaml --ckpt_path m.ckpt # a checkpoint you have
     bayesq distill  --config configs/digits_cnn.yaml --ckpt_path m.ckpt # quantize, then distil
+    # options: --bayesq.config.bits 2.5, --distillation.epochs 5, ...
 
 The BayesQ options are the ``bayesq`` group (:class:`~bayesq_lightning.BayesQCallback`, with its
 ``config`` a :class:`~bayesq_lightning.BayesQConfig`), attached to the Trainer of every
@@ -32,6 +33,9 @@ from ..report import plot_allocation
 from .callback import BayesQCallback, calibration_data
 from .distill import distill_callback_result
 
+DESCRIPTION = ("BayesQ: uncertainty-guided mixed-precision quantization of PyTorch Lightning "
+               "models (fit, quantize, distill).")
+DISTILL_DEFAULTS = DistillConfig()  # never modified
 OUTPUTS = ("model.safetensors", "bayesq.json", "report.json", "allocation.png", "config.yaml")
 
 
@@ -88,7 +92,7 @@ class BayesQTrainer(pl.Trainer):
 
     def distill(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
                 ckpt_path: str | None = None, output_dir: str | None = None,
-                distill: DistillConfig | None = None) -> dict[str, Any]:
+                distillation: DistillConfig = DISTILL_DEFAULTS) -> dict[str, Any]:
         """Quantize a trained model, then distil it toward the posterior predictive.
 
         Distillation uses only the calibration inputs; the report holds the evaluation split's
@@ -99,13 +103,16 @@ class BayesQTrainer(pl.Trainer):
             datamodule: provides the calibration hold-out and the evaluation split.
             ckpt_path: the trained checkpoint (its weights are loaded; required).
             output_dir: as for ``quantize``; the artifact holds the distilled model.
-            distill: the distillation options (:class:`~bayesq_lightning.DistillConfig`).
+            distillation: the distillation options (:class:`~bayesq_lightning.DistillConfig`).
         """
-        return self._quantize(model, datamodule, ckpt_path, output_dir, distill or DistillConfig())
+        return self._quantize(model, datamodule, ckpt_path, output_dir, distillation)
 
     def _quantize(self, model, datamodule, ckpt_path, output_dir, distill_config
                   ) -> dict[str, Any]:
         cb = self._bayesq_callback()
+        if self.num_devices * self.num_nodes > 1:
+            raise ValueError("bayesq quantize / distill run in one process (devices=1); "
+                             "multi-device quantization happens at the end of `bayesq fit`")
         if ckpt_path is None:
             raise ValueError("--ckpt_path is required: the checkpoint whose weights to quantize "
                              "(`bayesq fit` writes one under lightning_logs/)")
@@ -158,6 +165,7 @@ class BayesQCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
         super().__init__(*args, **kwargs)
 
     @staticmethod

@@ -25,8 +25,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
@@ -42,7 +43,7 @@ from ..distillation.student import (
     student_inputs,
     trainable_count,
 )
-from ..distillation.teachers import Teacher, build_teacher, fp32_reference
+from ..distillation.teachers import Teacher, build_teacher, fp32_reference, tune_teacher
 from ..metrics import _metric_objects, _update, evaluate
 from ..result import QuantizationResult
 
@@ -82,6 +83,7 @@ class PosteriorDistillModule(pl.LightningModule):
         self.teacher = teacher
         self.metrics = nn.ModuleDict(_metric_objects(n_classes, "cpu"))
         self._state = start_student(student, self.config.train)
+        self._initial = [p.detach().clone() for p in self._state.params]
         self._net = LogitsModel(student)
         self._epoch_start = 0.0
         self.epoch_seconds: list[float] = []
@@ -137,6 +139,8 @@ class PosteriorDistillModule(pl.LightningModule):
         if not self.holdout:
             return None
         kl = self.holdout_divergence()
+        if self._trainer is not None:  # rank 0's value decides, so every process agrees
+            kl = float(self.trainer.strategy.broadcast(kl, src=0))
         self.holdout_kl.append(kl)
         if kl <= min(self.holdout_kl):
             self.best_epoch = len(self.holdout_kl) - 1
@@ -179,6 +183,12 @@ class PosteriorDistillModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self._state.params, lr=self.config.lr)
 
+    def restore_initial(self) -> None:
+        """Put every trained parameter back to its value before distillation (on failure)."""
+        with torch.no_grad():
+            for p, v in zip(self._state.params, self._initial, strict=True):
+                p.copy_(v)
+
     def finish(self, result: QuantizationResult | None = None) -> nn.Module:
         """Store the fp16-rounded parameters in the packed buffers; returns the student."""
         finish_student(self.student, self._state, result)
@@ -210,10 +220,25 @@ def _probe(teacher: Teacher, student: nn.Module, batch) -> int:
 
 def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
          eval_loader: Iterable | None, config: DistillConfig, result: QuantizationResult | None,
-         trainer_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Shared by :func:`distill` and :func:`distill_model`: checks, teacher, fit, report."""
-    teacher = build_teacher(config, fp32_model, posterior, batches)
-    n_classes = _probe(teacher, student, batches[0])
+         trainer_kwargs: dict[str, Any], eval_batches: int | None = None) -> dict[str, Any]:
+    """Shared by :func:`distill` and :func:`distill_model`: checks, teacher, fit, report.
+
+    Every check runs before the student is touched; if training fails, the trained parameters
+    are put back before the error propagates.
+    """
+    kwargs = {"max_epochs": config.epochs, "logger": False, "enable_checkpointing": False,
+              "enable_model_summary": False, "num_sanity_val_steps": 0,
+              "limit_val_batches": (0 if eval_loader is None else eval_batches),
+              **trainer_kwargs}
+    trainer = pl.Trainer(**kwargs)  # bad Trainer arguments fail here, before any change
+    if eval_loader is not None:
+        first = next(iter(eval_loader), None)
+        if first is None or split_batch(first)[1] is None:
+            raise ValueError("the evaluation loader must yield labelled batches ((inputs, "
+                             "targets) or dicts with 'labels'); it is for metrics only")
+    teacher = build_teacher(config, fp32_model, posterior)
+    n_classes = _probe(teacher, student, batches[0])  # before any long work
+    tune_teacher(teacher, config, batches)
     if trainable_count(student, config.train) == 0:
         raise ValueError(f"nothing to train: train={config.train} selects no parameter of this "
                          "student; include 'scale' / 'zero' (uniform) or 'codebook' (non-uniform)")
@@ -230,16 +255,15 @@ def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
     loader = DataLoader(train_set, batch_size=bs, shuffle=True, generator=g)
     module = PosteriorDistillModule(student, teacher, config, n_classes,
                                     holdout=holdout if n_hold else None)
-    kwargs = {"max_epochs": config.epochs, "logger": False, "enable_checkpointing": False,
-              "enable_model_summary": False, "num_sanity_val_steps": 0,
-              "limit_val_batches": 0 if eval_loader is None else None, **trainer_kwargs}
-    trainer = pl.Trainer(**kwargs)
     try:
         with warnings.catch_warnings():  # the student is in eval mode on purpose
             warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
             trainer.fit(module, loader, eval_loader)
             if eval_loader is not None:  # the final student, on every process's shard, synced
                 trainer.validate(module, eval_loader, verbose=False)
+    except BaseException:
+        module.restore_initial()  # the model as it was, then the error
+        raise
     finally:
         module.finish(result)
     report: dict[str, Any] = {"config": config.to_dict(), "teacher": teacher.name,
@@ -251,12 +275,50 @@ def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
     if logged:
         report["logged"] = logged
     if eval_loader is not None:
-        report["distilled"] = evaluate(student, eval_loader)
-        report["teacher_metrics"] = evaluate(teacher, eval_loader)
-        report["fp32"] = evaluate(teacher.net, eval_loader)
+        device = trainer.strategy.root_device  # teardown left the modules on the CPU
+        for key, m in (("distilled", student), ("teacher_metrics", teacher),
+                       ("fp32", teacher.net)):
+            report[key] = evaluate(m.to(device), eval_loader, eval_batches)
+            m.cpu()
+        _log_once(trainer, report)
         rank_zero_info(f"BayesQ distillation ({teacher.name} teacher): " + ", ".join(
             f"{k}={v:.4f}" for k, v in report["distilled"].items()))
     return report
+
+
+def _same_hardware(trainer: pl.Trainer) -> dict[str, Any]:
+    """Trainer arguments reproducing ``trainer``'s accelerator, devices, nodes and strategy.
+
+    Single-device strategies and DDP (Lightning's default ``popen`` launcher, whose processes
+    and process group a new Trainer reuses) are supported; others are refused.
+    """
+    strategy = trainer.strategy
+    out: dict[str, Any] = {"accelerator": trainer.accelerator, "num_nodes": trainer.num_nodes}
+    if isinstance(strategy, DDPStrategy):
+        if getattr(strategy, "_start_method", "popen") != "popen":
+            raise ValueError(f"distill after strategy={strategy.strategy_name!r} is not "
+                             "supported: its processes ended with fit; use strategy='ddp'")
+        out["strategy"] = DDPStrategy(process_group_backend=strategy.process_group_backend)
+    elif isinstance(strategy, SingleDeviceStrategy):
+        out["strategy"] = "auto"
+    else:
+        raise ValueError(f"distill supports single-device and 'ddp' runs, not "
+                         f"{type(strategy).__name__}; call distill_model on the quantized "
+                         "result instead")
+    out["devices"] = (trainer.num_devices if isinstance(trainer.accelerator, CPUAccelerator)
+                      else trainer.device_ids)
+    return out
+
+
+@rank_zero_only
+def _log_once(trainer: pl.Trainer, report: dict[str, Any]) -> None:
+    """The distilled student, the teacher and the FP32 model, once, through the loggers."""
+    metrics = {f"bayesq/{name}/{k}": v for name, key in (("distilled", "distilled"),
+                                                          ("teacher", "teacher_metrics"),
+                                                          ("fp32", "fp32"))
+               for k, v in report[key].items()}
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
 
 
 def distill_model(model: nn.Module, result: QuantizationResult, calibration_loader: Iterable,
@@ -318,16 +380,16 @@ def distill_callback_result(trainer: pl.Trainer, callback, module: nn.Module,
     if result is None or not getattr(callback, "calibration_batches", None):
         raise ValueError("the callback has not quantized anything yet: run trainer.fit(...) "
                          "with the BayesQCallback attached before distill(trainer, callback)")
-    strategy = "ddp" if isinstance(trainer.strategy, DDPStrategy) else "auto"
-    kwargs = {"accelerator": trainer.accelerator, "devices": trainer.num_devices,
-              "num_nodes": trainer.num_nodes, "strategy": strategy,
-              "logger": trainer.loggers or False,
+    if "distill" in callback.report:
+        raise ValueError("this callback's model is already distilled; its biases and norms are "
+                         "no longer the FP32 ones a teacher needs: quantize again to distil anew")
+    kwargs = {**_same_hardware(trainer), "logger": trainer.loggers or False,
               "enable_progress_bar": trainer.progress_bar_callback is not None, **trainer_kwargs}
     val = callback.eval_loader
     fp32 = fp32_reference(module, result.posterior)
     with torch.inference_mode(False), torch.enable_grad():
         report = _run(module, fp32, result.posterior, callback.calibration_batches, val, config,
-                      result, kwargs)
+                      result, kwargs, callback.eval_batches)
     if "distilled" in report:
         callback.report["distilled"] = report["distilled"]
         callback.report["teacher"] = report["teacher_metrics"]

@@ -175,6 +175,7 @@ class HFSequenceClassifier(pl.LightningModule):
                 path, num_labels=num_labels)
         finally:
             hf_logging.set_verbosity(verbosity)
+        self.model.train()  # from_pretrained returns eval mode; Lightning switches modes itself
         self.lr, self.weight_decay = lr, weight_decay
 
     def forward(self, batch: dict) -> torch.Tensor:

@@ -245,6 +245,7 @@ class LowRankLayerPosterior(LayerPosterior):
     U: Tensor
     S: Tensor
     residual: Tensor
+    _svd: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.curvature is None:
@@ -279,11 +280,14 @@ class LowRankLayerPosterior(LayerPosterior):
         return self.mean.float().cpu() + draws.float().reshape(n, *self.mean.shape)
 
     def _factors(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(d + delta, P, Sigma)`` of :meth:`sample`'s factorisation, float64."""
-        d = self.residual.double().cpu().reshape(-1) + self.prior_precision
-        V = self.U.double().cpu() / d.sqrt().unsqueeze(1) * self.S.double().cpu().clamp_min(0).sqrt()
-        P, sv, _ = torch.linalg.svd(V, full_matrices=False)
-        return d, P, sv
+        """``(d + delta, P, Sigma)`` of :meth:`sample`'s factorisation, float64, once per layer."""
+        if self._svd is None:
+            d = self.residual.double().cpu().reshape(-1) + self.prior_precision
+            V = (self.U.double().cpu() / d.sqrt().unsqueeze(1)
+                 * self.S.double().cpu().clamp_min(0).sqrt())
+            P, sv, _ = torch.linalg.svd(V, full_matrices=False)
+            self._svd = (d, P, sv)
+        return self._svd
 
     def output_variance(self, features: Tensor, temperature: float = 1.0) -> Tensor:
         r"""Low rank: with :math:`\Lambda^{-1} = D^{-1/2} (I - P\, \mathrm{diag}(\sigma^2 /
