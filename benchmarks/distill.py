@@ -21,6 +21,7 @@ Usage::
 
     python benchmarks/distill.py                        # both cases (about 25 min on 2 threads)
     python benchmarks/distill.py --cases fashion_resnet --epochs 5
+    python benchmarks/distill.py --posterior-temperature 1 --name distill_t1   # untuned teachers
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def copy_result(res):
 
 
 def run_case(name: str, budgets: Sequence[float], epochs: int, lr: float,
-             students: Sequence[str]) -> tuple[list[dict], dict]:
+             students: Sequence[str], posterior_temperature: float | None = None
+             ) -> tuple[list[dict], dict]:
     case = CASES[name]()
     torch.manual_seed(0)
     log = lambda s: print(f"[{name}] {s}", flush=True)  # noqa: E731
@@ -116,8 +118,9 @@ def run_case(name: str, budgets: Sequence[float], epochs: int, lr: float,
         log(f"quantized at {bits} in {time.perf_counter() - t0:.0f} s")
         if bits == budgets[0]:
             for t in ("posterior-glm", "posterior-samples"):
-                teacher = build_teacher(DistillConfig(**TEACHERS[t]), case.model, posterior,
-                                        list(case.calib))
+                teacher = build_teacher(
+                    DistillConfig(**TEACHERS[t], posterior_temperature=posterior_temperature),
+                    case.model, posterior, list(case.calib))
                 add(f"teacher {t}", 32.0, teacher, bits_per_weight=32.0,
                     temperature=teacher.temperature)
         add("bayesq", bits, bq.model, bits_per_weight=bq.bits_per_weight)
@@ -126,7 +129,8 @@ def run_case(name: str, budgets: Sequence[float], epochs: int, lr: float,
             base, teacher = spec.split(":")
             src = bq if base == "bayesq" else rtn
             res = copy_result(src)
-            cfg = DistillConfig(epochs=epochs, lr=lr, **TEACHERS[teacher])
+            cfg = DistillConfig(epochs=epochs, lr=lr, posterior_temperature=posterior_temperature,
+                                **TEACHERS[teacher])
             t0 = time.perf_counter()
             rep = distill_model(case.model, res, case.calib, cfg, posterior=posterior,
                                 enable_progress_bar=False, accelerator="cpu", devices=1)
@@ -192,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--students", nargs="+",
                    default=["bayesq:posterior-glm", "bayesq:fp32", "rtn:posterior-glm"],
                    help="BASE:TEACHER pairs; the first one's student enters the reliability plot")
+    p.add_argument("--posterior-temperature", type=float, default=None,
+                   help="fixed teacher temperature (default: tuned on the calibration NLL)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--name", default="distill")
     p.add_argument("--threads", type=int, default=2)
@@ -201,13 +207,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     rows, panels = [], {}
     for name in args.cases:
         budgets = args.budgets or [BUDGETS[name][0], 3.0]
-        r, rel = run_case(name, budgets, args.epochs, args.lr, args.students)
+        r, rel = run_case(name, budgets, args.epochs, args.lr, args.students,
+                          args.posterior_temperature)
         rows += r
         panels.update(rel)
     seconds = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"seconds": seconds, "threads": args.threads, "epochs": args.epochs, "lr": args.lr,
-            "rows": rows}
+            "posterior_temperature": args.posterior_temperature, "rows": rows}
     (args.out / f"{args.name}.json").write_text(json.dumps(meta, indent=1))
     text = markdown(rows)
     (args.out / f"{args.name}.md").write_text(text)
