@@ -66,16 +66,21 @@ def loader() -> DataLoader:
     return DataLoader(make_data(), batch_size=32)
 
 
+def train_briefly(model: nn.Module, loader, epochs: int = 2) -> nn.Module:
+    """A few quick Adam epochs (plain loop, no Trainer); returns the model in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model.eval()
+
+
 @pytest.fixture
 def trained(tiny_net, loader) -> TinyNet:
     """TinyNet after a few quick epochs (plain loop, no Trainer)."""
-    opt = torch.optim.Adam(tiny_net.parameters(), lr=1e-2)
-    for _ in range(2):
-        for x, y in loader:
-            opt.zero_grad()
-            nn.functional.cross_entropy(tiny_net(x), y).backward()
-            opt.step()
-    return tiny_net.eval()
+    return train_briefly(tiny_net, loader)
 
 
 def snapshot(model: nn.Module) -> dict:

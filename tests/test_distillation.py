@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import TinyNet, assert_unchanged, make_data, snapshot
+from conftest import TinyNet, assert_unchanged, make_data, snapshot, train_briefly
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -30,13 +30,7 @@ def quantized():
     torch.manual_seed(0)
     model = TinyNet()
     loader = DataLoader(make_data(256), batch_size=32)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(2):
-        for x, y in loader:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.eval()
+    train_briefly(model, loader)
     res = quantize_model(model, loader, BayesQConfig(bits=3.0, calib_batches=2), n_data=256,
                          progress=False)
     return model, res, loader

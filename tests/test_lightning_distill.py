@@ -12,7 +12,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyData, TinyNet, assert_unchanged, make_data, snapshot
+from conftest import (
+    TinyData,
+    TinyNet,
+    assert_unchanged,
+    make_data,
+    snapshot,
+    train_briefly,
+)
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file
 from torch import nn
@@ -44,14 +51,7 @@ def _codes(model: nn.Module) -> dict:
 def setup():
     torch.manual_seed(0)
     model = TinyNet()
-    train = DataLoader(make_data(256, seed=0), batch_size=32, shuffle=True)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(2):
-        for x, y in train:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.eval()
+    train_briefly(model, DataLoader(make_data(256, seed=0), batch_size=32, shuffle=True))
     calib = DataLoader(make_data(64, seed=2), batch_size=16)
     test = DataLoader(make_data(128, seed=1), batch_size=64)
     res = quantize_model(model, calib, BayesQConfig(bits=2.5, calib_batches=4), n_data=256,
