@@ -179,6 +179,13 @@ class BayesQConfig:
         if self.group_size is not None and (int(self.group_size) != self.group_size
                                             or self.group_size < 1):
             raise ValueError(f"group_size={self.group_size!r} must be a positive integer or None")
+        if self.group_size is not None and self.quantizer == "nonuniform":
+            raise ValueError(
+                f"group_size={self.group_size} applies to uniform grids, and quantizer="
+                "'nonuniform' has none (one codebook per block, or per row with "
+                "per_row_codebook=True); drop group_size, or use quantizer='uniform' or 'auto' "
+                "(where it applies to the uniform candidates)"
+            )
         if int(self.pack_multiple) != self.pack_multiple or self.pack_multiple < 1:
             raise ValueError(f"pack_multiple={self.pack_multiple!r} must be a positive integer")
         if self.block_rows is not None:

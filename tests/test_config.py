@@ -53,6 +53,9 @@ def test_options_that_would_be_ignored_are_refused():
         BayesQConfig(rank=4)
     with pytest.raises(ValueError, match="applies to tables='mc' only"):
         BayesQConfig(mc_refine_top_k=2)
+    with pytest.raises(ValueError, match="group_size=16 applies to uniform grids"):
+        BayesQConfig(quantizer="nonuniform", group_size=16)
+    assert BayesQConfig(quantizer="auto", group_size=16).group_size == 16  # uniform candidates
 
 
 @pytest.mark.parametrize("method", [m for m, r in METHODS_TABLE.items()

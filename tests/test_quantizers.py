@@ -367,3 +367,20 @@ def test_nonuniform_deployed_objective_is_weighted_kmeans_on_the_means():
     assert expected.codebook.float().abs().max() > 10 * mu.abs().max()  # mixture of N(mu, 1)
     with pytest.raises(ValueError, match="objective"):
         design_nonuniform(mu, 2, precision=lam, objective="nope")
+
+
+def test_tiny_range_rows_get_their_ideal_fp16_step():
+    """An 8-bit row spanning 0.006 gets step 0.006 / 255 (a subnormal fp16), not fp16's smallest
+    normal 6.1e-5 (2.5x coarser); an all-zero row still gets a finite grid that decodes to 0."""
+    from bayesq_lightning.quantizers.uniform import design_uniform
+
+    torch.manual_seed(0)
+    row = torch.linspace(-0.003, 0.003, 64)[torch.randperm(64)]
+    mu = torch.stack([row, torch.zeros(64)])
+    grid = design_uniform(mu, 8)
+    step = grid.scale.float()[:, 0]
+    assert step[0] == pytest.approx(0.006 / 255, rel=5e-3)
+    assert torch.isfinite(grid.zero.float()).all() and torch.isfinite(step).all()
+    deq = (grid.codes.float() - grid.zero.float()) * grid.scale.float()
+    assert (deq[0] - mu[0]).abs().max() <= 0.5 * step[0] * 1.01 + 1e-9
+    assert torch.equal(deq[1], torch.zeros(64))

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..layers import QUANTIZABLE
 from .base import LayerPosterior, Posterior
-from .fit import Prepared, Reduce, backend_class, global_count, laplace_fit
+from .fit import Prepared, Reduce, backend_class, global_count, import_laplace, laplace_fit
 
 
 @dataclass
@@ -46,6 +46,7 @@ def diag_core(
     per-sample curvature and loss, so both are summed across processes as they are, then
     multiplied by :math:`s = n_\text{data} / n_\text{calib}`.
     """
+    import_laplace()
     from laplace import curvature as curv
 
     wanted = set(layer_names)

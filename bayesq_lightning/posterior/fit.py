@@ -17,6 +17,7 @@ touched.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,15 @@ _BACKEND_CLASSES = {"asdl": ("AsdlGGN", False), "asdl_stochastic": ("AsdlGGN", T
                     "curvlinops": ("CurvlinopsGGN", False)}
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def import_laplace() -> None:
+    """Import laplace-torch once, without its dependencies' ``torch.jit.script`` deprecation
+    warnings (not ours to act on; they would print on every first fit)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")
+        import laplace.curvature  # noqa: F401
+        import laplace.utils  # noqa: F401
 
 
 def backend_class(backend: str) -> tuple[str, bool]:
@@ -182,6 +192,7 @@ def laplace_fit(
     laplace-torch calls ``exit()`` on some numerical failures; that becomes a ``RuntimeError``
     whose message is ``abort`` formatted with ``exc``.
     """
+    import_laplace()
     from laplace import Laplace
 
     with _trainable_only(prep.net, modules):
@@ -202,7 +213,10 @@ def laplace_fit(
             raise RuntimeError(abort.format(exc=repr(exc))) from None
         la.n_data = n_data
         if prior_precision == "marglik":
-            la.optimize_prior_precision(method="marglik", pred_type="glm", link_approx="probit")
+            with warnings.catch_warnings():  # laplace-torch's reminder about link_approx: noise
+                warnings.filterwarnings("ignore", message="By default `link_approx`")
+                la.optimize_prior_precision(method="marglik", pred_type="glm",
+                                            link_approx="probit")
         delta = float(la.prior_precision.reshape(-1)[0])
     return LaplaceFit(la, names, params, delta, n_total)
 

@@ -15,7 +15,15 @@ from torch import nn
 from ..layers import QUANTIZABLE
 from .base import KronLayerPosterior, LayerPosterior, Posterior
 from .diag import diag_core
-from .fit import Prepared, Reduce, backend_class, check_layers, is_grouped, laplace_fit
+from .fit import (
+    Prepared,
+    Reduce,
+    backend_class,
+    check_layers,
+    import_laplace,
+    is_grouped,
+    laplace_fit,
+)
 
 
 def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_data: int,
@@ -58,6 +66,7 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     groups and shares one ``A`` across groups, which is not the per-group statistic the
     error-feedback rounding needs. :math:`\delta` is fitted on the K-FAC layers only.
     """
+    import_laplace()
     from laplace.curvature import CurvlinopsGGN
     from laplace.utils import Kron
 
