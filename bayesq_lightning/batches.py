@@ -111,14 +111,28 @@ def calibration_samples(loader, calib_batches: int, what: str = "calibration loa
     for i, batch in enumerate(loader):
         if i >= calib_batches:
             break
+        x = split_batch(batch)[0]
+        _check_finite_inputs(x, i, what)
         batches.append(batch)
-        n += batch_size_of(split_batch(batch)[0])
+        n += batch_size_of(x)
     if n == 0:
         raise ValueError(
             f"the {what} yielded no samples; pass a DataLoader with at least one "
             "non-empty batch (calib_batches counts batches from its start)"
         )
     return batches, n
+
+
+def _check_finite_inputs(x, index: int, what: str) -> None:
+    """NaN or inf in a batch's floating inputs would poison every statistic; name the batch."""
+    items = x.items() if isinstance(x, Mapping) else [("inputs", x)]
+    for key, v in items:
+        if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            bad = int((~torch.isfinite(v)).reshape(len(v), -1).any(1).sum()) if v.dim() else 1
+            raise ValueError(
+                f"batch {index} of the {what} has NaN or inf in its {key} ({bad} sample(s)); "
+                "drop or clean those samples before quantizing"
+            )
 
 
 def inputs_to(x, device, dtype: torch.dtype | None = None):

@@ -49,3 +49,22 @@ def test_fp32_copy_shares_nothing_and_runs_inputs_in_fp32():
     assert model.fc1.weight.abs().sum() > 0
     (x,) = batch_inputs([(torch.randn(2, 1, 8, 8).bfloat16(), torch.zeros(2))], device)
     assert x.dtype == torch.float32 and net(x).shape == (2, 4)
+
+
+def test_nan_or_inf_in_calibration_inputs_is_named_before_any_work(tiny_net):
+    from bayesq_lightning import BayesQConfig, quantize_model
+
+    x = torch.randn(8, 1, 8, 8)
+    bad = x.clone()
+    bad[2, 0, 1, 1] = float("inf")
+    y = torch.zeros(8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"batch 1 of the calibration loader has NaN or inf in "
+                                         r"its inputs \(1 sample"):
+        calibration_samples([(x, y), (bad, y)], 4)
+    ids = {"input_ids": torch.ones(2, 3, dtype=torch.long), "mask": torch.tensor([[1.0], [float("nan")]])}
+    with pytest.raises(ValueError, match="NaN or inf in its mask"):
+        calibration_samples([ids], 1)
+    before = {k: v.clone() for k, v in tiny_net.state_dict().items()}
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize_model(tiny_net, [(bad, y)], BayesQConfig(bits=3.0), n_data=8, progress=False)
+    assert all(torch.equal(v, tiny_net.state_dict()[k]) for k, v in before.items())
