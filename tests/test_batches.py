@@ -68,3 +68,12 @@ def test_nan_or_inf_in_calibration_inputs_is_named_before_any_work(tiny_net):
     with pytest.raises(ValueError, match="NaN or inf"):
         quantize_model(tiny_net, [(bad, y)], BayesQConfig(bits=3.0), n_data=8, progress=False)
     assert all(torch.equal(v, tiny_net.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_batch_of_another_shape_is_named(tiny_net):
+    from bayesq_lightning import BayesQConfig, quantize_model
+
+    x, y = torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"do not fit the model \(batch 1: "):
+        quantize_model(tiny_net.eval(), [(x, y), (x[:, :, :7, :7], y)], BayesQConfig(bits=3.0),
+                       n_data=8, progress=False)

@@ -87,16 +87,16 @@ def _labelled_dataset(net: nn.Module, batches: list, device: torch.device) -> tu
 
 
 @torch.no_grad()
-def _check_fits(net: nn.Module, batch, device: torch.device) -> None:
-    """One forward pass on the first batch, before any long work: a clear error if it fails."""
+def _check_fits(net: nn.Module, batch, device: torch.device, index: int = 0) -> None:
+    """One forward pass on a batch, before any long work: a clear error if it fails."""
     x, _ = split_batch(batch)
     try:
         out = net(inputs_to(x, device, torch.float32))
     except Exception as exc:  # any failure here means the batches are not the model's input
         raise ValueError(
-            f"the curvature/calibration batches do not fit the model ({type(exc).__name__}: "
-            f"{exc}); pass batches of the model's input form: (inputs, targets) tuples, bare "
-            "inputs or dict batches"
+            f"the curvature/calibration batches do not fit the model (batch {index}: "
+            f"{type(exc).__name__}: {exc}); pass batches of the model's input form: (inputs, "
+            "targets) tuples, bare inputs or dict batches, all of a shape the model takes"
         ) from exc
     if not torch.is_tensor(out) or out.dim() != 2:
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
@@ -109,7 +109,8 @@ class Prepared:
 
     def __init__(self, model: nn.Module, batches: list, batch_size: int | None) -> None:
         self.net, self.device, self.modules = fp32_logits_copy(model)
-        _check_fits(self.net, batches[0], self.device)
+        for i, batch in enumerate(batches):  # one cheap forward each: name a misfit batch
+            _check_fits(self.net, batch, self.device, i)
         self.data, self.labels = _labelled_dataset(self.net, batches, self.device)
         self.n_calib = len(self.data)
         bs = batch_size or batch_size_of(split_batch(batches[0])[0])
