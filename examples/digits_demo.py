@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from bayesq_lightning import BayesQCallback, DistillConfig, distill, save_quantized
+from bayesq_lightning import BayesQCallback, DistillConfig, distill
 from bayesq_lightning.lightning.data import DigitsDataModule
 from bayesq_lightning.lightning.models import DigitsCNN
 from bayesq_lightning.report import plot_allocation, plot_frontier
@@ -88,7 +88,6 @@ def main() -> None:
     t2 = time.perf_counter()
     drep = distill(trainer, cb, DistillConfig(), enable_progress_bar=False)
     distill_seconds = time.perf_counter() - t2
-    save_quantized(model, cb.result, args.out / "model")  # the artifact holds the distilled model
     print(f"\nDistillation toward the posterior predictive ({drep['n_calibration']} calibration "
           f"images; the loss sees no label; teacher temperature {drep['teacher_temperature']:g}, kept epoch "
           f"{drep['best_epoch']} of {DistillConfig.epochs}; {distill_seconds:.1f} s), test split:")

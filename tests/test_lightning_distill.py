@@ -144,7 +144,7 @@ def test_bad_input_is_refused_before_training(setup, case, match):
 def test_distill_after_the_callback_fills_the_report(tmp_path):
     torch.manual_seed(0)
     model = TinyNet()
-    cb = BayesQCallback(bits=2.5, calib_batches=4, progress=False)
+    cb = BayesQCallback(bits=2.5, calib_batches=4, progress=False, export_dir=tmp_path / "art")
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, callbacks=[cb],
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, logger=CSVLogger(tmp_path, name="logs"))
@@ -152,7 +152,9 @@ def test_distill_after_the_callback_fills_the_report(tmp_path):
     trainer.fit(model, dm)
     val = dm.val_dataloader()
     codes = _codes(model)
-    rep = distill(trainer, cb, DistillConfig(epochs=2, lr=1e-3))
+    rep = distill(trainer, cb, DistillConfig(epochs=2, lr=1e-3, holdout=0.0))
+    x = make_data(16, seed=5).tensors[0]  # the export_dir artifact is the distilled model
+    assert torch.equal(load_quantized(TinyNet(), tmp_path / "art").eval()(x), model.eval()(x))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in codes.items())
     assert cb.report["distilled"] == evaluate(model, val)  # installed in the user's module
     assert set(cb.report["teacher"]) == {"accuracy", "nll", "ece"}

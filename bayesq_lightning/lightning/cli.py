@@ -139,10 +139,7 @@ class BayesQTrainer(pl.Trainer):
             report.update({k: v for k, v in cb.report.items() if k in ("distilled", "teacher",
                                                                      "distill")})
             report["seconds"]["distill"] = time.perf_counter() - t1
-            report["seconds_per_epoch"] = rep["seconds_per_epoch"]
-            from ..artifact import save_quantized
-
-            save_quantized(model, result, out)  # the distilled weights replace the quantized
+            report["seconds_per_epoch"] = rep["seconds_per_epoch"]  # artifact: re-exported
         report["allocation"] = result.table()
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=1, default=str))

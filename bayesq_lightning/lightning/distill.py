@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
+from ..artifact import save_quantized
 from ..batches import LogitsModel, batch_size_of, calibration_samples, inputs_to, split_batch
 from ..distillation.config import DistillConfig
 from ..distillation.student import (
@@ -363,7 +364,8 @@ def distill(trainer: pl.Trainer, callback, config: DistillConfig | None = None,
     A fresh Trainer with the same accelerator, devices, nodes and strategy runs the
     distillation; the distilled weights end in the user's module, and
     ``callback.report["distilled"]`` (and ``["teacher"]``) are filled on the data
-    ``callback.report["quantized"]`` was measured on. Returns the distillation report.
+    ``callback.report["quantized"]`` was measured on; with the callback's ``export_dir``, the
+    artifact there is rewritten with the distilled weights. Returns the distillation report.
     """
     module = trainer.lightning_module
     if module is None:
@@ -395,5 +397,7 @@ def distill_callback_result(trainer: pl.Trainer, callback, module: nn.Module,
         callback.report["teacher"] = report["teacher_metrics"]
     callback.report["distill"] = {k: v for k, v in report.items()
                                   if k not in ("distilled", "teacher_metrics", "fp32")}
+    if callback.export_dir is not None and trainer.is_global_zero:
+        save_quantized(module, result, callback.export_dir)  # the distilled weights replace
     return report
 
