@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from frontier import BUDGETS, CASES  # noqa: E402
+from frontier import markdown as frontier_markdown  # noqa: E402
 
 from bayesq_lightning import BayesQConfig, DistillConfig, distill_model, quantize_model  # noqa: E402
 from bayesq_lightning.batches import clone_module  # noqa: E402
@@ -162,27 +163,14 @@ def run_case(name: str, budgets: Sequence[float], epochs: int, lr: float,
 
 
 def markdown(rows: Sequence[dict]) -> str:
-    out = []
-    for case in dict.fromkeys(r["case"] for r in rows):
-        out += [f"### {case}", "",
-                "| model | budget | bits/w | accuracy ± SE | vs BayesQ ± paired SE | NLL | ECE "
-                "| s/epoch |", "|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if r["case"] == case):
-            d = (f"{100 * r['d_bayesq']:+.2f} ± {100 * r['d_bayesq_se']:.2f} pt"
-                 if "d_bayesq" in r else "")
-            budget = "" if r["bits"] == 32.0 else f"{r['bits']:g}"
-            spe = f"{r['s_per_epoch']:.2f}" if r.get("s_per_epoch") else ""
-            out.append(f"| {r['method']} | {budget} | {r['bits_per_weight']:.3f} | "
-                       f"{r['accuracy']:.4f} ± {r['accuracy_se']:.4f} | {d} | {r['nll']:.4f} | "
-                       f"{r['ece']:.4f} | {spe} |")
-        paired = [r for r in rows if r["case"] == case and "post_vs_fp32_nll" in r]
-        for r in paired:
-            out.append(f"\nAt {r['bits']:g} bits, posterior-teacher student minus FP32-teacher "
-                       f"student: NLL {r['post_vs_fp32_nll']:+.4f} ± {r['post_vs_fp32_nll_se']:.4f}"
-                       f", ECE {r['post_vs_fp32_ece']:+.4f} ± {r['post_vs_fp32_ece_se']:.4f} "
-                       "(paired SE).")
-        out.append("")
-    return "\n".join(out)
+    def paired(case: str) -> list[str]:
+        return [f"\nAt {r['bits']:g} bits, posterior-teacher student minus FP32-teacher "
+                f"student: NLL {r['post_vs_fp32_nll']:+.4f} ± {r['post_vs_fp32_nll_se']:.4f}, "
+                f"ECE {r['post_vs_fp32_ece']:+.4f} ± {r['post_vs_fp32_ece_se']:.4f} (paired SE)."
+                for r in rows if r["case"] == case and "post_vs_fp32_nll" in r]
+
+    s_per_epoch = ("s/epoch", lambda r: f"{r['s_per_epoch']:.2f}" if r.get("s_per_epoch") else "")
+    return frontier_markdown(rows, "bayesq", "model", s_per_epoch, paired)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:

@@ -211,21 +211,29 @@ COLUMNS = ("method", "bits", "bits_per_weight", "accuracy", "accuracy_se", "d_gp
            "d_gptq_se", "nll", "ece", "prep_s")
 
 
-def markdown(rows: Sequence[dict]) -> str:
+def markdown(rows: Sequence[dict], reference: str = "gptq", first: str = "method",
+             last: tuple[str, Callable[[dict], str]] = ("prep s", lambda r: f"{r['prep_s']:.1f}"),
+             notes: Callable[[str], list[str]] | None = None) -> str:
+    """Markdown tables per case: accuracy ± SE, the paired difference to ``reference`` at the
+    same budget, NLL, ECE and a ``last`` column; ``notes(case)`` adds lines under a table."""
     out = []
     for case in dict.fromkeys(r["case"] for r in rows):
         out += [f"### {case}", "",
-                "| method | budget | bits/w | accuracy ± SE | vs GPTQ ± paired SE | NLL | ECE "
-                "| prep s |", "|---|---|---|---|---|---|---|---|"]
+                f"| {first} | budget | bits/w | accuracy ± SE | vs {REFERENCE_NAMES.get(reference, reference)} "
+                f"± paired SE | NLL | ECE | {last[0]} |", "|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["case"] == case):
-            d = (f"{100 * r['d_gptq']:+.2f} ± {100 * r['d_gptq_se']:.2f} pt"
-                 if "d_gptq" in r else "")
-            budget = "" if r["method"] == "fp32" or r.get("fixed_width") else f"{r['bits']:g}"
+            key = f"d_{reference}"
+            d = f"{100 * r[key]:+.2f} ± {100 * r[key + '_se']:.2f} pt" if key in r else ""
+            budget = "" if r["bits"] == 32.0 or r.get("fixed_width") else f"{r['bits']:g}"
             out.append(f"| {r['method']} | {budget} | {r['bits_per_weight']:.3f} | "
                        f"{r['accuracy']:.4f} ± {r['accuracy_se']:.4f} | {d} | {r['nll']:.4f} | "
-                       f"{r['ece']:.4f} | {r['prep_s']:.1f} |")
+                       f"{r['ece']:.4f} | {last[1](r)} |")
+        out += notes(case) if notes is not None else []
         out.append("")
     return "\n".join(out)
+
+
+REFERENCE_NAMES = {"gptq": "GPTQ", "bayesq": "BayesQ"}
 
 
 def write(rows: Sequence[dict], out_dir: Path, name: str, seconds: float) -> None:

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from ..artifact.modules import QUANTIZED_TYPES
-from ..batches import split_batch
+from ..batches import batch_size_of, split_batch
 
 TRAINABLE = ("scale", "zero", "codebook", "bias", "norm")
 NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -61,18 +61,25 @@ class StudentState:
     flags: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
 
 
-def start_student(model: nn.Module, train: tuple[str, ...]) -> StudentState:
-    """Freeze ``model`` except the ``train`` parts; returns the parameters to optimise."""
+def check_student(model: nn.Module, train: tuple[str, ...]) -> None:
+    """Raise unless ``model`` has packed layers and ``train`` selects something in it."""
     layers = packed_layers(model)
     if not layers:
         raise ValueError("the student has no packed layers (QuantizedLinear / QuantizedConv2d); "
                          "distil the model quantize_model returned (result.model)")
     if trainable_count(model, train) == 0:
+        meta = sorted({n for m in layers.values() for s in m.specs for n in s.meta_shapes})
         raise ValueError(
             f"nothing to train: train={train} selects no parameter of this student (its packed "
-            f"layers have {sorted({n for m in layers.values() for s in m.specs for n in s.meta_shapes})} "
-            "metadata); include 'scale' / 'zero' for uniform or 'codebook' for non-uniform layers"
+            f"layers have {meta} metadata); include 'scale' / 'zero' for uniform or 'codebook' "
+            "for non-uniform layers"
         )
+
+
+def start_student(model: nn.Module, train: tuple[str, ...]) -> StudentState:
+    """Freeze ``model`` except the ``train`` parts; returns the parameters to optimise."""
+    check_student(model, train)  # before anything changes
+    layers = packed_layers(model)
     state = StudentState(params=[], flags=[(p, p.requires_grad) for p in model.parameters()])
     model.requires_grad_(False)
     meta = tuple(t for t in train if t in ("scale", "zero", "codebook"))
@@ -139,8 +146,7 @@ class DistillSet(Dataset):
         for batch in batches:
             x = student_inputs(batch)
             t = None if teacher is None else teacher(x).cpu()
-            n = len(next(iter(x.values()))) if isinstance(x, Mapping) else len(x)
-            for i in range(n):
+            for i in range(batch_size_of(x)):
                 xi = {k: v[i] for k, v in x.items()} if isinstance(x, Mapping) else x[i]
                 self.items.append(xi if t is None else {INPUTS_KEY: xi, TEACHER_KEY: t[i]})
 

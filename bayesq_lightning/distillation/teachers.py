@@ -20,7 +20,7 @@ ECE.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -57,10 +57,6 @@ def fp32_reference(model: nn.Module, posterior=None) -> nn.Module:
     return net
 
 
-def _no_labels(x):
-    return {k: v for k, v in x.items() if k != "labels"} if isinstance(x, Mapping) else x
-
-
 class Teacher(nn.Module):
     """Base: an fp32 eval copy of the FP32 model, frozen; ``forward`` gives log-probabilities."""
 
@@ -85,8 +81,7 @@ class Teacher(nn.Module):
         """Log-probabilities of a tensor batch, a dict batch, or dict entries as keywords."""
         if x is None:
             x = inputs
-        x = _no_labels(x)
-        with torch.no_grad():
+        with torch.no_grad():  # the net (a LogitsModel) drops a ``labels`` key itself
             return self.log_probs(inputs_to(x, self.device, torch.float32))
 
     def log_probs(self, x) -> torch.Tensor:
@@ -102,19 +97,24 @@ class Teacher(nn.Module):
         labelled = [(x, y) for x, y in map(split_batch, batches) if y is not None]
         if not labelled:
             return None
-        nll = {}
         with torch.no_grad():
-            for t in grid:
-                self.temperature = float(t)
-                total = n = 0.0
-                for x, y in labelled:
-                    logp = self(x)
-                    total += float(-logp.gather(1, y.to(logp.device)[:, None]).sum())
-                    n += len(y)
-                nll[float(t)] = total / n
+            nll = self._grid_nll(labelled, [float(t) for t in grid])
         self.temperature = min(nll, key=nll.get)
         self.tuning = nll
         return self.temperature
+
+    def _grid_nll(self, labelled: list, grid: list[float]) -> dict[float, float]:
+        """Mean NLL of ``(inputs, labels)`` pairs at each temperature (one pass per value)."""
+        n = sum(len(y) for _, y in labelled)
+        nll = {}
+        for t in grid:
+            self.temperature = t
+            nll[t] = sum(_nll_sum(self(x), y) for x, y in labelled) / n
+        return nll
+
+
+def _nll_sum(log_probs: torch.Tensor, y: torch.Tensor) -> float:
+    return float(-log_probs.gather(1, y.to(log_probs.device)[:, None]).sum())
 
 
 class FP32Teacher(Teacher):
@@ -184,22 +184,15 @@ class GLMTeacher(Teacher):
     def log_probs(self, x) -> torch.Tensor:
         return self.probit(*self.moments(x), self.temperature)
 
-    def tune_temperature(self, batches: list, grid: Sequence[float]) -> float | None:
-        """As :meth:`Teacher.tune_temperature`; one forward pass per batch for the whole grid."""
-        labelled = [(x, y) for x, y in map(split_batch, batches) if y is not None]
-        if not labelled:
-            return None
-        nll = dict.fromkeys((float(t) for t in grid), 0.0)
+    def _grid_nll(self, labelled: list, grid: list[float]) -> dict[float, float]:
+        """As :meth:`Teacher._grid_nll`, with one forward pass per batch for the whole grid."""
         n = sum(len(y) for _, y in labelled)
-        with torch.no_grad():
-            for x, y in labelled:
-                f_mu, var = self.moments(inputs_to(_no_labels(x), self.device, torch.float32))
-                idx = y.to(f_mu.device)[:, None]
-                for t in nll:
-                    nll[t] += float(-self.probit(f_mu, var, t).gather(1, idx).sum()) / n
-        self.temperature = min(nll, key=nll.get)
-        self.tuning = nll
-        return self.temperature
+        nll = dict.fromkeys(grid, 0.0)
+        for x, y in labelled:
+            f_mu, var = self.moments(inputs_to(x, self.device, torch.float32))
+            for t in grid:
+                nll[t] += _nll_sum(self.probit(f_mu, var, t), y) / n
+        return nll
 
 
 class SampleTeacher(Teacher):

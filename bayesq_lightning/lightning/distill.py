@@ -38,11 +38,11 @@ from ..distillation.config import DistillConfig
 from ..distillation.student import (
     TEACHER_KEY,
     DistillSet,
+    check_student,
     distill_loss,
     finish_student,
     start_student,
     student_inputs,
-    trainable_count,
 )
 from ..distillation.teachers import Teacher, build_teacher, fp32_reference, tune_teacher
 from ..metrics import _metric_objects, _update, evaluate
@@ -77,9 +77,6 @@ class PosteriorDistillModule(pl.LightningModule):
         if not n_classes:
             raise ValueError("n_classes is unknown: pass n_classes= or a teacher built by "
                              "build_teacher and probed on a batch")
-        if trainable_count(student, self.config.train) == 0:
-            raise ValueError(f"nothing to train: train={self.config.train} selects no parameter "
-                             "of this student")
         self.student = student
         self.teacher = teacher
         self.metrics = nn.ModuleDict(_metric_objects(n_classes, "cpu"))
@@ -127,13 +124,17 @@ class PosteriorDistillModule(pl.LightningModule):
         """Mean ``T^2 KL(teacher || student)`` over the held-out calibration inputs."""
         total, n = 0.0, 0
         for batch in self.holdout:
-            x = inputs_to(student_inputs(batch), self.device)
-            target = (batch[TEACHER_KEY].to(self.device) if isinstance(batch, dict)
-                      and TEACHER_KEY in batch else self.teacher(x))
-            b = batch_size_of(x)
-            total += float(distill_loss(self(x), target, self.config.temperature)) * b
+            b = batch_size_of(student_inputs(batch))
+            total += float(self._loss(batch)) * b
             n += b
         return total / max(n, 1)
+
+    def _loss(self, batch) -> torch.Tensor:
+        """The distillation loss of a batch; teacher outputs precomputed in it or run now."""
+        x = inputs_to(student_inputs(batch), self.device)  # a no-op on Lightning's batches
+        target = (batch[TEACHER_KEY].to(self.device)
+                  if isinstance(batch, dict) and TEACHER_KEY in batch else self.teacher(x))
+        return distill_loss(self(x), target, self.config.temperature)
 
     def _track_holdout(self) -> float | None:
         # every process sees the whole hold-out and identical students: identical choices
@@ -160,14 +161,9 @@ class PosteriorDistillModule(pl.LightningModule):
 
     @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x = student_inputs(batch)
-        if isinstance(batch, dict) and TEACHER_KEY in batch:
-            target = batch[TEACHER_KEY]
-        else:
-            target = self.teacher(x)
-        loss = distill_loss(self(x), target, self.config.temperature)
+        loss = self._loss(batch)
         self.log("distill/kl", loss, prog_bar=True, on_step=False, on_epoch=True,
-                 batch_size=batch_size_of(x))
+                 batch_size=batch_size_of(student_inputs(batch)))
         return loss
 
     @override
@@ -237,12 +233,10 @@ def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
         if first is None or split_batch(first)[1] is None:
             raise ValueError("the evaluation loader must yield labelled batches ((inputs, "
                              "targets) or dicts with 'labels'); it is for metrics only")
+    check_student(student, config.train)
     teacher = build_teacher(config, fp32_model, posterior)
     n_classes = _probe(teacher, student, batches[0])  # before any long work
     tune_teacher(teacher, config, batches)
-    if trainable_count(student, config.train) == 0:
-        raise ValueError(f"nothing to train: train={config.train} selects no parameter of this "
-                         "student; include 'scale' / 'zero' (uniform) or 'codebook' (non-uniform)")
     data = DistillSet(batches, teacher if config.precompute_teacher else None)
     bs = config.batch_size or batch_size_of(student_inputs(batches[0]))
     n_hold = int(round(config.holdout * len(data)))
