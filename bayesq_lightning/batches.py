@@ -40,6 +40,30 @@ def fp32_logits_copy(model: nn.Module) -> tuple[LogitsModel, torch.device, dict[
     return net, next(net.parameters()).device, dict(net.model.named_modules())
 
 
+def forward_checked(net: nn.Module, x, index: int):
+    """``net(x)`` for calibration batch ``index``; any failure means the batch is not the
+    model's input, which the error says (rather than a shape error from deep inside)."""
+    try:
+        return net(x)
+    except Exception as exc:
+        raise ValueError(
+            f"the curvature/calibration batches do not fit the model (batch {index}: "
+            f"{type(exc).__name__}: {exc}); pass batches of the model's input form: (inputs, "
+            "targets) tuples, bare inputs or dict batches, all of a shape the model takes"
+        ) from exc
+
+
+def largest_input(batches: list) -> float:
+    """The largest absolute floating input value over ``batches`` (for overflow messages)."""
+    top = 0.0
+    for b in batches:
+        x = split_batch(b)[0]
+        for t in (x.values() if isinstance(x, Mapping) else [x]):
+            if torch.is_tensor(t) and t.is_floating_point() and t.numel():
+                top = max(top, float(t.detach().abs().max()))
+    return top
+
+
 def batch_inputs(batches: list, device: torch.device) -> list:
     """The inputs of every batch on ``device``, floating tensors in fp32 (labels dropped)."""
     return [inputs_to(split_batch(b)[0], device, torch.float32) for b in batches]

@@ -38,6 +38,78 @@ def quantizable_layers(
     return chosen
 
 
+def unsupported_layers(model: nn.Module, include: Sequence[str] | None = None,
+                       exclude: Sequence[str] | None = None) -> dict[str, str]:
+    """``{name: reason}`` of the weight layers (a parameter of 2 or more dimensions) that are not
+    ``nn.Linear`` / ``nn.Conv2d``, e.g. ``Embedding``, ``Conv1d``: left in floating point.
+
+    Norm and bias vectors are not listed (nothing to quantize there). Name patterns apply as to
+    the quantized layers.
+    """
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QUANTIZABLE) or not any(
+                p.dim() >= 2 for p in module.parameters(recurse=False)):
+            continue
+        if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            continue
+        if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        out[name] = (f"{type(module).__name__} is not quantized (nn.Linear / nn.Conv2d only); "
+                     "kept in floating point")
+    return out
+
+
+def split_tied(model: nn.Module, named: Sequence[tuple[str, nn.Module]]
+               ) -> tuple[list[tuple[str, nn.Module]], dict[str, str], dict[str, str]]:
+    """Selected layers with one weight each, ``{alias: owner}`` and ``{skipped: reason}``.
+
+    A weight held by several selected layers (``b.weight = a.weight``) is quantized once: the
+    first holder in module order owns it and the others become aliases that share its packed
+    codes (their biases stay their own). A weight also held by a module that is not quantized
+    (tied input/output embeddings, an excluded layer) is left in floating point, listed in
+    ``skipped``: quantizing one holder would break the tie and store the weight twice. A module
+    registered under several names is one layer (``named_modules`` lists it once).
+    """
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), []).append((name, module))
+    chosen = {id(m) for _, m in named}
+    kept, aliases, skipped = [], {}, {}
+    for name, module in named:
+        group = holders[id(module.weight)]
+        outside = [(n, m) for n, m in group if id(m) not in chosen]
+        if outside:
+            n, m = outside[0]
+            skipped[name] = (f"weight tied to {n!r} ({type(m).__name__}), which is not "
+                             "quantized; kept in floating point so the tie holds")
+        elif group[0][1] is not module:
+            aliases[name] = group[0][0]
+        else:
+            kept.append((name, module))
+    if not kept:
+        raise ValueError(f"every selected layer's weight is tied to a module that stays in "
+                         f"floating point ({skipped}); select other layers with include=[...]")
+    return kept, aliases, skipped
+
+
+def untie_parameters(model: nn.Module) -> None:
+    """Give every module its own copy of a parameter it shares with an earlier module.
+
+    For a throwaway copy only (the posterior fit's): laplace-torch's backends need each
+    parameter to belong to one module.
+    """
+    seen: set[int] = set()
+    for module in model.modules():
+        for pname, p in list(module.named_parameters(recurse=False)):
+            if id(p) in seen:
+                setattr(module, pname, nn.Parameter(p.detach().clone(),
+                                                    requires_grad=p.requires_grad))
+            else:
+                seen.add(id(p))
+
+
 def check_finite(layers: Sequence[tuple[str, nn.Module]]) -> None:
     """Refuse NaN/inf weights before any work: they would poison scales and curvature."""
     for name, module in layers:
@@ -72,5 +144,6 @@ def check_pin_patterns(layer_names: Sequence[str], cfg: BayesQConfig) -> dict[st
         for pattern in getattr(cfg, field) or {}:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in pins):
                 raise ValueError(f"{field} pattern {pattern!r} matches no quantized layer; "
-                                 f"layers: {list(pins)}")
+                                 f"correct the pattern (fnmatch syntax, e.g. 'encoder.*') or "
+                                 f"drop it. Quantized layers: {list(pins)}")
     return pins

@@ -110,7 +110,7 @@ class Method:
     name : str
         The ``BayesQConfig.method`` value.
     needs_calibration : bool
-        Reads calibration batches (all but ``rtn``).
+        Reads calibration batches (all but ``rtn`` and ``mse``).
     posterior : str or None
         Posterior structure it fits: ``"config"`` (``BayesQConfig.structure``), a structure
         name, or ``None``. Monte-Carlo tables sample this posterior, so only methods with one
@@ -158,7 +158,7 @@ METHODS_TABLE: dict[str, Method] = {
         Method("rtn", False, None, False, False, _rtn),
         Method("gptq", True, None, True, False, _gptq),
         Method("hawq", True, "diag", False, False, _hawq),
-        Method("mse", True, None, False, False, _mse),
+        Method("mse", False, None, False, False, _mse),  # unit weights: reads no data
     )
 }
 METHODS = tuple(METHODS_TABLE)

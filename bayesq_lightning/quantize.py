@@ -32,7 +32,13 @@ from .allocate import InfeasibleBudgetError, Option, allocate, boundary_blocks
 from .artifact.modules import replace_quantized_layers
 from .batches import calibration_samples, clone_module
 from .config import BayesQConfig
-from .layers import check_finite, check_pin_patterns, quantizable_layers
+from .layers import (
+    check_finite,
+    check_pin_patterns,
+    quantizable_layers,
+    split_tied,
+    unsupported_layers,
+)
 from .methods import METHODS_TABLE, BlockContext, Method
 from .posterior import Posterior, Reduce, fit_posterior
 from .quantizers import (
@@ -113,7 +119,7 @@ def quantize_model(
     t_start = time.perf_counter()
     info: dict = {"method": cfg.method, "config": cfg.to_dict()}
 
-    named, pins = _select_layers(model, cfg)                                           # 1
+    named, pins, tied, skipped = _select_layers(model, cfg)                            # 1
     batches, n_calib = _calibration(method, calibration_loader, cfg)                   # 2
     curv_batches, n_curv = batches, n_calib
     if curvature_loader is not None:
@@ -129,7 +135,9 @@ def quantize_model(
     hessians = None
     if method.input_hessians:                                                          # 3
         t_h = time.perf_counter()
-        hessians = layer_input_hessians(model, batches, list(pins), reduce=reduce)
+        hessians = layer_input_hessians(model, batches, [*pins, *tied], reduce=reduce)
+        for alias, owner in tied.items():  # a shared weight's error reaches both uses' inputs
+            hessians[owner] = hessians[owner] + hessians.pop(alias)
         info.update(n_calib=n_calib, hessian_seconds=time.perf_counter() - t_h)
     posterior = _posterior(model, method, cfg, curv_batches, n_curv, list(pins), posterior,
                            n_data=n_data, reduce=reduce, loader=calibration_loader, info=info)
@@ -169,14 +177,16 @@ def quantize_model(
     layers = _layer_results(named, blocks, options, candidates, choice)
     # dtypes kept as they are (e.g. fp32 norms in a bf16 model)
     qmodel = model if inplace else clone_module(model)                                 # 8
-    replace_quantized_layers(qmodel, layers)
+    replace_quantized_layers(qmodel, layers, tied=tied)
+    if tied or skipped:
+        info.update(tied=dict(tied), skipped=dict(skipped))
     total_bits = sum(opts[j].cost for opts, j in zip(options, choice, strict=True))
     code_bits = sum(storage_bits(b.n_weights, b.bits, 0) for x in layers for b in x.blocks)
     info["seconds"] = time.perf_counter() - t_start
     return QuantizationResult(
         model=qmodel, layers=layers, bits_per_weight=total_bits / n_weights,
         code_bits_per_weight=code_bits / n_weights, budget_bits=budget, info=info,
-        posterior=posterior,
+        posterior=posterior, tied=dict(tied), skipped=dict(skipped),
     )
 
 
@@ -184,14 +194,18 @@ def quantize_model(
 
 
 def _select_layers(model: nn.Module, cfg: BayesQConfig
-                   ) -> tuple[list[tuple[str, nn.Module]], dict[str, tuple[int, ...]]]:
-    """Stage 1: the quantized layers and their allowed widths; every check before any work."""
+                   ) -> tuple[list[tuple[str, nn.Module]], dict[str, tuple[int, ...]],
+                              dict[str, str], dict[str, str]]:
+    """Stage 1: the quantized layers, their allowed widths, tied aliases and skipped layers;
+    every check before any work."""
     named = quantizable_layers(model, cfg.include, cfg.exclude)
     if any(name == "" for name, _ in named):
         raise ValueError("the model itself is a Linear/Conv2d layer and cannot be replaced in "
                          "place; wrap it in a parent module (e.g. nn.Sequential(layer))")
+    named, tied, skipped = split_tied(model, named)
+    skipped.update(unsupported_layers(model, cfg.include, cfg.exclude))
     check_finite(named)
-    return named, check_pin_patterns([name for name, _ in named], cfg)
+    return named, check_pin_patterns([name for name, _ in named], cfg), tied, skipped
 
 
 def _calibration(method: Method, loader: Iterable | None, cfg: BayesQConfig

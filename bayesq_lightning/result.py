@@ -103,6 +103,13 @@ class QuantizationResult:
         Method, posterior structure and prior precision, backend, seconds per stage.
     posterior : Posterior or None
         The fitted posterior (``None`` for posterior-free baselines).
+    tied : dict[str, str]
+        ``{alias: owner}``: layers that hold the weight of a quantized layer and share its
+        packed codes (quantized, stored and counted once, under the owner).
+    skipped : dict[str, str]
+        ``{layer: reason}``: weight layers left in floating point: unsupported types
+        (``Embedding``, ``Conv1d``, ...) and Linear/Conv2d layers whose weight is tied to a
+        module that is not quantized (e.g. tied input/output embeddings).
     """
 
     model: nn.Module
@@ -112,6 +119,8 @@ class QuantizationResult:
     budget_bits: int
     info: dict[str, Any] = field(default_factory=dict)
     posterior: Any = field(default=None, repr=False)
+    tied: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_weights(self) -> int:
@@ -141,4 +150,7 @@ class QuantizationResult:
             f"{'total':<28} {'':<7} {self.n_weights:>9} {'':>5} {self.bits_per_weight:>7.3f} "
             f"{sum(x.expected_loss for x in self.layers):>11.4g}"
         )
+        lines += [f"tied   {alias} -> {owner} (shares its codes)"
+                  for alias, owner in self.tied.items()]
+        lines += [f"float  {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)

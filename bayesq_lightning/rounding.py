@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batches import batch_inputs, fp32_logits_copy
+from .batches import batch_inputs, forward_checked, fp32_logits_copy, largest_input
 from .quantizers import round_uniform
 from .result import BlockResult
 
@@ -278,12 +278,19 @@ def layer_input_hessians(
     hooks = [modules[n].register_forward_pre_hook(
         lambda _m, args, n=n: seen[n].append(args[0].detach())) for n in names]
     try:
-        for x in batch_inputs(batches, device):
-            net(x)
+        for i, x in enumerate(batch_inputs(batches, device)):
+            forward_checked(net, x, i)
     finally:
         for h in hooks:
             h.remove()
     hessians = {n: input_hessian(modules[n], seen[n]) for n in names}
+    bad = [n for n, h in hessians.items() if not torch.isfinite(h).all()]
+    if bad:
+        raise ValueError(
+            f"the input statistics (X X^T) of layers {bad} are not finite: the calibration "
+            f"inputs (largest |x| = {largest_input(batches):.3g}) overflow in fp32 on the way to "
+            "them; normalise the calibration inputs as in training"
+        )
     if reduce is not None:
         n_local = torch.tensor(float(sum(len(x) for x in seen[names[0]])), device=device)
         n_total = reduce(n_local.clone())

@@ -193,9 +193,12 @@ def run_callback() -> dict:
     return fp
 
 
-def record() -> None:
+def record(retrain: bool = True) -> None:
+    """Re-record the fingerprints; ``retrain=False`` (``--keep-weights``) keeps the stored
+    weights, e.g. after an intended artifact format change, so only what changed moves."""
     HERE.mkdir(exist_ok=True)
-    save_file(train_weights(), str(WEIGHTS))
+    if retrain:
+        save_file(train_weights(), str(WEIGHTS))
     data = {"environment": environment(), "cases": run_cases(), "callback": run_callback()}
     FINGERPRINTS.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {FINGERPRINTS} ({len(data['cases'])} cases + callback)")
@@ -203,6 +206,6 @@ def record() -> None:
 
 if __name__ == "__main__":
     if "--record" in sys.argv:
-        record()
+        record(retrain="--keep-weights" not in sys.argv)
     else:
         print(__doc__)

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import re
+import warnings
 
 import pytest
 import torch
 from _quant_helpers import dequantized_float_model, make_result, rtn_layer, rtn_layers
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bayesq_lightning.artifact import export
-from bayesq_lightning.artifact.export import ArtifactError, load_quantized, save_quantized
+from bayesq_lightning.artifact.export import (
+    ArtifactError,
+    load_quantized,
+    save_quantized,
+    tensors_digest,
+)
 from bayesq_lightning.artifact.modules import (
     QuantizedConv2d,
     QuantizedLinear,
@@ -107,9 +113,11 @@ def test_cnn_round_trip(tmp_path):
     assert torch.equal(loaded.bn1.running_var, model.bn1.running_var)
 
     manifest = json.loads((tmp_path / "bayesq.json").read_text())
-    assert manifest["schema_version"] == 1
-    digest = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
-    assert manifest["sha256"] == digest
+    assert manifest["schema_version"] == 2
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:  # the file describes itself
+        assert json.loads(f.metadata()["bayesq"]) == manifest
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    assert manifest["tensors_sha256"] == tensors_digest(stored)
     assert manifest["budget_bits"] == result.budget_bits
     assert manifest["bits_per_weight"] == result.bits_per_weight
     assert manifest["code_bits_per_weight"] == result.code_bits_per_weight
@@ -228,31 +236,38 @@ def fail_before_tensors(monkeypatch):
     monkeypatch.setattr(export, "save_file", boom)
 
 
-def fail_between(monkeypatch):
+def _fail_at_rename(monkeypatch, target: str, after: bool = False):
     real = os.replace
 
     def replace(src, dst):
-        if str(dst).endswith("bayesq.json"):
-            raise KeyboardInterrupt("killed between the writes")
-        return real(src, dst)
+        if after:
+            real(src, dst)
+        if str(dst).endswith(target):
+            raise KeyboardInterrupt(f"killed {'after' if after else 'at'} the rename to {target}")
+        if not after:
+            real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
 
 
-def fail_after(monkeypatch):
-    real = os.replace
+def fail_at_manifest_copy(monkeypatch):
+    _fail_at_rename(monkeypatch, "bayesq.json")
 
-    def replace(src, dst):
-        real(src, dst)
-        if str(dst).endswith("bayesq.json"):
-            raise KeyboardInterrupt("killed after both writes")
 
-    monkeypatch.setattr(os, "replace", replace)
+def fail_at_commit(monkeypatch):  # bayesq.json already new, model.safetensors still the old one
+    _fail_at_rename(monkeypatch, "model.safetensors")
+
+
+def fail_after_commit(monkeypatch):
+    _fail_at_rename(monkeypatch, "model.safetensors", after=True)
 
 
 @pytest.mark.parametrize("with_previous", [True, False], ids=["over-previous", "fresh"])
-@pytest.mark.parametrize("point", [fail_before_tensors, fail_between, fail_after])
+@pytest.mark.parametrize(
+    "point", [fail_before_tensors, fail_at_manifest_copy, fail_at_commit, fail_after_commit])
 def test_interrupted_save(tmp_path, monkeypatch, point, with_previous):
+    """A save interrupted anywhere leaves the previous artifact loadable (or, once the tensor
+    file is renamed, the new one); with no previous artifact, loading is refused."""
     model = cnn()
     old_result, new_result = cnn_result(model, (4, 8)), cnn_result(model, (2, 3))
     old, new = quantized(model, old_result), quantized(model, new_result)
@@ -268,15 +283,17 @@ def test_interrupted_save(tmp_path, monkeypatch, point, with_previous):
 
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     skeleton = cnn(seed=3)
-    if point is fail_after:
+    if point is fail_after_commit or with_previous:
+        stale = point in (fail_before_tensors, fail_at_commit)  # the copy is ahead of the file
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = load_quantized(skeleton, tmp_path)
+        assert any("does not match the manifest" in str(w.message) for w in caught) == stale
         with torch.no_grad():
-            assert torch.equal(load_quantized(skeleton, tmp_path)(X), want_new)
-    elif point is fail_before_tensors and with_previous:
-        with torch.no_grad():
-            assert torch.equal(load_quantized(skeleton, tmp_path)(X), want_old)
+            assert torch.equal(loaded(X), want_new if point is fail_after_commit else want_old)
     else:
         snap = snapshot(skeleton)
-        with pytest.raises((ArtifactError, FileNotFoundError)):
+        with pytest.raises(FileNotFoundError, match="re-export|save_quantized"):
             load_quantized(skeleton, tmp_path)
         assert_unchanged(skeleton, snap)
 
@@ -307,6 +324,12 @@ def test_missing_files(artifact):
     check_refused(artifact, FileNotFoundError, r"bayesq\.json.*save_quantized")
 
 
+def test_manifest_copy_is_optional(artifact):
+    (artifact / "bayesq.json").unlink()  # the tensor file carries its own manifest
+    with torch.no_grad():
+        assert load_quantized(cnn(seed=4), artifact)(X).isfinite().all()
+
+
 def test_sha256_mismatch(artifact):
     path = artifact / "model.safetensors"
     data = bytearray(path.read_bytes())
@@ -315,17 +338,48 @@ def test_sha256_mismatch(artifact):
     check_refused(artifact, ArtifactError, "artifact is corrupt or was interrupted; re-export")
 
 
-def test_unknown_schema_version(artifact):
-    path = artifact / "bayesq.json"
-    manifest = json.loads(path.read_text())
-    manifest["schema_version"] = 2
-    path.write_text(json.dumps(manifest))
-    check_refused(artifact, ArtifactError, r"schema version 2.*reads version 1")
+def _rewrite_header(directory, edit) -> None:
+    """Rewrite model.safetensors with its header manifest text passed through ``edit``."""
+    path = directory / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        text = f.metadata()["bayesq"]
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={"bayesq": edit(text)})
+    (directory / "bayesq.json").unlink()
+
+
+def test_schema_from_the_future(artifact):
+    _rewrite_header(artifact, lambda t: json.dumps({**json.loads(t), "schema_version": 999}))
+    check_refused(artifact, ArtifactError, r"schema version 999.*reads version 2.*re-export")
 
 
 def test_malformed_manifest(artifact):
+    _rewrite_header(artifact, lambda t: "{not json")
+    check_refused(artifact, ArtifactError, "not valid JSON.*re-export")
+
+
+def test_foreign_safetensors_file(artifact):
+    path = artifact / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path))  # e.g. a plain state dict saved under the artifact's name
+    check_refused(artifact, ArtifactError, "no bayesq manifest.*re-export")
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.999], ids=["half", "last-byte"])
+def test_truncated_tensor_file(artifact, cut):
+    path = artifact / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut)])
+    check_refused(artifact, ArtifactError, "corrupt or was interrupted; re-export")
+
+
+def test_stale_manifest_copy_warns_and_loads_the_tensor_file(artifact):
     (artifact / "bayesq.json").write_text("{not json")
-    check_refused(artifact, ArtifactError, "not valid JSON")
+    with pytest.warns(UserWarning, match="does not match the manifest inside"):
+        loaded = load_quantized(cnn(seed=4), artifact)
+    with torch.no_grad():
+        assert loaded(X).isfinite().all()
 
 
 @pytest.mark.parametrize(

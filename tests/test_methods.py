@@ -14,7 +14,7 @@ from bayesq_lightning.posterior import LayerPosterior
     ("bayesq", "kron", True, False, True),
     ("hawq", "diag", True, False, True),
     ("gptq", None, True, True, False),
-    ("mse", None, True, False, False),
+    ("mse", None, False, False, False),
     ("rtn", None, False, False, False),
 ])
 def test_what_each_method_needs(method, structure, calibration, hessians, mc):
@@ -59,8 +59,9 @@ def test_block_scores_by_method():
     assert gptq.score(dW) == pytest.approx(2.0 * 0.06) and gptq.H is not None
 
 
-def test_mse_needs_calibration_data_like_before(trained):
-    # mse designs with unit weights and never reads the data, but (as since it was added) asks
-    # for a calibration loader like every method except rtn
-    with pytest.raises(ValueError, match="needs a calibration loader"):
-        quantize_model(trained, None, BayesQConfig(method="mse"), progress=False)
+def test_mse_reads_no_calibration_data(trained):
+    # mse designs with unit weights: a loader is neither needed nor read (even a broken one)
+    a = quantize_model(trained, None, BayesQConfig(method="mse"), progress=False)
+    b = quantize_model(trained, ["not a batch"], BayesQConfig(method="mse"), progress=False)
+    assert [x.blocks[0].codes.tolist() for x in a.layers] == [
+        x.blocks[0].codes.tolist() for x in b.layers]

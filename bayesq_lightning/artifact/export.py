@@ -1,27 +1,30 @@
-"""The on-disk artifact: ``model.safetensors`` plus the ``bayesq.json`` manifest.
+"""The on-disk artifact: ``model.safetensors``, self-describing, plus a ``bayesq.json`` copy.
 
-``save_quantized`` writes the safetensors file first and the JSON last, each to a temporary file
-in the same directory and then ``os.replace``-d into place. The JSON names the sha256 of the
-safetensors file, so it is the commit record: an interrupted save leaves either the previous
-complete artifact or a pair that :func:`load_quantized` refuses. Tensors that share storage
-(tied weights) are stored once and the other names are recorded as aliases in the JSON. No
-pickle is involved anywhere.
+The manifest travels inside the safetensors header (metadata key ``"bayesq"``) with a digest of
+the tensors, so the one file is the whole artifact and its ``os.replace`` is the commit: an
+interrupted save leaves the previous artifact loadable, whatever the point of interruption.
+``bayesq.json`` is a readable copy written just before; the loader reads the header and warns
+when the copy disagrees (a save interrupted between the two). Tensors that share storage (tied
+weights) are stored once and the other names are recorded as aliases. No pickle is involved.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -35,11 +38,15 @@ from .modules import (
     conv_options,
     quantized_from_float,
     set_submodule,
+    tie_packed,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the manifest moved into the safetensors header
 TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "bayesq.json"
+HEADER_KEY = "bayesq"
+WHICH = ("save the model this result was computed for (pass the QuantizationResult that "
+         "produced this model)")
 
 
 class ArtifactError(ValueError):
@@ -71,14 +78,14 @@ def save_quantized(
     directory.mkdir(parents=True, exist_ok=True)
     state, packed = _packed_state(model, result)
     tensors, aliases = _dedupe(state)
-
-    digest = _atomic_write(directory / TENSORS_FILE, lambda p: save_file(tensors, str(p)))
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "tensors_file": TENSORS_FILE,
-        "sha256": digest,
+        "tensors_sha256": tensors_digest(tensors),
         "aliases": aliases,
         "layers": [_layer_entry(name, packed[name]) for name in (x.name for x in result.layers)],
+        "tied": [{"name": alias, "owner": owner, "bias": packed[alias].bias is not None}
+                 for alias, owner in result.tied.items()],
         "budget_bits": int(result.budget_bits),
         "n_weights": sum(math.prod(m.weight_shape) for m in packed.values()),
         "bits_per_weight": float(result.bits_per_weight),
@@ -98,6 +105,9 @@ def save_quantized(
     }
     text = json.dumps(manifest, indent=1)
     _atomic_write(directory / MANIFEST_FILE, lambda p: p.write_text(text, encoding="utf-8"))
+    # the commit: until this rename the previous model.safetensors (with its own manifest) holds
+    _atomic_write(directory / TENSORS_FILE,
+                  lambda p: save_file(tensors, str(p), metadata={HEADER_KEY: text}))
     return directory
 
 
@@ -123,45 +133,42 @@ def load_quantized(model_skeleton: nn.Module, directory: str | os.PathLike) -> n
     directory = Path(directory)
     manifest_path = directory / MANIFEST_FILE
     tensors_path = directory / TENSORS_FILE
-    if not manifest_path.is_file():
-        raise FileNotFoundError(
-            f"no manifest {manifest_path}: the artifact is missing or its save did not finish; "
-            f"export it with save_quantized"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{manifest_path} is not valid JSON ({e}); re-export the model") from e
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{manifest_path} is not a bayesq manifest; re-export the model")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        versions = manifest.get("versions")
-        writer = versions.get("bayesq-lightning") if isinstance(versions, dict) else None
-        raise ArtifactError(
-            f"{manifest_path} has schema version {version!r} (written by bayesq-lightning "
-            f"{writer}); this bayesq-lightning reads version {SCHEMA_VERSION}: re-export with "
-            f"this version or load with the version that wrote it"
-        )
     if not tensors_path.is_file():
-        raise FileNotFoundError(
-            f"no tensor file {tensors_path} next to {manifest_path}; re-export the model"
-        )
+        if manifest_path.is_file():
+            raise FileNotFoundError(f"no tensor file {tensors_path} next to {manifest_path}: "
+                                    "the export did not finish; re-export the model")
+        raise FileNotFoundError(f"no artifact in {directory} (neither {TENSORS_FILE} nor "
+                                f"{MANIFEST_FILE}); export it with save_quantized")
+    manifest, text = _header_manifest(tensors_path)
+    if manifest_path.is_file() and manifest_path.read_bytes() != text.encode("utf-8"):
+        warnings.warn(f"{manifest_path} does not match the manifest inside {tensors_path} (a save "
+                      "interrupted between the two?); loading what the tensor file describes",
+                      stacklevel=2)
     try:
-        if _sha256(tensors_path) != manifest["sha256"]:
+        state = load_file(str(tensors_path))
+    except Exception as e:  # safetensors raises its own error type on truncated data
+        raise ArtifactError(f"{tensors_path} cannot be read ({e}): the artifact is corrupt or "
+                            "was interrupted; re-export") from e
+    try:
+        if tensors_digest(state) != manifest["tensors_sha256"]:
             raise ArtifactError(
-                f"{tensors_path} does not match the sha256 in {manifest_path}: the artifact is "
-                f"corrupt or was interrupted; re-export"
+                f"{tensors_path} does not match the digest of its manifest: the artifact is "
+                "corrupt or was interrupted; re-export"
             )
         replacements = {
-            entry["name"]: _module_for(model_skeleton, entry, manifest_path)
+            entry["name"]: _module_for(model_skeleton, entry, tensors_path)
             for entry in manifest["layers"]
         }
-        state = load_file(str(tensors_path))
+        entries = {entry["name"]: entry for entry in manifest["layers"]}
+        for tie in manifest.get("tied", []):  # layers sharing an owner's codes
+            entry = {**entries[tie["owner"]], "name": tie["name"], "bias": tie["bias"]}
+            replacements[tie["name"]] = _module_for(model_skeleton, entry, tensors_path)
+            tie_packed(replacements[tie["name"]], replacements[tie["owner"]])
         for alias, target in manifest["aliases"].items():
             state[alias] = state[target]
     except (KeyError, TypeError, IndexError) as e:
-        raise ArtifactError(f"{manifest_path} is malformed ({e!r}); re-export the model") from e
+        raise ArtifactError(f"the manifest of {tensors_path} is malformed ({e!r}); re-export "
+                            "the model") from e
 
     trial = copy.deepcopy(model_skeleton)
     for name, module in replacements.items():
@@ -194,7 +201,7 @@ def _packed_state(
     Float layers are packed into new modules whose state replaces theirs in the dict; ``model``
     is not modified.
     """
-    names = [x.name for x in result.layers]
+    names = [x.name for x in result.layers] + list(result.tied)
     quantized_types = tuple(QUANTIZED_TYPES.values())
     stray = [
         n for n, m in model.named_modules() if isinstance(m, quantized_types) and n not in names
@@ -210,7 +217,8 @@ def _packed_state(
         try:
             module = model.get_submodule(layer.name)
         except AttributeError as e:
-            raise KeyError(f"result layer {layer.name!r} is not a submodule of the model") from e
+            raise KeyError(f"result layer {layer.name!r} is not a submodule of the model; {WHICH}"
+                           ) from e
         if isinstance(module, quantized_types):
             specs = [block_spec(b) for b in layer.blocks]
             if type(module) is not QUANTIZED_TYPES.get(layer.kind) or module.specs != specs:
@@ -220,11 +228,25 @@ def _packed_state(
                 )
             packed[layer.name] = module
             continue
-        packed[layer.name] = q = quantized_from_float(module, layer)
+        try:
+            packed[layer.name] = q = quantized_from_float(module, layer)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e}; {WHICH}") from e
         prefix = layer.name + "."
         for key in [k for k in state if k.startswith(prefix)]:
             del state[key]
         state.update(q.state_dict(prefix=prefix))
+    for alias, owner in result.tied.items():
+        module = model.get_submodule(alias)
+        if not isinstance(module, quantized_types):
+            layer = dataclasses.replace(result.layer(owner), name=alias)
+            module = quantized_from_float(module, layer)
+            tie_packed(module, packed[owner])
+            prefix = alias + "."
+            for key in [k for k in state if k.startswith(prefix)]:
+                del state[key]
+            state.update(module.state_dict(prefix=prefix))
+        packed[alias] = module
     return state, packed
 
 
@@ -254,6 +276,45 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
         t = t.cpu().contiguous()
         tensors[name] = t.clone() if shared or t.untyped_storage().nbytes() != t.nbytes else t
     return tensors, aliases
+
+
+def _header_manifest(path: Path) -> tuple[dict[str, Any], str]:
+    """The manifest stored in the safetensors header of ``path``, checked, and its JSON text."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            text = (f.metadata() or {}).get(HEADER_KEY)
+    except Exception as e:  # a corrupt or truncated header
+        raise ArtifactError(f"{path} is not a readable safetensors file ({e}): the artifact is "
+                            "corrupt or was interrupted; re-export") from e
+    if text is None:
+        raise ArtifactError(f"{path} carries no bayesq manifest: it was not written by "
+                            "save_quantized (or by a version before schema 2); re-export")
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"the manifest in {path} is not valid JSON ({e}); re-export") from e
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"the manifest in {path} is not a bayesq manifest; re-export")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        versions = manifest.get("versions")
+        writer = versions.get("bayesq-lightning") if isinstance(versions, dict) else None
+        raise ArtifactError(
+            f"{path} has schema version {version!r} (written by bayesq-lightning {writer}); "
+            f"this bayesq-lightning reads version {SCHEMA_VERSION}: re-export with this version "
+            "or load with the version that wrote it"
+        )
+    return manifest, text
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _layer_entry(name: str, module: nn.Module) -> dict[str, Any]:
@@ -360,8 +421,8 @@ def _module_for(skeleton: nn.Module, entry: dict[str, Any], manifest_path: Path)
     return module
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> str:
-    """Write ``path`` through a temporary file in its directory; return the file's sha256."""
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` through a temporary file in its directory, fsync'ed, then renamed."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp)
@@ -369,13 +430,11 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> str:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        digest = _sha256(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    return digest
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -390,14 +449,6 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _version(dist: str) -> str | None:

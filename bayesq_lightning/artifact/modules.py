@@ -22,8 +22,9 @@ computes exactly what a float layer holding the dequantized weights computes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -523,15 +524,30 @@ def quantized_from_float(
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name`` (not the root) by ``module``."""
+    """Replace the submodule at dotted path ``name`` (not the root) by ``module``, under every
+    name the old submodule is registered (``self.b = self.a`` makes ``a`` and ``b`` one layer)."""
     if not name:
         raise ValueError("cannot replace the root module in place; wrap it in a parent module")
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, module)
+    old = model.get_submodule(name)
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old] or [name]
+    for n in names:
+        parent, _, leaf = n.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, module)
+
+
+def tie_packed(alias: _QuantizedWeight, owner: _QuantizedWeight) -> None:
+    """Make ``alias`` decode ``owner``'s codes and metadata (the same tensors, stored once);
+    the bias stays its own."""
+    if alias.specs != owner.specs or alias.weight_shape != owner.weight_shape:
+        raise ValueError("tied packed layers must have the same blocks and weight shape")
+    for key, buf in owner.named_buffers(recurse=False):
+        if key in alias._buffers:
+            setattr(alias, key, buf)
 
 
 def replace_quantized_layers(
-    model: nn.Module, layers: Sequence[LayerResult], cache: bool = False
+    model: nn.Module, layers: Sequence[LayerResult], cache: bool = False,
+    tied: Mapping[str, str] | None = None,
 ) -> nn.Module:
     """Swap the named float layers of ``model`` for packed ones, in place.
 
@@ -545,6 +561,9 @@ def replace_quantized_layers(
         Names are dotted module names as in ``model.named_modules()``.
     cache : bool
         ``cache_dequantized`` of the new modules.
+    tied : mapping, optional
+        ``{alias: owner}``: float layers holding the weight of an owner in ``layers``; each gets
+        a packed module that shares the owner's codes and keeps its own bias.
 
     Returns
     -------
@@ -552,12 +571,20 @@ def replace_quantized_layers(
         ``model`` itself.
     """
     new = {}
-    for layer in layers:
+    by_name = {x.name: x for x in layers}
+    for name, owner in [*((x.name, None) for x in layers), *(tied or {}).items()]:
         try:
-            module = model.get_submodule(layer.name)
+            module = model.get_submodule(name)
         except AttributeError as e:
-            raise KeyError(f"model has no layer named {layer.name!r}") from e
-        new[layer.name] = quantized_from_float(module, layer, cache)
+            raise KeyError(f"model has no layer named {name!r}") from e
+        if owner is None:
+            new[name] = quantized_from_float(module, by_name[name], cache)
+        elif owner not in new:
+            raise KeyError(f"tied layer {name!r} names {owner!r}, which is not quantized")
+        else:
+            new[name] = quantized_from_float(
+                module, dataclasses.replace(by_name[owner], name=name), cache)
+            tie_packed(new[name], new[owner])
     for name, module in new.items():
         set_submodule(model, name, module)
     return model

@@ -119,6 +119,23 @@ class LayerPosterior:
             w[dead] = 1e-6 * float(live[live > 0].mean()) if len(live) else 1.0
         return w
 
+    def with_precision(self) -> LayerPosterior:
+        """This record with ``precision = curvature + delta`` (after the factors changed)."""
+        self.precision = self.curvature + self.prior_precision
+        return self
+
+    def tied_with(self, other: LayerPosterior) -> LayerPosterior:
+        r"""The posterior of one weight that this layer and ``other`` both use (tied weights).
+
+        The GGN of a shared weight is the sum over its uses plus cross terms between them,
+        which per-layer factors do not hold; they are dropped (exact when the uses' Jacobians
+        are orthogonal). Diagonal: :math:`c = c_1 + c_2`; the structures override this to keep
+        their factors, and any mix of structures falls back to it.
+        """
+        c = self.curvature + other.curvature
+        return LayerPosterior(self.name, self.mean, c + self.prior_precision, self.prior_precision,
+                              note=_tie_note(self, other), curvature=c)
+
     def rounding_matrix(self, rows: tuple[int, int], damp: float = 0.01
                         ) -> tuple[Tensor, float] | None:
         """``(H, gamma)`` for error-feedback rounding of rows ``rows``; ``None``: round to nearest."""
@@ -198,6 +215,22 @@ class KronLayerPosterior(LayerPosterior):
         A = self.A.cpu().float()
         return A, damp * float(A.diagonal().double().mean())
 
+    def tied_with(self, other: LayerPosterior) -> LayerPosterior:
+        r"""K-FAC of a shared weight: :math:`G_1 \otimes A_1 + G_2 \otimes A_2 \approx
+        \bar G \otimes (A_1 + A_2)`, :math:`\bar G` the mean of the live ``G`` (``mean(diag
+        G) = 1`` each): each use as extra input rows, K-FAC's own treatment of a layer's
+        positions. Exact when the uses share ``G``; a use with ``G = 0`` adds nothing."""
+        if not isinstance(other, KronLayerPosterior):
+            return super().tied_with(other)
+        live = [p for p in (self, other) if float(p.G.diagonal().abs().sum()) > 0]
+        if not live:
+            return self
+        G = sum(p.G for p in live) / len(live)
+        A = sum(p.A for p in live)
+        return KronLayerPosterior(self.name, self.mean, torch.zeros_like(self.precision),
+                                  self.prior_precision, note=_tie_note(self, other), A=A, G=G,
+                                  curvature=None).with_precision()
+
     def sample(self, n: int = 1, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> Tensor:
         r"""Draws from :math:`N(\mu, T (G \otimes A + \delta I)^{-1})`.
@@ -264,6 +297,22 @@ class LowRankLayerPosterior(LayerPosterior):
 
         return form
 
+    def tied_with(self, other: LayerPosterior) -> LayerPosterior:
+        r"""Low rank of a shared weight: :math:`d_1 + d_2` and :math:`U_1 S_1 U_1^\top + U_2
+        S_2 U_2^\top = U S U^\top` re-diagonalised exactly (QR of :math:`[U_1\ U_2]`, then
+        the small eigenproblem): rank up to :math:`k_1 + k_2`, orthonormal again."""
+        if not isinstance(other, LowRankLayerPosterior):
+            return super().tied_with(other)
+        Q, R = torch.linalg.qr(torch.cat([self.U, other.U], 1).double())
+        M = R @ torch.diag(torch.cat([self.S, other.S]).double()) @ R.T
+        S, V = torch.linalg.eigh((M + M.T) / 2)
+        U = (Q @ V).to(self.U.dtype)
+        return LowRankLayerPosterior(self.name, self.mean, torch.zeros_like(self.precision),
+                                     self.prior_precision, note=_tie_note(self, other),
+                                     U=U, S=S.clamp_min(0).to(self.S.dtype),
+                                     residual=self.residual + other.residual,
+                                     curvature=None).with_precision()
+
     def sample(self, n: int = 1, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> Tensor:
         r"""Draws from :math:`N(\mu, T \Lambda^{-1})`, :math:`\Lambda = D + U S U^\top`.
@@ -301,6 +350,11 @@ class LowRankLayerPosterior(LayerPosterior):
         proj = torch.einsum("cjk,bj,cj->bck", P.reshape(out, cols, -1), phi, dinv.sqrt())
         shrink = sv.square() / (1 + sv.square())
         return temperature * ((phi * phi) @ dinv.T - (proj.square() * shrink).sum(-1))
+
+
+def _tie_note(a: LayerPosterior, b: LayerPosterior) -> str:
+    note = f"weight shared with {b.name!r}: curvature of both uses"
+    return "; ".join(x for x in (a.note, note) if x)
 
 
 @dataclass

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 
+from ..batches import largest_input
+from ..layers import QUANTIZABLE
 from .base import Posterior
 from .diag import fit_diag
 from .fit import BACKENDS, Reduce
@@ -81,6 +84,10 @@ def fit_posterior(
         clamped to ``n_weights - 1`` for smaller layers (with a note); an explicit ``rank`` that
         is not smaller than a layer's weight count is an error naming the layer.
 
+    A layer whose weight another Linear/Conv2d layer also holds (``b.weight = a.weight``) gets
+    one posterior over that weight with the curvature of both uses
+    (:meth:`~bayesq_lightning.posterior.LayerPosterior.tied_with`).
+
     Returns
     -------
     Posterior
@@ -94,6 +101,27 @@ def fit_posterior(
     if rank is not None and structure != "lowrank":
         raise ValueError(f"rank={rank!r} applies to structure='lowrank' only")
     extra = {"rank": rank} if structure == "lowrank" else {}
-    return FITS[structure](model, batches, layer_names, n_data=n_data,
-                           prior_precision=prior_precision, backend=backend,
-                           batch_size=batch_size, reduce=reduce, **extra)
+    aliases = tied_aliases(model, layer_names)
+    posterior = FITS[structure](model, batches, [*layer_names, *aliases], n_data=n_data,
+                                prior_precision=prior_precision, backend=backend,
+                                batch_size=batch_size, reduce=reduce, **extra)
+    for alias, owner in aliases.items():  # one weight, one posterior: both uses' curvature
+        posterior.layers[owner] = posterior.layers[owner].tied_with(posterior.layers.pop(alias))
+    bad = [n for n, lp in posterior.layers.items()
+           if not (torch.isfinite(lp.curvature).all() and torch.isfinite(lp.precision).all())]
+    if bad:
+        raise ValueError(
+            f"the fitted curvature of layers {bad} is not finite (NaN/inf): the calibration "
+            f"inputs (largest |x| = {largest_input(batches):.3g}) or the model's outputs on them "
+            "overflow in fp32; normalise the calibration inputs as in training and check the "
+            "model's outputs on them"
+        )
+    return posterior
+
+
+def tied_aliases(model: nn.Module, layer_names: Sequence[str]) -> dict[str, str]:
+    """``{alias: owner}``: other Linear/Conv2d layers holding the weight of a named layer."""
+    owners = {id(model.get_submodule(n).weight): n for n in layer_names}
+    return {name: owners[id(m.weight)] for name, m in model.named_modules()
+            if isinstance(m, QUANTIZABLE) and name not in layer_names
+            and id(m.weight) in owners}

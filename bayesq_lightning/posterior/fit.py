@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..batches import batch_size_of, fp32_logits_copy, inputs_to, split_batch
-from ..layers import QUANTIZABLE
+from ..batches import batch_size_of, forward_checked, fp32_logits_copy, inputs_to, split_batch
+from ..layers import QUANTIZABLE, untie_parameters
 
 BACKENDS = ("asdl", "asdl_stochastic", "curvlinops")
 _BACKEND_CLASSES = {"asdl": ("AsdlGGN", False), "asdl_stochastic": ("AsdlGGN", True),
@@ -41,6 +41,7 @@ def import_laplace() -> None:
     warnings (not ours to act on; they would print on every first fit)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")
+        import curvlinops  # noqa: F401
         import laplace.curvature  # noqa: F401
         import laplace.utils  # noqa: F401
 
@@ -90,14 +91,7 @@ def _labelled_dataset(net: nn.Module, batches: list, device: torch.device) -> tu
 def _check_fits(net: nn.Module, batch, device: torch.device, index: int = 0) -> None:
     """One forward pass on a batch, before any long work: a clear error if it fails."""
     x, _ = split_batch(batch)
-    try:
-        out = net(inputs_to(x, device, torch.float32))
-    except Exception as exc:  # any failure here means the batches are not the model's input
-        raise ValueError(
-            f"the curvature/calibration batches do not fit the model (batch {index}: "
-            f"{type(exc).__name__}: {exc}); pass batches of the model's input form: (inputs, "
-            "targets) tuples, bare inputs or dict batches, all of a shape the model takes"
-        ) from exc
+    out = forward_checked(net, inputs_to(x, device, torch.float32), index)
     if not torch.is_tensor(out) or out.dim() != 2:
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise ValueError(f"the model's output on the calibration batches is {shape}, not "
@@ -109,6 +103,7 @@ class Prepared:
 
     def __init__(self, model: nn.Module, batches: list, batch_size: int | None) -> None:
         self.net, self.device, self.modules = fp32_logits_copy(model)
+        untie_parameters(self.net)  # a shared weight would reach laplace-torch twice
         for i, batch in enumerate(batches):  # one cheap forward each: name a misfit batch
             _check_fits(self.net, batch, self.device, i)
         self.data, self.labels = _labelled_dataset(self.net, batches, self.device)
@@ -208,7 +203,9 @@ def laplace_fit(
             dict_key_x=prep.dict_key_x,
         )
         try:
-            la.fit(prep.loader)
+            with warnings.catch_warnings():  # ASDL's module hooks: its own deprecation, not ours
+                warnings.filterwarnings("ignore", message="Using a non-full backward hook")
+                la.fit(prep.loader)
             n_total = rescale(la)
         except SystemExit as exc:  # laplace-torch calls exit() on numerical failure
             raise RuntimeError(abort.format(exc=repr(exc))) from None

@@ -109,7 +109,7 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
         stochastic=stochastic, prior_precision=prior_precision, n_data=n_data, rescale=rescale,
         abort="laplace-torch aborted the K-FAC fit: the eigendecomposition of a Kronecker "
               "factor failed ({exc}); the curvature is probably not finite. Check the model's "
-              "outputs on the calibration data, or use structure='diag'.",
+              "outputs on the calibration data and normalise the inputs as in training.",
     )
     delta, n_total = fit.delta, fit.n_total
 

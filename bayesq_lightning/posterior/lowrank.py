@@ -8,6 +8,7 @@ eigenpairs keep block losses additive).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from .base import LowRankLayerPosterior, Posterior
 from .diag import diag_core
-from .fit import Prepared, Reduce, check_layers
+from .fit import Prepared, Reduce, check_layers, import_laplace
 
 DEFAULT_RANK = 8
 
@@ -90,6 +91,8 @@ def _top_eigenpairs(prep: Prepared, weight: nn.Parameter, k: int, factor: float,
     Returns ``U`` (n x k, float32, descending eigenvalues) and ``S`` (k,), clamped at 0.
     """
     import numpy as np
+
+    import_laplace()  # curvlinops' import, without its dependencies' deprecation warnings
     from curvlinops import GGNLinearOperator
     from scipy.sparse.linalg import LinearOperator, eigsh
 
@@ -114,7 +117,9 @@ def _top_eigenpairs(prep: Prepared, weight: nn.Parameter, k: int, factor: float,
 
     lin = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
     v0 = np.random.default_rng(0).standard_normal(n)  # identical on every process
-    vals, vecs = eigsh(lin, k=k, which="LA", v0=v0)
+    with warnings.catch_warnings():  # torch loads its jvp decompositions via jit.script once
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")
+        vals, vecs = eigsh(lin, k=k, which="LA", v0=v0)
     order = np.argsort(vals)[::-1]
     U = torch.as_tensor(vecs[:, order].copy(), dtype=weight.dtype, device=weight.device)
     S = torch.as_tensor(vals[order].copy(), dtype=weight.dtype, device=weight.device)
