@@ -1,8 +1,8 @@
 """bayesq-lightning: uncertainty-guided Bayesian mixed-precision quantization for Lightning.
 
 The core (``quantize_model``, ``save_quantized`` / ``load_quantized``) needs no Lightning; the
-Lightning shells (``BayesQCallback``, ``PosteriorDistillModule``, ``distill``, ``distill_model``)
-are imported on first use, so ``import bayesq_lightning``
+Lightning shells (``BayesQCallback``, ``PosteriorDistillModule``, ``distill``, ``distill_model``,
+``restore_quantized``) are imported on first use, so ``import bayesq_lightning``
 does not import ``lightning``.
 """
 
@@ -17,9 +17,16 @@ from .quantize import quantize_model
 from .result import BlockResult, LayerResult, QuantizationResult
 
 if TYPE_CHECKING:
-    from .lightning import BayesQCallback, PosteriorDistillModule, distill, distill_model
+    from .lightning import (
+        BayesQCallback,
+        PosteriorDistillModule,
+        distill,
+        distill_model,
+        restore_quantized,
+    )
 
-_LIGHTNING_SHELLS = ("BayesQCallback", "PosteriorDistillModule", "distill", "distill_model")
+_LIGHTNING_SHELLS = ("BayesQCallback", "PosteriorDistillModule", "distill", "distill_model",
+                     "restore_quantized")
 
 __all__ = [
     "BayesQCallback",
@@ -33,6 +40,7 @@ __all__ = [
     "distill_model",
     "load_quantized",
     "quantize_model",
+    "restore_quantized",
     "save_quantized",
 ]
 __version__ = "0.1.0"

@@ -85,7 +85,7 @@ def test_callback_quantizes_the_trained_module(tmp_path, with_calibration):
     assert torch.equal(fresh.eval()(x), model(x))
 
     state = cb.state_dict()
-    assert state["allocation"] == {x.name: [x.bits] for x in res.layers}
+    assert [x["name"] for x in state["result"]["layers"]] == [x.name for x in res.layers]
     ckpt = tmp_path / "after.ckpt"
     trainer.save_checkpoint(ckpt)
     loaded = torch.load(ckpt, weights_only=True)

@@ -91,10 +91,10 @@ def save_quantized(
         "bits_per_weight": float(result.bits_per_weight),
         "code_bits_per_weight": float(result.code_bits_per_weight),
         "posterior": {
-            "structure": _jsonable(result.info.get("structure")),
-            "prior_precision": _jsonable(result.info.get("prior_precision")),
+            "structure": jsonable(result.info.get("structure")),
+            "prior_precision": jsonable(result.info.get("prior_precision")),
         },
-        "method": _jsonable(result.info.get("method")),
+        "method": jsonable(result.info.get("method")),
         "versions": {
             "torch": torch.__version__,  # includes the build tag (e.g. +cu130)
             **{
@@ -458,7 +458,7 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Plain JSON data for info values (tensors and numpy values become numbers or lists)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -467,7 +467,7 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     return str(value)

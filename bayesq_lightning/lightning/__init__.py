@@ -3,7 +3,8 @@
 Only this subpackage imports ``lightning``.
 """
 
-from .callback import BayesQCallback
+from .callback import BayesQCallback, restore_quantized
 from .distill import PosteriorDistillModule, distill, distill_model
 
-__all__ = ["BayesQCallback", "PosteriorDistillModule", "distill", "distill_model"]
+__all__ = ["BayesQCallback", "PosteriorDistillModule", "distill", "distill_model",
+           "restore_quantized"]

@@ -19,6 +19,7 @@ are computed with a manual loop (``self.log`` is not allowed in that hook) and w
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,13 +32,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
-from ..artifact import save_quantized
+from ..artifact import replace_quantized_layers, save_quantized
+from ..artifact.export import jsonable
+from ..artifact.modules import set_submodule
 from ..batches import calibration_samples
 from ..config import BayesQConfig
 from ..methods import METHODS, METHODS_TABLE
 from ..metrics import evaluate
 from ..quantize import quantize_model
 from ..result import QuantizationResult
+from ..state import posterior_from_state, posterior_state, result_from_state, result_state
 
 DEFAULTS = BayesQConfig()  # never modified: the callback keeps a replaced copy
 
@@ -240,23 +244,79 @@ class BayesQCallback(Callback):
     # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild the quantized model and to requantize without refitting.
+
+        The config, the allocation with the packed codes and their metadata
+        (:func:`~bayesq_lightning.state.result_state`), the posterior's factors and means
+        (:func:`~bayesq_lightning.state.posterior_state`) and the report: plain tensors and
+        containers, so a checkpoint loads with ``torch.load(..., weights_only=True)``. Empty
+        before quantization.
+        """
         if self.result is None:
             return {}
         return {
             "config": self.config.to_dict(),
-            "allocation": {x.name: [b.bits for b in x.blocks] for x in self.result.layers},
-            "bits_per_weight": self.result.bits_per_weight,
-            "prior_precision": self.result.info.get("prior_precision"),
-            "posterior_precision": {} if self.result.posterior is None else {
-                name: lp.precision.detach().cpu()
-                for name, lp in self.result.posterior.layers.items()
-            },
-            "report": self.report,
+            "result": result_state(self.result),
+            "posterior": (None if self.result.posterior is None
+                          else posterior_state(self.result.posterior)),
+            "report": jsonable(self.report),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``result`` (allocation, codes, posterior; ``result.model`` is ``None``: see
+        :func:`restore_quantized`) and ``report``."""
+        if not state_dict:
+            return
+        posterior = state_dict.get("posterior")
+        self.result = result_from_state(
+            state_dict["result"], None if posterior is None else posterior_from_state(posterior))
         self.report = dict(state_dict.get("report", {}))
+
+
+def restore_quantized(model: torch.nn.Module, checkpoint: str | Path | Mapping[str, Any]
+                      ) -> QuantizationResult:
+    """Rebuild a quantized model from a checkpoint written after ``BayesQCallback`` ran.
+
+    ``model`` is a fresh float instance of the trained module (``MyModule(...)``); its
+    Linear/Conv2d layers are replaced by the packed layers the checkpoint's callback state
+    describes and the checkpoint's ``state_dict`` is loaded strictly, so the result equals the
+    quantized model bit for bit. Nothing is refitted. ``result.posterior`` is the saved
+    posterior: ``quantize_model(float_model, loader, config, posterior=result.posterior)``
+    requantizes (e.g. at another budget) without a new fit, and its layer means are the FP32
+    weights (:func:`~bayesq_lightning.state.fp32_weights`).
+
+    Raises
+    ------
+    ValueError
+        The checkpoint has no (or more than one) BayesQCallback state, or it does not fit
+        ``model``; ``model`` is then left as it was.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Mapping) else torch.load(
+        checkpoint, map_location="cpu", weights_only=True)
+    states = [v for k, v in ckpt.get("callbacks", {}).items()
+              if k.startswith("BayesQCallback") and v]
+    if len(states) != 1:
+        raise ValueError(
+            f"the checkpoint holds {len(states)} quantized BayesQCallback states; restore from a "
+            "checkpoint saved after BayesQCallback quantized the model (trainer.save_checkpoint "
+            "after fit), with one BayesQCallback")
+    state = states[0]
+    posterior = state.get("posterior")
+    result = result_from_state(state["result"],
+                               None if posterior is None else posterior_from_state(posterior))
+    trial = copy.deepcopy(model)
+    try:
+        replace_quantized_layers(trial, result.layers, tied=result.tied)
+        trial.load_state_dict(ckpt["state_dict"], strict=True)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"the checkpoint does not fit this model ({e}); pass a fresh instance "
+                         "of the module that was trained and quantized") from e
+    for name in [x.name for x in result.layers] + list(result.tied):
+        set_submodule(model, name, trial.get_submodule(name))
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    result.model = model
+    return result
 
 
 def calibration_data(config: BayesQConfig, datamodule, train_loader) -> tuple[list, int | None]:
