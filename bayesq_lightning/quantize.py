@@ -41,6 +41,7 @@ from .layers import (
 )
 from .methods import METHODS_TABLE, BlockContext, Method
 from .posterior import Posterior, Reduce, fit_posterior
+from .progress import progress as show_progress
 from .quantizers import (
     block_storage_bits,
     dequantize,
@@ -96,7 +97,7 @@ def quantize_model(
     reduce : callable, optional
         Cross-process sum used by the posterior fit under a distributed strategy.
     progress : bool
-        Show progress bars.
+        Show progress bars (drawn only when standard error is a terminal).
     posterior : Posterior, optional
         A posterior fitted earlier on this model (e.g. ``result.posterior`` of a run at another
         budget) to reuse instead of fitting again; its structure must match the config.
@@ -282,7 +283,7 @@ def _candidates(blocks: list[Block], method: Method, cfg: BayesQConfig, progress
     """Stage 5: every block's candidates (width x quantizer) and their (cost, score) options."""
     quantizers = ("uniform", "nonuniform") if cfg.quantizer == "auto" else (cfg.quantizer,)
     options, candidates = [], []
-    for block in _progress(blocks, progress, "bayesq candidates"):
+    for block in show_progress(blocks, progress, "bayesq candidates"):
         objectives = method.design_objectives(cfg, feedback=block.H is not None)
         opts, cands = [], []
         for bits in block.bits:
@@ -363,14 +364,6 @@ def _layer_results(named, blocks, options, candidates, choice) -> list[LayerResu
             sum(o.loss for o in chosen), sum(o.cost for o in chosen) // 8,
         ))
     return layers
-
-
-def _progress(items: Iterable, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, leave=False)
 
 
 def _dataset_len(loader) -> int | None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .batches import batch_inputs, batch_size_of, fp32_logits_copy
+from .progress import progress as show_progress
 from .quantizers import dequantize
 from .result import BlockResult
 
@@ -79,12 +80,7 @@ def mc_tables(
     if reduce is not None:
         count = reduce(count.to(device)).cpu()
     passes = 0
-    steps = range(samples)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="bayesq mc tables", leave=False)
-    for s in steps:
+    for s in show_progress(range(samples), progress, "bayesq mc tables"):
         for name in layers:
             w_s = posterior.layers[name].sample(1, temperature, generator=gen)[0]
             modules[name].weight.copy_(w_s.to(device))

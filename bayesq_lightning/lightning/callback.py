@@ -58,7 +58,7 @@ class BayesQCallback(Callback):
         eval_batches: cap on validation batches per evaluation (``None``: all).
         export_dir: where rank zero writes the packed artifact (``model.safetensors`` +
             ``bayesq.json``, see :func:`~bayesq_lightning.save_quantized`); ``None``: no export.
-        progress: progress bars during table construction.
+        progress: progress bars during table construction (drawn on a terminal only).
         **fields: :class:`~bayesq_lightning.BayesQConfig` fields overriding ``config``
             (``BayesQCallback(bits=2.5, structure="diag")``).
 

@@ -46,6 +46,7 @@ from ..distillation.student import (
 )
 from ..distillation.teachers import Teacher, build_teacher, fp32_reference, tune_teacher
 from ..metrics import _metric_objects, _update, evaluate
+from ..progress import on_terminal
 from ..result import QuantizationResult
 
 
@@ -226,7 +227,7 @@ def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
     kwargs = {"max_epochs": config.epochs, "logger": False, "enable_checkpointing": False,
               "enable_model_summary": False, "num_sanity_val_steps": 0,
               "limit_val_batches": (0 if eval_loader is None else eval_batches),
-              **trainer_kwargs}
+              "enable_progress_bar": on_terminal(), **trainer_kwargs}
     trainer = pl.Trainer(**kwargs)  # bad Trainer arguments fail here, before any change
     if eval_loader is not None:
         first = next(iter(eval_loader), None)

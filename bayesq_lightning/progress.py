@@ -1,0 +1,20 @@
+"""Progress bars on a terminal only: logs and CI output get no bar noise."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+
+def on_terminal() -> bool:
+    """Whether standard error is an interactive terminal (where a bar is worth drawing)."""
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def progress(items: Iterable, enabled: bool, desc: str) -> Iterable:
+    """``items`` wrapped in a transient ``tqdm`` bar when ``enabled`` and on a terminal."""
+    if not (enabled and on_terminal()):
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
