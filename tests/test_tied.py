@@ -174,3 +174,24 @@ def test_tied_posteriors_sum_the_uses_curvature():
     torch.testing.assert_close(_dense(k1.tied_with(dead)), _dense(k1))
     mixed = k1.tied_with(LayerPosterior("b", mean, d2 + 0.1, 0.1))  # diag fallback
     torch.testing.assert_close(mixed.curvature.double(), k1.curvature.double() + d2.double())
+
+
+def test_distillation_keeps_the_tie():
+    from bayesq_lightning import DistillConfig, distill_model
+    from bayesq_lightning.distillation.student import finish_student, start_student
+
+    torch.manual_seed(0)
+    model = Shared()
+    r = quantize_model(model, _batches(), BayesQConfig(bits=3, structure="diag"), progress=False)
+    scale = r.model.a.block0_scale.clone()
+    distill_model(model, r, _batches(), DistillConfig(epochs=2, lr=1e-2, holdout=0.0,
+                                                       teacher="fp32"),
+                  accelerator="cpu", devices=1, enable_progress_bar=False, logger=False)
+    qa, qb = r.model.a, r.model.b
+    assert not torch.equal(qa.block0_scale, scale)  # trained ...
+    assert qb.block0_scale is qa.block0_scale and qb.block0_codes is qa.block0_codes  # ... once
+
+    state = start_student(r.model, ("scale", "zero"))  # one master per shared tensor
+    assert qb.block0_scale_master is qa.block0_scale_master
+    assert len(state.params) == len({id(p) for p in state.params}) == 4  # a and h: scale, zero
+    finish_student(r.model, state)

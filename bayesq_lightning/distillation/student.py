@@ -83,8 +83,16 @@ def start_student(model: nn.Module, train: tuple[str, ...]) -> StudentState:
     state = StudentState(params=[], flags=[(p, p.requires_grad) for p in model.parameters()])
     model.requires_grad_(False)
     meta = tuple(t for t in train if t in ("scale", "zero", "codebook"))
+    owners: dict[int, nn.Module] = {}  # first holder of each packed code buffer
     for m in layers.values():
-        state.params += m.start_tuning(meta)
+        masters = m.start_tuning(meta)
+        owner = owners.setdefault(id(m.block0_codes), m)
+        if owner is m:
+            state.params += masters
+        else:  # tied layers share their codes: they share the trained metadata too
+            for key, p in owner.named_parameters(recurse=False):
+                if key.endswith("_master"):
+                    setattr(m, key, p)
         if "bias" in train and m.bias is not None:
             m.bias.requires_grad_(True)
             state.params.append(m.bias)
