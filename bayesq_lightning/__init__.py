@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING, Any
 from .artifact import load_quantized, save_quantized
 from .config import BayesQConfig
 from .distillation import DistillConfig
+from .hf import install as _install_hf
 from .quantize import quantize_model
 from .result import BlockResult, LayerResult, QuantizationResult
+
+_install_hf()  # "bayesq" in transformers' quantizer registry, without importing transformers
 
 if TYPE_CHECKING:
     from .lightning import (

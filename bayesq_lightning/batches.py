@@ -45,6 +45,8 @@ def forward_checked(net: nn.Module, x, index: int):
     model's input, which the error says (rather than a shape error from deep inside)."""
     try:
         return net(x)
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise  # the batch fits the model; the device does not
     except Exception as exc:
         raise ValueError(
             f"the curvature/calibration batches do not fit the model (batch {index}: "

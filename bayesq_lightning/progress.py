@@ -1,4 +1,4 @@
-"""Progress bars on a terminal only: logs and CI output get no bar noise."""
+"""Progress bars on a terminal (or in Jupyter) only: logs and CI output get no bar noise."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from collections.abc import Iterable
 
 
 def on_terminal() -> bool:
-    """Whether standard error is an interactive terminal (where a bar is worth drawing)."""
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+    """Whether a bar is worth drawing: standard error is an interactive terminal, or this is a
+    Jupyter kernel (``tqdm.auto`` draws a widget there)."""
+    return bool(getattr(sys.stderr, "isatty", lambda: False)()) or "ipykernel" in sys.modules
 
 
 def progress(items: Iterable, enabled: bool, desc: str) -> Iterable:

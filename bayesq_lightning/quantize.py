@@ -32,6 +32,7 @@ from .allocate import InfeasibleBudgetError, Option, allocate, boundary_blocks
 from .artifact.modules import replace_quantized_layers
 from .batches import calibration_samples, clone_module
 from .config import BayesQConfig
+from .hf import attach_hf_config
 from .layers import (
     check_finite,
     check_pin_patterns,
@@ -182,6 +183,8 @@ def quantize_model(
     if tied or skipped:
         info.update(tied=dict(tied), skipped=dict(skipped))
     total_bits = sum(opts[j].cost for opts, j in zip(options, choice, strict=True))
+    attach_hf_config(qmodel, [x.name for x in layers], tied,  # save_pretrained-ready
+                     {"bits_per_weight": total_bits / n_weights})
     code_bits = sum(storage_bits(b.n_weights, b.bits, 0) for x in layers for b in x.blocks)
     info["seconds"] = time.perf_counter() - t_start
     return QuantizationResult(

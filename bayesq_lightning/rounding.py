@@ -284,6 +284,11 @@ def layer_input_hessians(
         for h in hooks:
             h.remove()
     hessians = {n: input_hessian(modules[n], seen[n]) for n in names}
+    if reduce is not None:
+        n_local = torch.tensor(float(sum(len(x) for x in seen[names[0]])), device=device)
+        n_total = reduce(n_local.clone())
+        hessians = {n: reduce(h * n_local) / n_total for n, h in hessians.items()}
+    # after the reduce: one rank's overflow reaches every rank, so all raise together
     bad = [n for n, h in hessians.items() if not torch.isfinite(h).all()]
     if bad:
         raise ValueError(
@@ -291,10 +296,6 @@ def layer_input_hessians(
             f"inputs (largest |x| = {largest_input(batches):.3g}) overflow in fp32 on the way to "
             "them; normalise the calibration inputs as in training"
         )
-    if reduce is not None:
-        n_local = torch.tensor(float(sum(len(x) for x in seen[names[0]])), device=device)
-        n_total = reduce(n_local.clone())
-        hessians = {n: reduce(h * n_local) / n_total for n, h in hessians.items()}
     return hessians
 
 

@@ -4,9 +4,10 @@ What a checkpoint carries so that a run can be resumed without refitting
 (``BayesQCallback.state_dict``): the posterior's factors (``A``, ``G`` / ``U``, ``S``,
 ``residual`` / the diagonal) and mean, the allocation and the packed codes with their
 metadata. Only tensors, numbers, strings, lists, tuples and dicts, so a checkpoint holding it
-loads with ``torch.load(..., weights_only=True)``; the round trip is exact (same tensors), so a
-restored result packs into the same model bit for bit and a restored posterior given to
-``quantize_model(..., posterior=...)`` reproduces the same codes.
+loads with ``torch.load(..., weights_only=True)``, all on the CPU. The tensors round-trip
+exactly, so a restored result packs into the same model bit for bit and a restored posterior
+given to ``quantize_model(..., posterior=...)`` reproduces the same codes; ``info`` dicts are
+stored as JSON-like data (tuples come back as lists).
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ class StateError(ValueError):
 
 
 def posterior_state(posterior: Posterior) -> dict[str, Any]:
-    """The posterior as plain data (every init field of every layer record)."""
+    """The posterior as plain CPU data: every init field of every layer record, except what
+    the record recomputes identically (K-FAC's ``curvature = outer(diag G, diag A)``)."""
     layers = {}
     for name, lp in posterior.layers.items():
-        fields = {f.name: getattr(lp, f.name) for f in dataclasses.fields(lp) if f.init}
+        fields = {f.name: _cpu(getattr(lp, f.name)) for f in dataclasses.fields(lp) if f.init}
+        if isinstance(lp, KronLayerPosterior):
+            fields.pop("curvature")
         layers[name] = {"structure": lp.structure, **fields}
     return {
         "layers": layers,
@@ -66,7 +70,7 @@ def result_state(result: QuantizationResult) -> dict[str, Any]:
         blocks = [{
             "rows": tuple(b.rows), "bits": b.bits, "quantizer": b.quantizer,
             "group_size": b.group_size, "shape": tuple(b.codes.shape),
-            "codes": pack_codes(b.codes.reshape(-1).cpu(), b.bits),
+            "codes": pack_codes(b.codes.reshape(-1).cpu(), b.bits).cpu(),
             **{k: getattr(b, k).cpu() for k in ("scale", "zero", "codebook")
                if getattr(b, k) is not None},
         } for b in x.blocks]
@@ -86,8 +90,9 @@ def result_from_state(state: dict[str, Any], posterior: Posterior | None = None
     """The :class:`~bayesq_lightning.QuantizationResult` saved by :func:`result_state`
     (``model=None``: pack it into a model with ``replace_quantized_layers``)."""
     if state.get("version") != STATE_VERSION:
-        raise StateError(f"the saved quantization state has version {state.get('version')!r}, "
-                         f"this bayesq-lightning reads {STATE_VERSION}; quantize again")
+        raise StateError(f"the saved quantization state has version {state.get('version')!r} "
+                         f"(None: written before codes were saved), this bayesq-lightning reads "
+                         f"{STATE_VERSION}; quantize again")
     try:
         layers = []
         for x in state["layers"]:
@@ -111,7 +116,23 @@ def result_from_state(state: dict[str, Any], posterior: Posterior | None = None
                          "again") from e
 
 
-def fp32_weights(posterior: Posterior) -> dict[str, torch.Tensor]:
+def fp32_weights(posterior: Posterior, model: torch.nn.Module | None = None
+                 ) -> dict[str, torch.Tensor]:
     """``{"<layer>.weight": mean}``: the FP32 weights the posterior was fitted at (its means),
-    e.g. to rebuild the float model from a checkpoint that holds only packed layers."""
-    return {f"{name}.weight": lp.mean for name, lp in posterior.layers.items()}
+    e.g. to rebuild the float model from a checkpoint that holds only packed layers.
+
+    With ``model`` (a float instance of the architecture), every name under which a fitted
+    weight appears in its state dict is included: a layer registered twice, tied layers.
+    """
+    out = {f"{name}.weight": lp.mean.cpu() for name, lp in posterior.layers.items()}
+    if model is not None:
+        owner = {id(model.get_submodule(n).weight): n for n in posterior.layers}
+        for path, m in model.named_modules(remove_duplicate=False):
+            w = getattr(m, "weight", None)
+            if isinstance(w, torch.Tensor) and id(w) in owner:
+                out[f"{path}.weight"] = posterior.layers[owner[id(w)]].mean.cpu()
+    return out
+
+
+def _cpu(value: Any) -> Any:
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value

@@ -250,24 +250,25 @@ def _fail_at_rename(monkeypatch, target: str, after: bool = False):
     monkeypatch.setattr(os, "replace", replace)
 
 
-def fail_at_manifest_copy(monkeypatch):
-    _fail_at_rename(monkeypatch, "bayesq.json")
-
-
-def fail_at_commit(monkeypatch):  # bayesq.json already new, model.safetensors still the old one
+def fail_at_commit(monkeypatch):  # the tensor file's rename: nothing changed yet
     _fail_at_rename(monkeypatch, "model.safetensors")
 
 
-def fail_after_commit(monkeypatch):
-    _fail_at_rename(monkeypatch, "model.safetensors", after=True)
+def fail_at_manifest_copy(monkeypatch):  # committed; bayesq.json still the previous copy
+    _fail_at_rename(monkeypatch, "bayesq.json")
+
+
+def fail_after_all(monkeypatch):
+    _fail_at_rename(monkeypatch, "bayesq.json", after=True)
 
 
 @pytest.mark.parametrize("with_previous", [True, False], ids=["over-previous", "fresh"])
 @pytest.mark.parametrize(
-    "point", [fail_before_tensors, fail_at_manifest_copy, fail_at_commit, fail_after_commit])
+    "point", [fail_before_tensors, fail_at_commit, fail_at_manifest_copy, fail_after_all])
 def test_interrupted_save(tmp_path, monkeypatch, point, with_previous):
-    """A save interrupted anywhere leaves the previous artifact loadable (or, once the tensor
-    file is renamed, the new one); with no previous artifact, loading is refused."""
+    """A save interrupted anywhere leaves a loadable artifact: the previous one until the tensor
+    file is renamed, the new one after; with no previous artifact, loading is refused until
+    then."""
     model = cnn()
     old_result, new_result = cnn_result(model, (4, 8)), cnn_result(model, (2, 3))
     old, new = quantized(model, old_result), quantized(model, new_result)
@@ -283,17 +284,19 @@ def test_interrupted_save(tmp_path, monkeypatch, point, with_previous):
 
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     skeleton = cnn(seed=3)
-    if point is fail_after_commit or with_previous:
-        stale = point in (fail_before_tensors, fail_at_commit)  # the copy is ahead of the file
+    committed = point in (fail_at_manifest_copy, fail_after_all)
+    if committed or with_previous:
+        # only a commit over a previous copy leaves bayesq.json behind the tensor file
+        stale = point is fail_at_manifest_copy and with_previous
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             loaded = load_quantized(skeleton, tmp_path)
         assert any("does not match the manifest" in str(w.message) for w in caught) == stale
         with torch.no_grad():
-            assert torch.equal(loaded(X), want_new if point is fail_after_commit else want_old)
+            assert torch.equal(loaded(X), want_new if committed else want_old)
     else:
         snap = snapshot(skeleton)
-        with pytest.raises(FileNotFoundError, match="re-export|save_quantized"):
+        with pytest.raises(FileNotFoundError, match="save_quantized"):
             load_quantized(skeleton, tmp_path)
         assert_unchanged(skeleton, snap)
 

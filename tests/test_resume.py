@@ -88,7 +88,18 @@ def test_restore_refuses_a_mismatched_model_or_checkpoint(tmp_path):
         restore_quantized(TinyNet(), {"state_dict": {}, "callbacks": {}})
     with pytest.raises(StateError, match="version.*quantize again"):
         result_from_state({"version": 99})
-    post = torch.load(path, weights_only=True)["callbacks"]
-    entry = next(v for k, v in post.items() if k.startswith("BayesQCallback"))
-    assert set(posterior_state(restore_quantized(TinyNet(), path).posterior)) == set(
-        entry["posterior"])
+    with pytest.raises(StateError, match="written before codes were saved.*quantize again"):
+        restore_quantized(TinyNet(), {"state_dict": {}, "callbacks": {
+            "BayesQCallback": {"allocation": {}, "report": {}}}})  # an earlier version's state
+
+
+def test_checkpoint_state_is_cpu_and_lean(tmp_path):
+    _, cb, path = _quantized_checkpoint(tmp_path, structure="kron")
+    entry = next(v for k, v in torch.load(path, weights_only=True)["callbacks"].items()
+                 if k.startswith("BayesQCallback"))
+    for layer in entry["posterior"]["layers"].values():
+        assert layer["structure"] == "kron" and {"A", "G", "mean", "precision"} <= set(layer)
+        assert "curvature" not in layer  # recomputed from the factors, identically
+        assert all(t.device.type == "cpu" for t in layer.values() if torch.is_tensor(t))
+    restored = posterior_state(restore_quantized(TinyNet(), path).posterior)
+    assert restored["layers"].keys() == entry["posterior"]["layers"].keys()

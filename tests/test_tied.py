@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import assert_unchanged, snapshot
@@ -195,3 +197,52 @@ def test_distillation_keeps_the_tie():
     assert qb.block0_scale_master is qa.block0_scale_master
     assert len(state.params) == len({id(p) for p in state.params}) == 4  # a and h: scale, zero
     finish_student(r.model, state)
+
+
+class SharedConv(nn.Module):
+    """Two Conv2d layers holding one weight with different padding (a weight-shared pyramid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=0)
+        self.b.weight = self.a.weight
+        self.h = nn.Linear(4 * 4 * 4, 4)
+
+    def forward(self, x):
+        return self.h(torch.relu(self.b(torch.relu(self.a(x)))).flatten(1))
+
+
+class SharedTwice(Shared):
+    """``Shared`` whose alias is also registered under a second name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = self.b
+
+
+@pytest.mark.parametrize("make", [Aliased, SharedTwice], ids=["aliased", "shared-registered-twice"])
+def test_saving_the_float_model_with_its_result(make, tmp_path):
+    """``save_quantized(float_model, result)`` packs every registration of every layer."""
+    torch.manual_seed(0)
+    model = make()
+    r = quantize_model(model, _batches(), BayesQConfig(bits=4, structure="diag"), progress=False)
+    save_quantized(model, r, tmp_path)  # the float model: packed on the fly
+    skeleton = make()
+    load_quantized(skeleton, tmp_path)
+    x = _batches()[0][0]
+    assert torch.equal(skeleton(x), r.model(x))
+
+
+def test_tied_convolutions_keep_their_own_options(tmp_path):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 4, 6, 6, generator=g), torch.randint(0, 4, (32,), generator=g)
+    r = quantize_model(SharedConv(), [(x[:16], y[:16]), (x[16:], y[16:])],
+                       BayesQConfig(bits=4, structure="kron"), progress=False)
+    assert r.tied == {"b": "a"} and r.model.b.padding == (0, 0)
+    save_quantized(r.model, r, tmp_path)
+    manifest = json.loads((tmp_path / "bayesq.json").read_text())
+    assert manifest["n_weights"] == r.n_weights  # the shared matrix counted once
+    skeleton = SharedConv()
+    load_quantized(skeleton, tmp_path)
+    assert torch.equal(skeleton(x[:4]), r.model(x[:4]))

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..quantizers import storage_bits
@@ -83,11 +83,10 @@ def save_quantized(
         "tensors_file": TENSORS_FILE,
         "tensors_sha256": tensors_digest(tensors),
         "aliases": aliases,
-        "layers": [_layer_entry(name, packed[name]) for name in (x.name for x in result.layers)],
-        "tied": [{"name": alias, "owner": owner, "bias": packed[alias].bias is not None}
-                 for alias, owner in result.tied.items()],
+        "layers": [layer_entry(name, packed[name]) for name in (x.name for x in result.layers)],
+        "tied": [tied_entry(alias, owner, packed[alias]) for alias, owner in result.tied.items()],
         "budget_bits": int(result.budget_bits),
-        "n_weights": sum(math.prod(m.weight_shape) for m in packed.values()),
+        "n_weights": sum(math.prod(packed[x.name].weight_shape) for x in result.layers),
         "bits_per_weight": float(result.bits_per_weight),
         "code_bits_per_weight": float(result.code_bits_per_weight),
         "posterior": {
@@ -104,10 +103,10 @@ def save_quantized(
         },
     }
     text = json.dumps(manifest, indent=1)
-    _atomic_write(directory / MANIFEST_FILE, lambda p: p.write_text(text, encoding="utf-8"))
     # the commit: until this rename the previous model.safetensors (with its own manifest) holds
     _atomic_write(directory / TENSORS_FILE,
                   lambda p: save_file(tensors, str(p), metadata={HEADER_KEY: text}))
+    _atomic_write(directory / MANIFEST_FILE, lambda p: p.write_text(text, encoding="utf-8"))
     return directory
 
 
@@ -139,16 +138,11 @@ def load_quantized(model_skeleton: nn.Module, directory: str | os.PathLike) -> n
                                     "the export did not finish; re-export the model")
         raise FileNotFoundError(f"no artifact in {directory} (neither {TENSORS_FILE} nor "
                                 f"{MANIFEST_FILE}); export it with save_quantized")
-    manifest, text = _header_manifest(tensors_path)
+    manifest, text, state = _read_artifact(tensors_path)
     if manifest_path.is_file() and manifest_path.read_bytes() != text.encode("utf-8"):
         warnings.warn(f"{manifest_path} does not match the manifest inside {tensors_path} (a save "
                       "interrupted between the two?); loading what the tensor file describes",
                       stacklevel=2)
-    try:
-        state = load_file(str(tensors_path))
-    except Exception as e:  # safetensors raises its own error type on truncated data
-        raise ArtifactError(f"{tensors_path} cannot be read ({e}): the artifact is corrupt or "
-                            "was interrupted; re-export") from e
     try:
         if tensors_digest(state) != manifest["tensors_sha256"]:
             raise ArtifactError(
@@ -156,13 +150,13 @@ def load_quantized(model_skeleton: nn.Module, directory: str | os.PathLike) -> n
                 "corrupt or was interrupted; re-export"
             )
         replacements = {
-            entry["name"]: _module_for(model_skeleton, entry, tensors_path)
+            entry["name"]: module_for(model_skeleton, entry, tensors_path)
             for entry in manifest["layers"]
         }
         entries = {entry["name"]: entry for entry in manifest["layers"]}
         for tie in manifest.get("tied", []):  # layers sharing an owner's codes
-            entry = {**entries[tie["owner"]], "name": tie["name"], "bias": tie["bias"]}
-            replacements[tie["name"]] = _module_for(model_skeleton, entry, tensors_path)
+            replacements[tie["name"]] = module_for(
+                model_skeleton, {**entries[tie["owner"]], **tie}, tensors_path)
             tie_packed(replacements[tie["name"]], replacements[tie["owner"]])
         for alias, target in manifest["aliases"].items():
             state[alias] = state[target]
@@ -190,6 +184,11 @@ def load_quantized(model_skeleton: nn.Module, directory: str | os.PathLike) -> n
     for name in replacements:
         set_submodule(model_skeleton, name, trial.get_submodule(name))
     model_skeleton.load_state_dict(state, strict=True)
+    from ..hf import attach_hf_config  # a transformers skeleton can then save_pretrained
+
+    attach_hf_config(model_skeleton, [e["name"] for e in manifest["layers"]],
+                     {t["name"]: t["owner"] for t in manifest.get("tied", [])},
+                     {"bits_per_weight": manifest.get("bits_per_weight")})
     return model_skeleton
 
 
@@ -232,22 +231,28 @@ def _packed_state(
             packed[layer.name] = q = quantized_from_float(module, layer)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{e}; {WHICH}") from e
-        prefix = layer.name + "."
-        for key in [k for k in state if k.startswith(prefix)]:
-            del state[key]
-        state.update(q.state_dict(prefix=prefix))
+        _swap_state(state, model, module, q)
     for alias, owner in result.tied.items():
         module = model.get_submodule(alias)
         if not isinstance(module, quantized_types):
             layer = dataclasses.replace(result.layer(owner), name=alias)
-            module = quantized_from_float(module, layer)
-            tie_packed(module, packed[owner])
-            prefix = alias + "."
-            for key in [k for k in state if k.startswith(prefix)]:
-                del state[key]
-            state.update(module.state_dict(prefix=prefix))
+            q = quantized_from_float(module, layer)
+            tie_packed(q, packed[owner])
+            _swap_state(state, model, module, q)
+            module = q
         packed[alias] = module
     return state, packed
+
+
+def _swap_state(state: dict[str, torch.Tensor], model: nn.Module, old: nn.Module,
+                new: nn.Module) -> None:
+    """Replace ``old``'s entries in ``state`` by ``new``'s, under every name ``old`` has."""
+    for path, m in model.named_modules(remove_duplicate=False):
+        if m is old:
+            prefix = path + "."
+            for key in [k for k in state if k.startswith(prefix)]:
+                del state[key]
+            state.update(new.state_dict(prefix=prefix))
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -278,14 +283,24 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return tensors, aliases
 
 
-def _header_manifest(path: Path) -> tuple[dict[str, Any], str]:
-    """The manifest stored in the safetensors header of ``path``, checked, and its JSON text."""
+def _read_artifact(path: Path) -> tuple[dict[str, Any], str, dict[str, torch.Tensor]]:
+    """The checked manifest in the header of ``path``, its JSON text, and the tensors: all
+    through one open handle, so a save replacing the file meanwhile cannot mix two artifacts."""
     try:
         with safe_open(str(path), "pt") as f:
             text = (f.metadata() or {}).get(HEADER_KEY)
-    except Exception as e:  # a corrupt or truncated header
-        raise ArtifactError(f"{path} is not a readable safetensors file ({e}): the artifact is "
-                            "corrupt or was interrupted; re-export") from e
+            manifest = _check_manifest(path, text)  # before any tensor is read
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except ArtifactError:
+        raise
+    except Exception as e:  # a corrupt or truncated file (safetensors' own error types)
+        raise ArtifactError(f"{path} cannot be read ({e}): the artifact is corrupt or was "
+                            "interrupted; re-export") from e
+    return manifest, text, state
+
+
+def _check_manifest(path: Path, text: str | None) -> dict[str, Any]:
+    """The manifest parsed from ``text`` (the header of ``path``), of this schema version."""
     if text is None:
         raise ArtifactError(f"{path} carries no bayesq manifest: it was not written by "
                             "save_quantized (or by a version before schema 2); re-export")
@@ -304,7 +319,7 @@ def _header_manifest(path: Path) -> tuple[dict[str, Any], str]:
             f"this bayesq-lightning reads version {SCHEMA_VERSION}: re-export with this version "
             "or load with the version that wrote it"
         )
-    return manifest, text
+    return manifest
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -317,7 +332,15 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _layer_entry(name: str, module: nn.Module) -> dict[str, Any]:
+def tied_entry(alias: str, owner: str, module: nn.Module) -> dict[str, Any]:
+    """Manifest entry of a layer sharing ``owner``'s codes: its own bias and conv options."""
+    entry = {"name": alias, "owner": owner, "bias": module.bias is not None}
+    if module.kind == "conv2d":
+        entry["conv"] = conv_options(module)
+    return entry
+
+
+def layer_entry(name: str, module: nn.Module) -> dict[str, Any]:
     """Manifest entry of one packed layer."""
     blocks = []
     for i, s in enumerate(module.specs):
@@ -353,7 +376,7 @@ def _layer_entry(name: str, module: nn.Module) -> dict[str, Any]:
     return entry
 
 
-def _module_for(skeleton: nn.Module, entry: dict[str, Any], manifest_path: Path) -> nn.Module:
+def module_for(skeleton: nn.Module, entry: dict[str, Any], manifest_path: Path) -> nn.Module:
     """An empty packed module for one manifest layer, checked against the skeleton's layer."""
     name, kind = entry["name"], entry["kind"]
     fix = "build the skeleton with the configuration of the saved model"

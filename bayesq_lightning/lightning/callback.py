@@ -19,7 +19,6 @@ are computed with a manual loop (``self.log`` is not allowed in that hook) and w
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,15 +27,16 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from ..artifact import replace_quantized_layers, save_quantized
 from ..artifact.export import jsonable
 from ..artifact.modules import set_submodule
-from ..batches import calibration_samples
+from ..batches import calibration_samples, clone_module
 from ..config import BayesQConfig
+from ..hf import attach_hf_config
 from ..methods import METHODS, METHODS_TABLE
 from ..metrics import evaluate
 from ..quantize import quantize_model
@@ -268,6 +268,11 @@ class BayesQCallback(Callback):
         :func:`restore_quantized`) and ``report``."""
         if not state_dict:
             return
+        if "result" not in state_dict:  # an earlier version's state: report only
+            rank_zero_warn("this checkpoint's BayesQCallback state predates saved codes and "
+                           "posteriors; only its report is restored (quantize again to resume)")
+            self.report = dict(state_dict.get("report", {}))
+            return
         posterior = state_dict.get("posterior")
         self.result = result_from_state(
             state_dict["result"], None if posterior is None else posterior_from_state(posterior))
@@ -303,9 +308,9 @@ def restore_quantized(model: torch.nn.Module, checkpoint: str | Path | Mapping[s
             "after fit), with one BayesQCallback")
     state = states[0]
     posterior = state.get("posterior")
-    result = result_from_state(state["result"],
+    result = result_from_state(state.get("result", {}),
                                None if posterior is None else posterior_from_state(posterior))
-    trial = copy.deepcopy(model)
+    trial = clone_module(model)  # never drags a Trainer along
     try:
         replace_quantized_layers(trial, result.layers, tied=result.tied)
         trial.load_state_dict(ckpt["state_dict"], strict=True)
@@ -315,6 +320,8 @@ def restore_quantized(model: torch.nn.Module, checkpoint: str | Path | Mapping[s
     for name in [x.name for x in result.layers] + list(result.tied):
         set_submodule(model, name, trial.get_submodule(name))
     model.load_state_dict(ckpt["state_dict"], strict=True)
+    attach_hf_config(model, [x.name for x in result.layers], result.tied,
+                     {"bits_per_weight": result.bits_per_weight})
     result.model = model
     return result
 

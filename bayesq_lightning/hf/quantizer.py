@@ -1,0 +1,142 @@
+r"""The ``"bayesq"`` entries of transformers' quantizer registry (imports transformers).
+
+* :class:`BayesQHFConfig` -- ``config.json``'s ``quantization_config``: ``quant_method``,
+  ``format_version``, ``layers`` (the artifact manifest's per-layer entries: kind, weight shape,
+  bias, conv options, blocks with rows, bits, quantizer, group size, tensor names and metadata
+  shapes) and ``tied`` layers.
+* :class:`BayesQHfQuantizer` -- before the weights load, checks the checkpoint's safetensors
+  headers against the config (every packed tensor present with its dtype and shape, no dense
+  weight for a packed layer) and swaps the empty model's float layers for empty packed ones;
+  transformers then loads the packed tensors into them like any other buffer.
+
+Every refusal is an :class:`~bayesq_lightning.artifact.ArtifactError` raised before any weight is
+read.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..artifact.export import ArtifactError, module_for
+from ..artifact.modules import set_submodule, tie_packed
+from . import FORMAT_VERSION, QUANT_METHOD
+
+_DTYPES = {"codes": "U8"}  # every metadata tensor is fp16 ("F16")
+
+
+class BayesQHFConfig(QuantizationConfigMixin):
+    """``quantization_config`` of a bayesq-packed transformers model (plain JSON data)."""
+
+    def __init__(self, layers: list[dict] | None = None, tied: list[dict] | None = None,
+                 format_version: int = FORMAT_VERSION, bits_per_weight: float | None = None,
+                 **kwargs: Any) -> None:
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.layers = list(layers or [])
+        self.tied = list(tied or [])
+        self.bits_per_weight = bits_per_weight
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "format_version": self.format_version,
+                "bits_per_weight": self.bits_per_weight, "layers": self.layers,
+                "tied": self.tied}
+
+
+class BayesQHfQuantizer(HfQuantizer):
+    """Loads bayesq-packed checkpoints; it cannot quantize (that needs calibration data)."""
+
+    requires_calibration = True
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        cfg = self.quantization_config
+        where = Path(checkpoint_files[0]).parent / "config.json" if checkpoint_files else Path(
+            "config.json")
+        if not isinstance(cfg.format_version, int) or cfg.format_version > FORMAT_VERSION:
+            raise ArtifactError(
+                f"{where} has bayesq format_version {cfg.format_version!r}, newer than this "
+                f"bayesq-lightning reads ({FORMAT_VERSION}); upgrade bayesq-lightning or re-save "
+                "with this version")
+        try:
+            _check_tensors(cfg, checkpoint_files or [], where)
+            new = {e["name"]: module_for(model, e, where) for e in cfg.layers}
+            entries = {e["name"]: e for e in cfg.layers}
+            for tie in cfg.tied:
+                new[tie["name"]] = module_for(model, {**entries[tie["owner"]], **tie}, where)
+                tie_packed(new[tie["name"]], new[tie["owner"]])
+        except (KeyError, TypeError, IndexError) as e:
+            raise ArtifactError(f"the bayesq quantization_config in {where} is malformed "
+                                f"({e!r}); re-save the model with save_pretrained") from e
+        for name, module in new.items():
+            set_submodule(model, name, module)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        return model
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def _check_tensors(cfg: BayesQHFConfig, files: list[str], where: Path) -> None:
+    """Every packed tensor of ``cfg`` in the checkpoint's headers, with its dtype and shape."""
+    header: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for f in files:
+        if not str(f).endswith(".safetensors"):
+            raise ArtifactError(f"{f} is not a safetensors file; bayesq checkpoints are saved "
+                                "with safe_serialization (save_pretrained's default)")
+        try:
+            with safe_open(str(f), "pt") as st:
+                for key in st.keys():
+                    sl = st.get_slice(key)
+                    header[key] = (sl.get_dtype(), tuple(sl.get_shape()))
+        except Exception as e:  # a corrupt or truncated file
+            raise ArtifactError(f"{f} cannot be read ({e}): the checkpoint is corrupt or "
+                                "incomplete; re-save it with save_pretrained") from e
+    missing, wrong, dense = [], [], []
+    for entry in cfg.layers:
+        if f"{entry['name']}.weight" in header:
+            dense.append(entry["name"])
+        for block in entry["blocks"]:
+            for role, name in block["tensors"].items():
+                dtype = _DTYPES.get(role, "F16")
+                shape = ((block["code_bytes"],) if role == "codes"
+                         else tuple(block["meta_shapes"][role]))
+                if name not in header:
+                    missing.append(name)
+                elif header[name] != (dtype, shape) and not (
+                        header[name][0] == dtype and math.prod(header[name][1]) == 0 == math.prod(
+                            shape)):
+                    wrong.append(f"{name}: {header[name]} instead of {(dtype, shape)}")
+    if dense:
+        raise ArtifactError(f"the checkpoint next to {where} holds dense weights for layers its "
+                            f"bayesq quantization_config packs ({dense[:3]}...); the config and "
+                            "the weights do not belong together: re-save with save_pretrained")
+    if missing or wrong:
+        raise ArtifactError(
+            f"the checkpoint next to {where} does not match its bayesq quantization_config: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, wrong {wrong[:3]}; the "
+            "directory is incomplete or was edited: re-save the model with save_pretrained")
+
+
+def register() -> None:
+    """Add ``"bayesq"`` to transformers' registries (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(BayesQHFConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(BayesQHfQuantizer)
