@@ -43,6 +43,8 @@ bench: bench-assets
 	$(PY) benchmarks/structures.py
 	$(PY) benchmarks/footprint.py
 	$(PY) benchmarks/distill.py
+	$(PY) benchmarks/hf_roundtrip.py
+	$(PY) benchmarks/import_time.py
 
 clean:
 	rm -rf $(VENV) artifacts lightning_logs .pytest_cache

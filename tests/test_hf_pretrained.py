@@ -190,3 +190,24 @@ def test_without_the_import_transformers_warns_and_reports_missing_weights(saved
     assert out.stdout.strip() == "Linear"
     assert "Unknown quantization type, got bayesq" in out.stderr
     assert "MISSING" in out.stderr and "block0_codes" in out.stderr
+
+
+class Wrapper(torch.nn.Module):
+    """A user's module holding a transformers model (as a LightningModule would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_bert()
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids).logits
+
+
+def test_nested_transformers_model_saves_with_names_relative_to_it(tmp_path):
+    q = quantize_model(Wrapper(), None, CONFIGS["uniform-groups-mixed"], progress=False)
+    inner = q.model.model
+    names = [e["name"] for e in inner.config.quantization_config.layers]
+    assert names and not any(n.startswith("model.") for n in names)
+    inner.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert torch.equal(logits(loaded), logits(inner))
