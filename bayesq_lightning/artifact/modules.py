@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from ..quantizers import check_bits, dequantize
 from ..result import BlockResult, LayerResult
+from . import kernels
 from .packing import pack_codes, packed_nbytes, unpack_codes
 
 _META = {"uniform": ("scale", "zero"), "nonuniform": ("codebook",)}
@@ -170,6 +172,9 @@ class _QuantizedWeight(nn.Module):
         _check_specs(self.specs, self.weight_shape)
         self.cache_dequantized = cache_dequantized
         self._cached: torch.Tensor | None = None
+        self.kernel = "exact"  # "auto": stock int4/int8 kernels where they win (Linear only)
+        self._fast: kernels.FastWeight | None = None
+        self._fast_why: str | None = None  # None: not prepared yet
         self._tuned = False  # start_tuning .. finish_tuning
         for i, s in enumerate(self.specs):
             self.register_buffer(
@@ -297,7 +302,7 @@ class _QuantizedWeight(nn.Module):
             # frozen codes, unpacked once; a buffer so that .to(device) moves it
             self.register_buffer(f"block{i}_unpacked", b.codes, persistent=False)
         self._tuned = True
-        self._cached = None
+        self._invalidate()
         return masters
 
     def _tuned_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -329,7 +334,7 @@ class _QuantizedWeight(nn.Module):
                         delattr(self, key)
                 delattr(self, f"block{i}_unpacked")
         self._tuned = False
-        self._cached = None
+        self._invalidate()
 
     def to_float(self, weight: torch.Tensor | None = None) -> nn.Module:
         """The float layer (``nn.Linear`` / ``nn.Conv2d``) holding ``weight`` (default: decoded)."""
@@ -365,10 +370,24 @@ class _QuantizedWeight(nn.Module):
 
     def clear_cache(self) -> None:
         """Drop the cached dequantized weight (call after editing the buffers in place)."""
+        self._invalidate()
+
+    def _invalidate(self) -> None:
         self._cached = None
+        self._fast, self._fast_why = None, None
+
+    def fast_weight(self) -> tuple[kernels.FastWeight | None, str]:
+        """This layer in a stock kernel's layout (prepared once), or ``(None, why not)``."""
+        if self._fast_why is None:
+            if self.kind != "linear":
+                self._fast, self._fast_why = None, "a convolution (no integer conv kernel)"
+            else:
+                self._fast, self._fast_why = kernels.prepare(
+                    self.blocks(), self.weight_shape, self.block0_codes.device)
+        return self._fast, self._fast_why
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._cached = None  # new buffers invalidate the decoded weight
+        self._invalidate()  # new buffers invalidate the decoded and repacked weights
         super()._load_from_state_dict(*args, **kwargs)
 
     def _bias(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -407,6 +426,12 @@ class QuantizedLinear(_QuantizedWeight):
         self.out_features, self.in_features = self.weight_shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "auto" and not self._tuned and not (
+                torch.is_grad_enabled() and (x.requires_grad or (
+                    self.bias is not None and self.bias.requires_grad))):
+            fast, _ = self.fast_weight()
+            if fast is not None and kernels.rows_of(x) <= kernels.MAX_ROWS[fast.kind]:
+                return kernels.linear(x, fast, self.bias)
         return F.linear(x, self._weight(x.dtype), self._bias(x))
 
     def _float_layer(self) -> nn.Linear:
@@ -588,3 +613,37 @@ def replace_quantized_layers(
     for name, module in new.items():
         set_submodule(model, name, module)
     return model
+
+
+KERNELS = ("exact", "auto")
+
+
+def set_kernel(model: nn.Module, kernel: str = "auto") -> dict[str, str]:
+    """Choose how the packed Linear layers of ``model`` multiply, in place.
+
+    ``"auto"``: repack each layer once for stock PyTorch's CPU int4 / int8 weight-only kernels
+    (:mod:`~bayesq_lightning.artifact.kernels`) and use them where they win, i.e. with few
+    activation rows (bf16 activations: outputs within ``kernels.RTOL`` of the exact path);
+    ``"exact"`` (the default of every packed layer): decode the stored weights, bit for bit.
+    The artifact is unaffected either way.
+
+    Returns
+    -------
+    dict
+        ``{layer: why it stays exact}`` for the layers ``"auto"`` cannot serve (also warned,
+        once, here).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {KERNELS}")
+    exact = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _QuantizedWeight):
+            module.kernel = kernel
+            if kernel == "auto" and module.kind == "linear":
+                fast, why = module.fast_weight()
+                if fast is None:
+                    exact[name] = why
+    if exact:
+        warnings.warn(f"kernel='auto': {len(exact)} packed Linear layer(s) keep the exact path: "
+                      f"{dict(list(exact.items())[:5])}", stacklevel=2)
+    return exact

@@ -93,13 +93,16 @@ def unpack_codes(buf: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 8:
         return buf.clone()
     per, nbytes = _group(bits)
-    pad = -buf.numel() % nbytes
-    groups = torch.cat([buf, buf.new_zeros(pad)]).view(-1, nbytes).to(torch.int32)
-    if nbytes == 1:
-        words = groups.squeeze(1)
-    else:
-        byte_shifts = torch.arange(nbytes, device=buf.device, dtype=torch.int32) * 8
-        words = (groups << byte_shifts).sum(dim=1, dtype=torch.int32)
-    shifts = torch.arange(per, device=buf.device, dtype=torch.int32) * bits
-    codes = (words.unsqueeze(1) >> shifts) & (2**bits - 1)
-    return codes.reshape(-1)[:n].to(torch.uint8)
+    if nbytes == 1:  # 2 and 4 bits: shift the bytes in uint8, no int32 words (4x less traffic)
+        shifts = torch.arange(per, device=buf.device, dtype=torch.uint8) * bits
+        codes = (buf.unsqueeze(1) >> shifts) & (2**bits - 1)
+        return codes.reshape(-1)[:n]
+    if bits == 3:  # 8 codes in 3 bytes (LSB first), decoded byte-wise in uint8
+        pad = -buf.numel() % 3
+        b0, b1, b2 = torch.cat([buf, buf.new_zeros(pad)]).view(-1, 3).unbind(1)
+        codes = torch.stack([
+            b0 & 7, (b0 >> 3) & 7, (b0 >> 6) | ((b1 & 1) << 2), (b1 >> 1) & 7,
+            (b1 >> 4) & 7, (b1 >> 7) | ((b2 & 3) << 1), (b2 >> 2) & 7, b2 >> 5,
+        ], dim=1)
+        return codes.reshape(-1)[:n]
+    raise AssertionError(f"no decoder for {bits} bits")  # check_bits admits 2, 3, 4, 8 only

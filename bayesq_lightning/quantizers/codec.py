@@ -55,7 +55,7 @@ def dequantize(block: BlockResult, dtype: torch.dtype = torch.float32) -> torch.
         cols = codes.shape[1]
         s = expand_groups(block.scale, cols, block.group_size).float()
         z = expand_groups(block.zero, cols, block.group_size).float()
-        return ((codes.float() - z) * s).to(dtype)
+        return codes.float().sub_(z).mul_(s).to(dtype)  # in place: one full-size temporary
     if block.quantizer == "nonuniform":
         book = block.codebook.float()
         if book.dim() == 1:
