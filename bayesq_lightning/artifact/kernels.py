@@ -16,8 +16,8 @@ stock PyTorch has two weight-only kernels that read integer weights directly:
   With ``q8 = q - 128``, ``W = s (q - z) = s q8 + s (128 - z)``, so the asymmetric zero point
   adds ``sum(x) s (128 - z)`` per output. Needs 8-bit per-channel blocks throughout.
 
-Both run with bfloat16 activations (fp32 activations take a slow path: 10-70x slower, measured
-on this AVX-512 CPU without bf16 units): the results differ from the exact path by bf16 rounding
+Both run with bfloat16 activations (with fp32 activations they ran 10-70x slower, measured on
+the development CPU): the results differ from the exact path by bf16 rounding
 of the activations, scales and zeros (:data:`RTOL`). They win only with few rows: the int4
 kernel up to :data:`MAX_ROWS` ``["int4"]`` rows (2.6x faster than fp32 at one row of a
 3072x768 matrix, 1.7x *slower* at 128 rows), int8 up to ``["int8"]``. Everything else --

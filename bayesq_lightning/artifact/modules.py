@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -152,6 +153,20 @@ def _check_specs(specs: Sequence[BlockSpec], weight_shape: tuple[int, ...]) -> N
         )
 
 
+_WORKSPACE = threading.local()
+
+
+def _workspace(n: int, device: torch.device) -> torch.Tensor:
+    """This thread's fp32 decode buffer on ``device``, at least ``n`` values (grown, kept)."""
+    bufs = getattr(_WORKSPACE, "bufs", None)
+    if bufs is None:
+        bufs = _WORKSPACE.bufs = {}
+    buf = bufs.get(device)
+    if buf is None or buf.numel() < n:
+        buf = bufs[device] = torch.empty(n, dtype=torch.float32, device=device)
+    return buf
+
+
 class _QuantizedWeight(nn.Module):
     """Shared storage and decoding of the packed weight; subclasses add the float op."""
 
@@ -273,7 +288,26 @@ class _QuantizedWeight(nn.Module):
         if self._tuned:
             return self._tuned_weight(dtype)
         parts = [dequantize(b, dtype) for b in self.blocks()]
-        return torch.cat(parts, dim=0).reshape(self.weight_shape)
+        w = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return w.reshape(self.weight_shape)
+
+    def _forward_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight for one forward pass.
+
+        Without autograd, with fp32 inputs and uniform blocks, the layer decodes into a buffer
+        shared by every packed layer of this thread (the next layer's forward overwrites it, so
+        it is never handed out where a graph or a caller could keep it); otherwise
+        :meth:`_weight`.
+        """
+        if (torch.is_grad_enabled() or dtype != torch.float32 or self._tuned
+                or self.cache_dequantized
+                or any(s.quantizer != "uniform" for s in self.specs)):
+            return self._weight(dtype)
+        n = math.prod(self.weight_shape)
+        buf = _workspace(n, self.block0_codes.device)[:n].view(self.weight_shape[0], -1)
+        for b in self.blocks():
+            dequantize(b, torch.float32, out=buf[b.rows[0]:b.rows[1]])
+        return buf.view(self.weight_shape)
 
     # ------------------------------------------------------------------ tuning
     def start_tuning(self, meta: Sequence[str]) -> list[nn.Parameter]:
@@ -432,7 +466,7 @@ class QuantizedLinear(_QuantizedWeight):
             fast, _ = self.fast_weight()
             if fast is not None and kernels.rows_of(x) <= kernels.MAX_ROWS[fast.kind]:
                 return kernels.linear(x, fast, self.bias)
-        return F.linear(x, self._weight(x.dtype), self._bias(x))
+        return F.linear(x, self._forward_weight(x.dtype), self._bias(x))
 
     def _float_layer(self) -> nn.Linear:
         return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
@@ -498,7 +532,7 @@ class QuantizedConv2d(_QuantizedWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(
             x,
-            self._weight(x.dtype),
+            self._forward_weight(x.dtype),
             self._bias(x),
             self.stride,
             self.padding,

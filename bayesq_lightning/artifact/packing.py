@@ -94,9 +94,9 @@ def unpack_codes(buf: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         return buf.clone()
     per, nbytes = _group(bits)
     if nbytes == 1:  # 2 and 4 bits: shift the bytes in uint8, no int32 words (4x less traffic)
-        shifts = torch.arange(per, device=buf.device, dtype=torch.uint8) * bits
-        codes = (buf.unsqueeze(1) >> shifts) & (2**bits - 1)
-        return codes.reshape(-1)[:n]
+        mask = 2**bits - 1
+        parts = [(buf >> (i * bits)) & mask for i in range(per - 1)] + [buf >> (8 - bits)]
+        return torch.stack(parts, dim=1).reshape(-1)[:n]
     if bits == 3:  # 8 codes in 3 bytes (LSB first), decoded byte-wise in uint8
         pad = -buf.numel() % 3
         b0, b1, b2 = torch.cat([buf, buf.new_zeros(pad)]).view(-1, 3).unbind(1)

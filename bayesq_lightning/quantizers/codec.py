@@ -44,18 +44,23 @@ def round_uniform(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return torch.clamp(torch.round(w / s + z), 0, 2**bits - 1).to(torch.uint8)
 
 
-def dequantize(block: BlockResult, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(block: BlockResult, dtype: torch.dtype = torch.float32,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Float weights ``(rows, cols)`` of a block from its codes and fp16 parameters.
 
     The single decoder of the package: the in-memory model, packed modules and loaded artifacts
-    all call it, so their weights agree bit for bit.
+    all call it, so their weights agree bit for bit. ``out`` (fp32, ``(rows, cols)``, uniform
+    blocks only) receives the weights instead of a new tensor: the packed layers' inference
+    path decodes into one reused buffer (no allocation, no page faults per forward).
     """
     codes = block.codes
     if block.quantizer == "uniform":
         cols = codes.shape[1]
-        s = expand_groups(block.scale, cols, block.group_size).float()
-        z = expand_groups(block.zero, cols, block.group_size).float()
-        return codes.float().sub_(z).mul_(s).to(dtype)  # in place: one full-size temporary
+        # to fp32 before expanding: a per-row value stays a stride-0 view, never a full tensor
+        s = expand_groups(block.scale.float(), cols, block.group_size)
+        z = expand_groups(block.zero.float(), cols, block.group_size)
+        w = codes.float() if out is None else out.copy_(codes)
+        return w.sub_(z).mul_(s).to(dtype)  # in place: at most one full-size temporary
     if block.quantizer == "nonuniform":
         book = block.codebook.float()
         if book.dim() == 1:
