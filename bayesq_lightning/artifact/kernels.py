@@ -132,10 +132,9 @@ def linear(x: Tensor, fw: FastWeight, bias: Tensor | None) -> Tensor:
     xb = x2.to(torch.bfloat16)
     if fw.kind == "int4":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, fw.packed, fw.group, fw.scale)
-        y = y.to(x.dtype)
     else:
-        y = torch.ops.aten._weight_int8pack_mm(xb, fw.packed, fw.scale).to(x.dtype)
-        y = y + x2.sum(-1, keepdim=True).to(x.dtype) * fw.offset.to(x.dtype)
-    if bias is not None:
-        y = y + bias.to(x.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(xb, fw.packed, fw.scale)
+        y = torch.addcmul(y.float(), x2.sum(-1, keepdim=True).float(), fw.offset)
+    # one op adds the bias and leaves bf16 (type promotion): per-call overhead matters here
+    y = y.to(x.dtype) if bias is None else torch.add(bias.to(x.dtype), y).to(x.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
