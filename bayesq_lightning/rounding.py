@@ -188,6 +188,53 @@ def _conv_patches(module: nn.Conv2d, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+class InputStats:
+    """Streaming sums of a layer's input statistics: ``S = sum X^T X`` and the row count ``n``.
+
+    GPTQ's ``add_batch``: each batch's inputs are folded in by :meth:`add` and dropped, so memory
+    is one ``(cols, cols)`` float64 sum per layer whatever the number of calibration samples.
+    ``n`` counts the rows of ``X`` (input vectors, tokens, patches), not samples, so batches,
+    and ranks, with different sequence lengths or image sizes combine exactly.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            self.groups, self.cols = 1, module.in_features
+        elif isinstance(module, nn.Conv2d):
+            self.groups = module.groups
+            self.cols = (module.in_channels // module.groups * module.kernel_size[0]
+                         * module.kernel_size[1])
+        else:
+            raise TypeError(f"input_hessian supports nn.Linear and nn.Conv2d, not {type(module)}")
+        self.module = module
+        self.S: Tensor | None = None
+        self.n = 0
+
+    def add(self, x: Tensor | tuple[Tensor, ...]) -> None:
+        """Fold in one call's inputs (a tuple, as forward hooks see them, uses its first)."""
+        x = (x[0] if isinstance(x, (tuple, list)) else x).detach()
+        if isinstance(self.module, nn.Conv2d):
+            X = _conv_patches(self.module, x if x.dim() == 4 else x.unsqueeze(0))
+        else:
+            X = x.reshape(-1, self.cols)
+        X = X.double().reshape(X.shape[0], self.groups, self.cols).transpose(0, 1)  # (g, n, c)
+        self.S = X.transpose(1, 2) @ X if self.S is None else self.S + X.transpose(1, 2) @ X
+        self.n += X.shape[1]
+
+    def hessian(self, reduce=None) -> Tensor:
+        """``H = S / n`` (float32); with ``reduce``, ``S`` and ``n`` summed over processes."""
+        S, n = self.S, self.n
+        if reduce is not None:  # every rank calls, also one that saw no inputs
+            S = reduce(S if S is not None else torch.zeros(
+                self.groups, self.cols, self.cols, dtype=torch.float64,
+                device=self.module.weight.device))
+            n = int(reduce(torch.tensor(float(n), dtype=torch.float64, device=S.device)).item())
+        if S is None or n == 0:
+            raise ValueError("input_hessian got no inputs")
+        H = (S / n).float()
+        return H[0] if self.groups == 1 else H
+
+
 def input_hessian(module: nn.Module, inputs_iter: Iterable[Tensor | tuple[Tensor, ...]]) -> Tensor:
     """GPTQ's input matrix ``H = X X^T / n`` of a layer over calibration inputs.
 
@@ -195,7 +242,8 @@ def input_hessian(module: nn.Module, inputs_iter: Iterable[Tensor | tuple[Tensor
     e.g. batch x tokens), patches for ``nn.Conv2d`` (images x output positions). So
     ``tr(dW H dW^T)`` is the mean squared output error per vector/patch. (The GPTQ reference
     uses ``2/n`` and counts images for convs; a constant factor that changes neither the rounding
-    under ``gptq_gamma`` nor any comparison.) Accumulated in float64 on the inputs' device, returned as float32.
+    under ``gptq_gamma`` nor any comparison.) Accumulated in float64 on the inputs' device
+    (:class:`InputStats`), returned as float32.
 
     Parameters
     ----------
@@ -210,28 +258,10 @@ def input_hessian(module: nn.Module, inputs_iter: Iterable[Tensor | tuple[Tensor
         ``(in, in)`` for Linear, ``(cols, cols)`` for a Conv2d with ``groups == 1`` and
         ``(groups, cols, cols)`` otherwise, ``cols = in / groups * kh * kw``.
     """
-    if isinstance(module, nn.Linear):
-        groups, cols = 1, module.in_features
-    elif isinstance(module, nn.Conv2d):
-        groups = module.groups
-        cols = module.in_channels // groups * module.kernel_size[0] * module.kernel_size[1]
-    else:
-        raise TypeError(f"input_hessian supports nn.Linear and nn.Conv2d, not {type(module)}")
-    S: Tensor | None = None
-    n = 0
+    stats = InputStats(module)
     for x in inputs_iter:
-        x = (x[0] if isinstance(x, (tuple, list)) else x).detach()
-        if isinstance(module, nn.Conv2d):
-            X = _conv_patches(module, x if x.dim() == 4 else x.unsqueeze(0))
-        else:
-            X = x.reshape(-1, cols)
-        X = X.double().reshape(X.shape[0], groups, cols).transpose(0, 1)  # (g, n_b, cols)
-        S = X.transpose(1, 2) @ X if S is None else S + X.transpose(1, 2) @ X
-        n += X.shape[1]
-    if S is None or n == 0:
-        raise ValueError("input_hessian got no inputs")
-    H = (S / n).float()
-    return H[0] if groups == 1 else H
+        stats.add(x)
+    return stats.hessian()
 
 
 def codebook_column_quantizer(codebook: Tensor) -> QuantizeColumn:
@@ -269,25 +299,23 @@ def layer_input_hessians(
 ) -> dict:
     """:func:`input_hessian` of every named layer over the calibration batches, in one pass.
 
-    The inputs are recorded with forward hooks on the unmodified (dense) model, as in the OBC
-    protocol; they are kept in memory until the pass ends. With ``reduce`` (a cross-process sum)
-    each rank's mean is weighted by its sample count, so every rank gets the global mean.
+    The inputs are folded into per-layer sums by forward hooks on the unmodified (dense) model
+    as each batch passes (:class:`InputStats`, GPTQ's ``add_batch``), so memory does not grow
+    with the number of calibration samples beyond one batch's activations. With ``reduce`` (a
+    cross-process sum) the sums and row counts are summed over processes: every rank gets
+    ``sum S / sum n``, whatever each rank's sequence lengths or image sizes.
     """
     net, device, modules = fp32_logits_copy(model)
-    seen: dict[str, list[Tensor]] = {n: [] for n in names}
-    hooks = [modules[n].register_forward_pre_hook(
-        lambda _m, args, n=n: seen[n].append(args[0].detach())) for n in names]
+    stats = {n: InputStats(modules[n]) for n in names}
+    hooks = [modules[n].register_forward_pre_hook(lambda _m, args, s=stats[n]: s.add(args))
+             for n in names]
     try:
         for i, x in enumerate(batch_inputs(batches, device)):
             forward_checked(net, x, i)
     finally:
         for h in hooks:
             h.remove()
-    hessians = {n: input_hessian(modules[n], seen[n]) for n in names}
-    if reduce is not None:
-        n_local = torch.tensor(float(sum(len(x) for x in seen[names[0]])), device=device)
-        n_total = reduce(n_local.clone())
-        hessians = {n: reduce(h * n_local) / n_total for n, h in hessians.items()}
+    hessians = {n: stats[n].hessian(reduce) for n in names}
     # after the reduce: one rank's overflow reaches every rank, so all raise together
     bad = [n for n, h in hessians.items() if not torch.isfinite(h).all()]
     if bad:

@@ -14,6 +14,7 @@ from bayesq_lightning.rounding import (
     feedback_round_block,
     gptq_gamma,
     input_hessian,
+    layer_input_hessians,
     output_error,
     uniform_column_quantizer,
 )
@@ -264,3 +265,45 @@ def test_act_order_lowers_output_error_on_correlated_inputs():
         objective[act] = obj
         assert obj == pytest.approx(float(((X @ (Q - W).T) ** 2).sum()) / len(X), rel=1e-3)
     assert objective[True] < objective[False], objective
+
+
+class _SeqModel(nn.Module):
+    """Token inputs of any length: a Linear applied per token, mean-pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.h = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.h(torch.relu(self.a(x)).mean(1))
+
+
+def test_streaming_statistics_equal_all_at_once_with_an_uneven_last_batch():
+    torch.manual_seed(0)
+    model = _SeqModel()
+    x = torch.randn(11, 4, 6)
+    batches = [x[:4], x[4:8], x[8:]]  # the last batch is short
+    H = layer_input_hessians(model, batches, ["a", "h"])
+    rows_a = x.reshape(-1, 6).double()
+    torch.testing.assert_close(H["a"], (rows_a.T @ rows_a / len(rows_a)).float())
+    hidden = torch.relu(model.a(x)).mean(1).double()
+    torch.testing.assert_close(H["h"], (hidden.T @ hidden / len(hidden)).float())
+
+
+def test_processes_with_other_sequence_lengths_combine_by_rows():
+    """Two shards of different sequence lengths, summed through ``reduce``, give the
+    statistics of one pass over both (weighting by rows, not samples)."""
+    torch.manual_seed(0)
+    model = _SeqModel()
+    short, long = [torch.randn(3, 2, 6)], [torch.randn(3, 7, 6)]
+    recorded: list[torch.Tensor] = []
+
+    def record(t: torch.Tensor) -> torch.Tensor:  # the other "rank": same call order
+        recorded.append(t.clone())
+        return t
+
+    layer_input_hessians(model, long, ["a"], reduce=record)
+    calls = iter(recorded)
+    combined = layer_input_hessians(model, short, ["a"], reduce=lambda t: t + next(calls))
+    rows = torch.cat([short[0].reshape(-1, 6), long[0].reshape(-1, 6)]).double()
+    torch.testing.assert_close(combined["a"], (rows.T @ rows / len(rows)).float())
