@@ -122,3 +122,45 @@ def test_gradients_take_the_exact_path():
 def test_set_kernel_refuses_unknown_modes():
     with pytest.raises(ValueError, match="kernel='fast' is not one of"):
         set_kernel(packed(bits=4), "fast")
+
+
+def test_int8_needs_in_features_divisible_by_32():
+    model = packed(bits=8, width=72)  # the stock int8 kernel reads out of bounds at K = 72
+    with pytest.warns(UserWarning, match="keep the exact path"):
+        exact_layers = set_kernel(model, "auto")
+    assert "in_features=72 is not divisible by 32 (int8 kernel)" in exact_layers["0"]
+
+
+def test_non_contiguous_and_bf16_inputs():
+    model = packed(bits=4)
+    x = torch.randn(96, 3).t()  # a transposed (non-contiguous) batch of 3
+    assert rel(outputs(model, x, "auto"), outputs(model, x.contiguous(), "exact")) < kernels.RTOL
+    xb = torch.randn(3, 2, 96).to(torch.bfloat16)[:, 0]  # bf16, strided rows
+    assert outputs(model.to(torch.bfloat16), xb, "auto").dtype == torch.bfloat16
+
+
+def test_inference_mode_then_no_grad_and_moves_invalidate():
+    model = packed(bits=3)
+    x = torch.randn(64, 96)  # the exact path: decodes into the shared buffer
+    from bayesq_lightning.artifact.modules import release_workspace
+
+    release_workspace()
+    with torch.inference_mode():
+        a = model(x)
+    with torch.no_grad():
+        assert torch.equal(model(x), a)  # the buffer made in inference mode still serves
+    set_kernel(model, "auto")
+    assert model[0]._fast is not None
+    model.to(torch.float32)  # any _apply drops the repacked and cached weights
+    assert model[0]._fast is None and model[0]._fast_why is None
+
+
+def test_repacked_weights_are_not_pickled(tmp_path):
+    model = packed(bits=4)
+    set_kernel(model, "auto")
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert loaded[0]._fast is None and loaded[0].kernel == "auto"  # repacked on this CPU
+    x = torch.randn(2, 96)
+    with torch.no_grad():
+        assert rel(loaded(x), outputs(model, x, "exact")) < kernels.RTOL

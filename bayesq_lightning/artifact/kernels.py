@@ -14,7 +14,8 @@ stock PyTorch has two weight-only kernels that read integer weights directly:
   divisible by 16.
 * **int8** (``aten._weight_int8pack_mm``): symmetric per output channel, ``y = x (s q8)^T``.
   With ``q8 = q - 128``, ``W = s (q - z) = s q8 + s (128 - z)``, so the asymmetric zero point
-  adds ``sum(x) s (128 - z)`` per output. Needs 8-bit per-channel blocks throughout.
+  adds ``sum(x) s (128 - z)`` per output. Needs 8-bit per-channel blocks throughout and
+  ``in_features`` divisible by 32 (the stock kernel reads out of bounds otherwise).
 
 Both run with bfloat16 activations (with fp32 activations they ran 10-70x slower, measured on
 the development CPU): the results differ from the exact path by bf16 rounding
@@ -80,6 +81,8 @@ def prepare(blocks: list, weight_shape: tuple[int, ...], device: torch.device
     if bits == {8}:
         if any(b.group_size is not None for b in blocks):
             return None, "8-bit groups (the int8 kernel is per output channel)"
+        if k % 32:  # the stock kernel reads past the end otherwise (crashes at K = 72)
+            return None, f"in_features={k} is not divisible by 32 (int8 kernel)"
         return _int8(blocks), ""
     if 8 in bits:
         return None, "8-bit blocks beside lower widths"
@@ -129,7 +132,7 @@ def rows_of(x: Tensor) -> int:
 def linear(x: Tensor, fw: FastWeight, bias: Tensor | None) -> Tensor:
     """``x W^T + b`` through the kernel; ``x`` any shape ``(..., K)``, output in ``x.dtype``."""
     x2 = x.reshape(-1, x.shape[-1])
-    xb = x2.to(torch.bfloat16)
+    xb = x2.to(torch.bfloat16).contiguous()  # both kernels need a dense row-major A
     if fw.kind == "int4":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, fw.packed, fw.group, fw.scale)
     else:

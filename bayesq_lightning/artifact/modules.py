@@ -163,8 +163,14 @@ def _workspace(n: int, device: torch.device) -> torch.Tensor:
         bufs = _WORKSPACE.bufs = {}
     buf = bufs.get(device)
     if buf is None or buf.numel() < n:
-        buf = bufs[device] = torch.empty(n, dtype=torch.float32, device=device)
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = bufs[device] = torch.empty(n, dtype=torch.float32, device=device)
     return buf
+
+
+def release_workspace() -> None:
+    """Free this thread's decode buffers (as large as the largest packed layer decoded)."""
+    _WORKSPACE.bufs = {}
 
 
 class _QuantizedWeight(nn.Module):
@@ -409,6 +415,19 @@ class _QuantizedWeight(nn.Module):
     def _invalidate(self) -> None:
         self._cached = None
         self._fast, self._fast_why = None, None
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(device / dtype), .cuda(), .half(): the decoded and repacked weights are stale
+        out = super()._apply(fn, recurse)
+        self._invalidate()
+        return out
+
+    def __getstate__(self) -> dict:
+        # the int4 layout depends on the CPU that packed it: never pickled, repacked on use
+        state = super().__getstate__()
+        state = dict(state)
+        state.update(_cached=None, _fast=None, _fast_why=None)
+        return state
 
     def fast_weight(self) -> tuple[kernels.FastWeight | None, str]:
         """This layer in a stock kernel's layout (prepared once), or ``(None, why not)``."""
@@ -673,7 +692,9 @@ def set_kernel(model: nn.Module, kernel: str = "auto") -> dict[str, str]:
     for name, module in model.named_modules():
         if isinstance(module, _QuantizedWeight):
             module.kernel = kernel
-            if kernel == "auto" and module.kind == "linear":
+            if kernel == "exact":
+                module._invalidate()  # drops the repacked copy
+            elif module.kind == "linear":
                 fast, why = module.fast_weight()
                 if fast is None:
                     exact[name] = why

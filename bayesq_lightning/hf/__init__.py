@@ -29,9 +29,18 @@ _TARGET = "transformers.quantizers.auto"
 
 
 def _register_now() -> None:
-    from .quantizer import register
+    # runs inside transformers' own import: a failure here must not break transformers
+    try:
+        from .quantizer import register
 
-    register()
+        register()
+    except Exception as exc:  # e.g. a transformers without register_quantizer (< 4.49)
+        import warnings
+
+        warnings.warn(f"bayesq-lightning could not register the 'bayesq' quantization method "
+                      f"with transformers ({type(exc).__name__}: {exc}); save_pretrained / "
+                      "from_pretrained of packed models need transformers >= 4.49",
+                      stacklevel=2)
 
 
 class _Loader(importlib.abc.Loader):

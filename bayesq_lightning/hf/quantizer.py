@@ -68,8 +68,12 @@ class BayesQHfQuantizer(HfQuantizer):
                 f"{where} has bayesq format_version {cfg.format_version!r}, newer than this "
                 f"bayesq-lightning reads ({FORMAT_VERSION}); upgrade bayesq-lightning or re-save "
                 "with this version")
+        if not checkpoint_files:
+            raise ArtifactError("a bayesq-packed model loads from its safetensors files "
+                                "(from_pretrained(directory)); a state_dict cannot be checked "
+                                "against its quantization_config")
         try:
-            _check_tensors(cfg, checkpoint_files or [], where)
+            _check_tensors(cfg, checkpoint_files, where)
             new = {e["name"]: module_for(model, e, where) for e in cfg.layers}
             entries = {e["name"]: e for e in cfg.layers}
             for tie in cfg.tied:
