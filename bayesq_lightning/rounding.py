@@ -187,7 +187,6 @@ def _conv_patches(module: nn.Conv2d, x: Tensor) -> Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-@torch.no_grad()
 class InputStats:
     """Streaming sums of a layer's input statistics: ``S = sum X^T X`` and the row count ``n``.
 
@@ -210,6 +209,7 @@ class InputStats:
         self.S: Tensor | None = None
         self.n = 0
 
+    @torch.no_grad()
     def add(self, x: Tensor | tuple[Tensor, ...]) -> None:
         """Fold in one call's inputs (a tuple, as forward hooks see them, uses its first)."""
         x = (x[0] if isinstance(x, (tuple, list)) else x).detach()
@@ -235,6 +235,7 @@ class InputStats:
         return H[0] if self.groups == 1 else H
 
 
+@torch.no_grad()
 def input_hessian(module: nn.Module, inputs_iter: Iterable[Tensor | tuple[Tensor, ...]]) -> Tensor:
     """GPTQ's input matrix ``H = X X^T / n`` of a layer over calibration inputs.
 

@@ -436,3 +436,23 @@ def test_bad_input(case: Case, tmp_path: Path) -> None:
     if not case.mutates:
         assert_unchanged(setup.model, before)
     assert _files(tmp_path) == files, "files of an existing artifact changed"
+
+
+def test_lowrank_on_an_op_without_forward_mode_derivative():
+    """HuggingFace's default SDPA attention has no forward-mode rule on the CPU: the lowrank
+    fit says so and names the fixes (the model is left as it was)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                  intermediate_size=64, num_labels=2, vocab_size=64)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    if model.config._attn_implementation != "sdpa":
+        pytest.skip("this transformers does not default to SDPA attention")
+    ids = torch.randint(1, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    batch = [{"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "labels": torch.tensor([0, 1, 0, 1])}]
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="forward-mode derivatives.*structure='kron'.*"
+                                         "attn_implementation='eager'"):
+        quantize_model(model, batch, BayesQConfig(bits=5.0, structure="lowrank"),
+                       progress=False)
+    assert_unchanged(model, before)

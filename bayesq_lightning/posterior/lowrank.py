@@ -119,7 +119,14 @@ def _top_eigenpairs(prep: Prepared, weight: nn.Parameter, k: int, factor: float,
     v0 = np.random.default_rng(0).standard_normal(n)  # identical on every process
     with warnings.catch_warnings():  # torch loads its jvp decompositions via jit.script once
         warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")
-        vals, vecs = eigsh(lin, k=k, which="LA", v0=v0)
+        try:
+            vals, vecs = eigsh(lin, k=k, which="LA", v0=v0)
+        except NotImplementedError as exc:  # an op without a forward-mode derivative
+            raise ValueError(
+                f"structure='lowrank' needs forward-mode derivatives of every op of the model, "
+                f"and one has none ({str(exc).splitlines()[0]}); use structure='kron' or "
+                "'diag', or for a HuggingFace model load it with attn_implementation='eager'"
+            ) from exc
     order = np.argsort(vals)[::-1]
     U = torch.as_tensor(vecs[:, order].copy(), dtype=weight.dtype, device=weight.device)
     S = torch.as_tensor(vals[order].copy(), dtype=weight.dtype, device=weight.device)
