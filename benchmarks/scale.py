@@ -10,7 +10,8 @@ fresh process (``--one``), so its peak RSS is its own. ``lowrank`` is skipped ab
 ``LOWRANK_MAX_PARAMS`` parameters: its per-layer Lanczos on the GGN operator is many times a
 K-FAC fit already at 0.7M parameters (``structures.csv``: 142 s vs 5 s).
 
-Writes ``benchmarks/results/scale.{json,csv,md,png}`` (log-log time against parameters).
+Writes ``benchmarks/results/scale.{json,csv,png}`` (the table; log-log time against
+parameters) and ``scale_runs.json`` (every run with its stage timings and the total time).
 
 Run: ``.venv/bin/python benchmarks/scale.py`` (the whole grid: about 2 hours on 2 cores);
 ``--models resnet18 bert-small --samples 32`` for a subset; ``--smoke`` for tiny models (what
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     name = "scale_smoke" if args.smoke else "scale"
     seconds = time.perf_counter() - t0
-    (out / f"{name}.json").write_text(json.dumps({"seconds": seconds, "rows": rows}, indent=1))
+    (out / f"{name}_runs.json").write_text(json.dumps({"seconds": seconds, "rows": rows},
+                                                      indent=1))
     from common import write_table
 
     cols = ["model", "method", "samples", "params", "seconds", "peak_rss_gb", "time_vs_gptq",

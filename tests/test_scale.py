@@ -17,5 +17,5 @@ def test_scale_smoke(tmp_path):
     for r in rows:
         assert r["seconds"] > 0 and r["peak_rss_gb"] > 0 and r["params"] > 0, r
         assert r["time_vs_gptq"] > 0 and r["memory_vs_gptq"] > 0
-    saved = json.loads((tmp_path / "scale_smoke.json").read_text())
+    saved = json.loads((tmp_path / "scale_smoke_runs.json").read_text())
     assert len(saved["rows"]) == 4 and (tmp_path / "scale_smoke.png").stat().st_size > 0
