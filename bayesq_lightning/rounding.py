@@ -73,6 +73,35 @@ def _upper_cholesky_of_inverse(H: Tensor) -> Tensor:
     return U
 
 
+_FACTORS: dict = {}  # the last (H, key, factors): every candidate of a layer shares them
+
+
+def _rounding_factors(H: Tensor, gamma: float, act_order: bool, dtype: torch.dtype,
+                      device: torch.device) -> tuple[Tensor, Tensor]:
+    """Column order and ``U`` (``U^T U = (H + gamma I)^{-1}``, permuted) of error feedback.
+
+    One factorisation serves every candidate (width, grid) of every block of a layer: the
+    pipeline passes them the same ``H`` object, so the last result is kept with a reference to
+    ``H`` (its identity cannot be reused while cached) and its version counter (an in-place
+    edit invalidates it). The factors are exactly those a fresh computation gives.
+    """
+    key = (H._version, float(gamma), act_order, dtype, device)
+    last = _FACTORS.get("last")
+    if last is not None and last[0] is H and last[1] == key:
+        return last[2]
+    cols = H.shape[0]
+    Hd = H.detach().to(device=device, dtype=dtype).clone()
+    dead = Hd.diagonal() == 0
+    Hd[dead, dead] = 1.0
+    perm = (torch.argsort(Hd.diagonal(), descending=True, stable=True) if act_order
+            else torch.arange(cols, device=device))
+    Hd = Hd[perm][:, perm]
+    Hd.diagonal().add_(gamma)
+    factors = (perm, _upper_cholesky_of_inverse(Hd))
+    _FACTORS["last"] = (H, key, factors)
+    return factors
+
+
 def error_feedback_round(
     W: Tensor,
     H: Tensor,
@@ -121,14 +150,8 @@ def error_feedback_round(
         raise ValueError(f"block_size={block_size} must be >= 1")
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W0 = W.detach().to(dtype)
-    Hd = H.detach().to(device=W.device, dtype=dtype).clone()
-    dead = Hd.diagonal() == 0
-    Hd[dead, dead] = 1.0
-    perm = (torch.argsort(Hd.diagonal(), descending=True, stable=True) if act_order
-            else torch.arange(cols, device=W.device))
-    Wp, Hd = W0[:, perm].clone(), Hd[perm][:, perm]
-    Hd.diagonal().add_(gamma)
-    U = _upper_cholesky_of_inverse(Hd)
+    perm, U = _rounding_factors(H, gamma, act_order, dtype, W.device)
+    Wp = W0[:, perm].clone()
     order = perm.tolist()  # original column index of each processing step
 
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
@@ -344,11 +367,12 @@ def feedback_round_block(cand: BlockResult, W: Tensor, H: Tensor, layer_rows: in
     the block are then rounded under their own group's matrix. Each matrix is damped relative
     to its own scale, ``gamma = damp * mean(diag H)`` (:func:`gptq_gamma`).
     """
-    H = H if H.dim() == 3 else H.unsqueeze(0)
+    groups = 1 if H.dim() == 2 else H.shape[0]
     codes = []
-    for g, (a, b) in group_pieces(cand.rows, layer_rows // H.shape[0]):
-        c, _, _ = error_feedback_round(W[a:b], H[g], block_column_quantizer(cand, a, b),
-                                       gptq_gamma(H[g], damp), act_order=act_order)
+    for g, (a, b) in group_pieces(cand.rows, layer_rows // groups):
+        Hg = H if H.dim() == 2 else H[g]  # H itself where possible: its factors are shared
+        c, _, _ = error_feedback_round(W[a:b], Hg, block_column_quantizer(cand, a, b),
+                                       gptq_gamma(Hg, damp), act_order=act_order)
         codes.append(c)
     return dataclasses.replace(cand, codes=torch.cat(codes))
 

@@ -307,3 +307,19 @@ def test_processes_with_other_sequence_lengths_combine_by_rows():
     combined = layer_input_hessians(model, short, ["a"], reduce=lambda t: t + next(calls))
     rows = torch.cat([short[0].reshape(-1, 6), long[0].reshape(-1, 6)]).double()
     torch.testing.assert_close(combined["a"], (rows.T @ rows / len(rows)).float())
+
+
+def test_one_factorisation_per_layer_for_all_candidates(monkeypatch, trained, loader):
+    """Every width, grid and block of a layer shares one Cholesky factorisation of its H."""
+    import bayesq_lightning.rounding as rounding
+    from bayesq_lightning import BayesQConfig, quantize_model
+
+    calls = []
+    real = rounding._upper_cholesky_of_inverse
+    monkeypatch.setattr(rounding, "_upper_cholesky_of_inverse",
+                        lambda H: calls.append(H.shape) or real(H))
+    rounding._FACTORS.clear()
+    cfg = BayesQConfig(method="gptq", bits=4.0, block_rows=8, calib_batches=2)
+    res = quantize_model(trained, loader, cfg, progress=False)
+    blocks = sum(len(x.blocks) for x in res.layers)
+    assert len(calls) == len(res.layers) < blocks * len(cfg.allowed_bits)
