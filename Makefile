@@ -45,6 +45,7 @@ bench: bench-assets
 	$(PY) benchmarks/distill.py
 	$(PY) benchmarks/hf_roundtrip.py
 	$(PY) benchmarks/import_time.py
+	$(PY) benchmarks/scale.py  # the full grid: about 2 hours on 2 cores
 
 clean:
 	rm -rf $(VENV) artifacts lightning_logs .pytest_cache
