@@ -3,7 +3,7 @@
 The manifest travels inside the safetensors header (metadata key ``"bayesq"``) with a digest of
 the tensors, so the one file is the whole artifact and its ``os.replace`` is the commit: an
 interrupted save leaves the previous artifact loadable, whatever the point of interruption.
-``bayesq.json`` is a readable copy written just before; the loader reads the header and warns
+``bayesq.json`` is a readable copy written just after; the loader reads the header and warns
 when the copy disagrees (a save interrupted between the two). Tensors that share storage (tied
 weights) are stored once and the other names are recorded as aliases. No pickle is involved.
 """
@@ -11,7 +11,6 @@ weights) are stored once and the other names are recorded as aliases. No pickle 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import math
@@ -36,6 +35,8 @@ from .modules import (
     BlockSpec,
     block_spec,
     conv_options,
+    module_paths,
+    packed_alias,
     quantized_from_float,
     set_submodule,
     tie_packed,
@@ -149,15 +150,8 @@ def load_quantized(model_skeleton: nn.Module, directory: str | os.PathLike) -> n
                 f"{tensors_path} does not match the digest of its manifest: the artifact is "
                 "corrupt or was interrupted; re-export"
             )
-        replacements = {
-            entry["name"]: module_for(model_skeleton, entry, tensors_path)
-            for entry in manifest["layers"]
-        }
-        entries = {entry["name"]: entry for entry in manifest["layers"]}
-        for tie in manifest.get("tied", []):  # layers sharing an owner's codes
-            replacements[tie["name"]] = module_for(
-                model_skeleton, {**entries[tie["owner"]], **tie}, tensors_path)
-            tie_packed(replacements[tie["name"]], replacements[tie["owner"]])
+        replacements = packed_modules(model_skeleton, manifest["layers"],
+                                      manifest.get("tied", []), tensors_path)
         for alias, target in manifest["aliases"].items():
             state[alias] = state[target]
     except (KeyError, TypeError, IndexError) as e:
@@ -235,9 +229,7 @@ def _packed_state(
     for alias, owner in result.tied.items():
         module = model.get_submodule(alias)
         if not isinstance(module, quantized_types):
-            layer = dataclasses.replace(result.layer(owner), name=alias)
-            q = quantized_from_float(module, layer)
-            tie_packed(q, packed[owner])
+            q = packed_alias(module, result.layer(owner), packed[owner], alias)
             _swap_state(state, model, module, q)
             module = q
         packed[alias] = module
@@ -247,12 +239,11 @@ def _packed_state(
 def _swap_state(state: dict[str, torch.Tensor], model: nn.Module, old: nn.Module,
                 new: nn.Module) -> None:
     """Replace ``old``'s entries in ``state`` by ``new``'s, under every name ``old`` has."""
-    for path, m in model.named_modules(remove_duplicate=False):
-        if m is old:
-            prefix = path + "."
-            for key in [k for k in state if k.startswith(prefix)]:
-                del state[key]
-            state.update(new.state_dict(prefix=prefix))
+    for path in module_paths(model, old):
+        prefix = path + "."
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
+        state.update(new.state_dict(prefix=prefix))
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -374,6 +365,18 @@ def layer_entry(name: str, module: nn.Module) -> dict[str, Any]:
     if module.kind == "conv2d":
         entry["conv"] = conv_options(module)
     return entry
+
+
+def packed_modules(skeleton: nn.Module, layers: list[dict[str, Any]], tied: list[dict[str, Any]],
+                   where: Path) -> dict[str, nn.Module]:
+    """Empty packed modules for manifest ``layers`` and ``tied`` entries (aliases sharing their
+    owner's buffers), each checked against the skeleton (:func:`module_for`)."""
+    new = {entry["name"]: module_for(skeleton, entry, where) for entry in layers}
+    entries = {entry["name"]: entry for entry in layers}
+    for tie in tied:  # the owner's blocks with the alias's own bias and conv options
+        new[tie["name"]] = module_for(skeleton, {**entries[tie["owner"]], **tie}, where)
+        tie_packed(new[tie["name"]], new[tie["owner"]])
+    return new
 
 
 def module_for(skeleton: nn.Module, entry: dict[str, Any], manifest_path: Path) -> nn.Module:

@@ -289,10 +289,16 @@ class _QuantizedWeight(nn.Module):
             )
         return out
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight, shape ``weight_shape``, decoded block by block."""
+    def dequantize(self, dtype: torch.dtype = torch.float32,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """The float weight, shape ``weight_shape``, decoded block by block (into ``out``, an
+        fp32 ``(out_channels, cols)`` tensor, when given: uniform blocks only)."""
         if self._tuned:
             return self._tuned_weight(dtype)
+        if out is not None:
+            for b in self.blocks():
+                dequantize(b, torch.float32, out=out[b.rows[0]:b.rows[1]])
+            return out.view(self.weight_shape)
         parts = [dequantize(b, dtype) for b in self.blocks()]
         w = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return w.reshape(self.weight_shape)
@@ -311,9 +317,7 @@ class _QuantizedWeight(nn.Module):
             return self._weight(dtype)
         n = math.prod(self.weight_shape)
         buf = _workspace(n, self.block0_codes.device)[:n].view(self.weight_shape[0], -1)
-        for b in self.blocks():
-            dequantize(b, torch.float32, out=buf[b.rows[0]:b.rows[1]])
-        return buf.view(self.weight_shape)
+        return self.dequantize(torch.float32, out=buf)
 
     # ------------------------------------------------------------------ tuning
     def start_tuning(self, meta: Sequence[str]) -> list[nn.Parameter]:
@@ -424,10 +428,7 @@ class _QuantizedWeight(nn.Module):
 
     def __getstate__(self) -> dict:
         # the int4 layout depends on the CPU that packed it: never pickled, repacked on use
-        state = super().__getstate__()
-        state = dict(state)
-        state.update(_cached=None, _fast=None, _fast_why=None)
-        return state
+        return {**super().__getstate__(), "_cached": None, "_fast": None, "_fast_why": None}
 
     def fast_weight(self) -> tuple[kernels.FastWeight | None, str]:
         """This layer in a stock kernel's layout (prepared once), or ``(None, why not)``."""
@@ -606,11 +607,23 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     name the old submodule is registered (``self.b = self.a`` makes ``a`` and ``b`` one layer)."""
     if not name:
         raise ValueError("cannot replace the root module in place; wrap it in a parent module")
-    old = model.get_submodule(name)
-    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is old] or [name]
-    for n in names:
+    for n in module_paths(model, model.get_submodule(name)) or [name]:
         parent, _, leaf = n.rpartition(".")
         setattr(model.get_submodule(parent), leaf, module)
+
+
+def module_paths(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every dotted name under which ``module`` is registered in ``model``."""
+    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
+
+
+def packed_alias(module: nn.Module, owner_layer: LayerResult, owner: _QuantizedWeight,
+                 name: str, cache: bool = False) -> _QuantizedWeight:
+    """The packed replacement of float layer ``module`` (at ``name``) that holds the weight of
+    the layer ``owner_layer`` describes: ``owner``'s codes, its own bias and layer options."""
+    q = quantized_from_float(module, dataclasses.replace(owner_layer, name=name), cache)
+    tie_packed(q, owner)
+    return q
 
 
 def tie_packed(alias: _QuantizedWeight, owner: _QuantizedWeight) -> None:
@@ -660,9 +673,7 @@ def replace_quantized_layers(
         elif owner not in new:
             raise KeyError(f"tied layer {name!r} names {owner!r}, which is not quantized")
         else:
-            new[name] = quantized_from_float(
-                module, dataclasses.replace(by_name[owner], name=name), cache)
-            tie_packed(new[name], new[owner])
+            new[name] = packed_alias(module, by_name[owner], new[owner], name, cache)
     for name, module in new.items():
         set_submodule(model, name, module)
     return model

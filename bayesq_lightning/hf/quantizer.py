@@ -29,8 +29,8 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..artifact.export import ArtifactError, module_for
-from ..artifact.modules import set_submodule, tie_packed
+from ..artifact.export import ArtifactError, packed_modules
+from ..artifact.modules import set_submodule
 from . import FORMAT_VERSION, QUANT_METHOD
 
 _DTYPES = {"codes": "U8"}  # every metadata tensor is fp16 ("F16")
@@ -74,11 +74,7 @@ class BayesQHfQuantizer(HfQuantizer):
                                 "against its quantization_config")
         try:
             _check_tensors(cfg, checkpoint_files, where)
-            new = {e["name"]: module_for(model, e, where) for e in cfg.layers}
-            entries = {e["name"]: e for e in cfg.layers}
-            for tie in cfg.tied:
-                new[tie["name"]] = module_for(model, {**entries[tie["owner"]], **tie}, where)
-                tie_packed(new[tie["name"]], new[tie["owner"]])
+            new = packed_modules(model, cfg.layers, cfg.tied, where)
         except (KeyError, TypeError, IndexError) as e:
             raise ArtifactError(f"the bayesq quantization_config in {where} is malformed "
                                 f"({e!r}); re-save the model with save_pretrained") from e

@@ -297,8 +297,10 @@ def restore_quantized(model: torch.nn.Module, checkpoint: str | Path | Mapping[s
         The checkpoint has no (or more than one) BayesQCallback state, or it does not fit
         ``model``; ``model`` is then left as it was.
     """
-    ckpt = checkpoint if isinstance(checkpoint, Mapping) else torch.load(
-        checkpoint, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, Mapping):
+        ckpt = checkpoint
+    else:  # plain tensors and containers only: never unpickles code
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     states = [v for k, v in ckpt.get("callbacks", {}).items()
               if k.startswith("BayesQCallback") and v]
     if len(states) != 1:
