@@ -56,8 +56,10 @@ class BayesQConfig:
     include, exclude : sequence of str, optional
         ``fnmatch`` patterns over layer names selecting which layers are quantized.
     backend : str
-        Curvature backend: ``"asdl"`` (exact GGN diagonal), ``"asdl_stochastic"`` (Monte-Carlo
-        GGN, for many classes) or ``"curvlinops"``.
+        Curvature backend: ``"auto"`` (default: the exact GGN up to 10 classes, the
+        Monte-Carlo GGN above, since the exact one costs a backward pass per class; the report's
+        ``backend`` says which), ``"asdl"`` (exact GGN diagonal), ``"asdl_stochastic"``
+        (Monte-Carlo GGN) or ``"curvlinops"``.
     range_objective : str
         What the quantizer design minimises (uniform clipping range, non-uniform codebook):
         ``"deployed"`` (curvature-weighted error of the stored weights, the tables' own score;
@@ -118,7 +120,7 @@ class BayesQConfig:
     prior_precision: str | float = "marglik"
     include: Sequence[str] | None = None
     exclude: Sequence[str] | None = None
-    backend: str = "asdl"
+    backend: str = "auto"
     range_objective: str = "auto"
     rank: int | None = None
     group_size: int | None = None

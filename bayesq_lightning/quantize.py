@@ -51,7 +51,7 @@ from .quantizers import (
     storage_bits,
 )
 from .result import BlockResult, LayerResult, QuantizationResult
-from .rounding import feedback_round_block, layer_input_hessians
+from .rounding import feedback_round_blocks, layer_input_hessians
 from .tables import mc_tables
 
 
@@ -288,18 +288,13 @@ def _candidates(blocks: list[Block], method: Method, cfg: BayesQConfig, progress
     options, candidates = [], []
     for block in show_progress(blocks, progress, "bayesq candidates"):
         objectives = method.design_objectives(cfg, feedback=block.H is not None)
-        opts, cands = [], []
-        for bits in block.bits:
-            for quantizer in quantizers:
-                for objective in objectives:
-                    cand = _design(block, bits, quantizer, objective, cfg)
-                    if block.H is not None:  # gptq, bayesq-kron: error-feedback rounding
-                        cand = feedback_round_block(cand, block.w, block.H, block.layer_rows,
-                                                    cfg.damp, cfg.act_order)
-                    loss = candidate_loss(block, cand)
-                    opts.append(Option(block_storage_bits(cand), loss, bits, quantizer))
-                    cands.append(cand)
-        options.append(opts)
+        cands = [_design(block, bits, quantizer, objective, cfg)
+                 for bits in block.bits for quantizer in quantizers for objective in objectives]
+        if block.H is not None:  # gptq, bayesq-kron: error feedback, every candidate in one pass
+            cands = feedback_round_blocks(cands, block.w, block.H, block.layer_rows, cfg.damp,
+                                          cfg.act_order)
+        options.append([Option(block_storage_bits(c), candidate_loss(block, c), c.bits,
+                               c.quantizer) for c in cands])
         candidates.append(cands)
     return options, candidates
 

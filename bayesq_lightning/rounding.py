@@ -5,7 +5,8 @@ One code path, two callers: BayesQ-kron rounds under the Kronecker factor ``A``,
 (:func:`gptq_gamma`, ``damp = 0.01`` as in GPTQ). (Damping by the prior precision, as the first
 wave did, made BayesQ's feedback inert: ``delta / mean(diag A)`` was 1.8 to 1300.) Any quantizer plugs in
 through a per-column callback (:func:`block_column_quantizer` for a candidate's grid or codebook);
-:func:`feedback_round_block` re-rounds one allocation block, per group for grouped convolutions.
+:func:`feedback_round_blocks` re-rounds one allocation block's candidates (every width and grid)
+in one stacked pass, per group for grouped convolutions.
 
 Notation
 --------
@@ -28,6 +29,8 @@ Notation
 ``Err``
     Scaled errors :math:`(w_i - q_i) / U_{ii}` of the columns of the current block, applied to the
     columns after the block in one matrix product (lazy batch update, ``block_size`` columns).
+
+The work is done on ``W^T`` so that every column is contiguous in memory.
 
 Algorithm, column by column in processing order (act-order: descending ``diag(H)``, stable):
 ``q_i = quantize(w_i)``; ``e_i = (w_i - q_i) / U_ii``; ``w_j -= e_i U_ij`` for every ``j > i``.
@@ -109,7 +112,8 @@ def error_feedback_round(
     gamma: float,
     block_size: int = 128,
     act_order: bool = False,
-) -> tuple[Tensor, Tensor, float]:
+    objective: bool = True,
+) -> tuple[Tensor, Tensor, float | None]:
     r"""Quantize ``W`` column by column, feeding each column's error forward through ``Hinv``.
 
     Parameters
@@ -128,6 +132,9 @@ def error_feedback_round(
         Columns per lazy batch update; the result does not depend on it (up to float rounding).
     act_order : bool
         Process columns by descending ``diag(H)`` (stable sort); outputs are in original order.
+    objective : bool
+        Compute the objective (one ``rows x cols x cols`` float64 product; callers that score
+        the codes themselves skip it).
 
     Returns
     -------
@@ -135,8 +142,9 @@ def error_feedback_round(
         ``(rows, cols)`` uint8.
     Q : Tensor
         ``(rows, cols)`` dequantized weights (working dtype).
-    objective : float
-        :math:`\mathrm{tr}(\Delta W H \Delta W^T)` with the undamped ``H``.
+    objective : float or None
+        :math:`\mathrm{tr}(\Delta W H \Delta W^T)` with the undamped ``H``; ``None`` when not
+        asked for.
 
     Raises
     ------
@@ -151,36 +159,42 @@ def error_feedback_round(
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W0 = W.detach().to(dtype)
     perm, U = _rounding_factors(H, gamma, act_order, dtype, W.device)
-    Wp = W0[:, perm].clone()
+    # worked on transposed, (cols, rows): each column is a contiguous row, so the per-column
+    # updates stream through memory instead of striding across it
+    Wt = W0[:, perm].T.contiguous()
     order = perm.tolist()  # original column index of each processing step
 
-    codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
-    Q = torch.empty(rows, cols, dtype=dtype, device=W.device)
+    codes = torch.empty(cols, rows, dtype=torch.uint8, device=W.device)
+    Q = torch.empty(cols, rows, dtype=dtype, device=W.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1, U1 = Wp[:, i1:i2], U[i1:i2, i1:i2]  # W1 is a view: updates land in Wp
-        Err = torch.empty(rows, i2 - i1, dtype=dtype, device=W.device)
+        W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]  # W1 is a view: updates land in Wt
+        Err = torch.empty(i2 - i1, rows, dtype=dtype, device=W.device)
         for j in range(i2 - i1):
-            c, q = quantize_column(W1[:, j].clone(), order[i1 + j])
-            codes[:, i1 + j], Q[:, i1 + j] = c, q
-            Err[:, j] = (W1[:, j] - Q[:, i1 + j]) / U1[j, j]
-            W1[:, j + 1 :] -= Err[:, j : j + 1] * U1[j : j + 1, j + 1 :]
-        Wp[:, i2:] -= Err @ U[i1:i2, i2:]
+            c, q = quantize_column(W1[j].clone(), order[i1 + j])
+            codes[i1 + j], Q[i1 + j] = c, q
+            Err[j] = (W1[j] - Q[i1 + j]) / U1[j, j]
+            W1[j + 1 :] -= U1[j, j + 1 :, None] * Err[j]
+        Wt[i2:] -= U[i1:i2, i2:].T @ Err
+    codes, Q = codes.T, Q.T
 
     inv = torch.argsort(perm)
     codes, Q = codes[:, inv], Q[:, inv]
+    if not objective:
+        return codes, Q, None
     dW = (Q - W0).double()
     objective = float(((dW @ H.to(device=W.device, dtype=torch.float64)) * dW).sum())
     return codes, Q, objective
 
 
 def uniform_column_quantizer(
-    scale: Tensor, zero: Tensor, bits: int, group_size: int | None = None
+    scale: Tensor, zero: Tensor, bits: int | Tensor, group_size: int | None = None
 ) -> QuantizeColumn:
     """Per-column rounding on a fixed uniform grid, decoded exactly as ``dequantize`` does.
 
     ``scale`` and ``zero`` are ``(rows, n_groups)`` (fp16, e.g. from ``design_uniform``);
-    column ``c`` uses group ``c // group_size`` (group 0 when there is one group).
+    column ``c`` uses group ``c // group_size`` (group 0 when there is one group). ``bits`` is
+    one width, or a ``(rows,)`` tensor of widths (stacked candidates).
     """
 
     def quantize_column(w: Tensor, col: int) -> tuple[Tensor, Tensor]:
@@ -214,7 +228,8 @@ class InputStats:
     """Streaming sums of a layer's input statistics: ``S = sum X^T X`` and the row count ``n``.
 
     GPTQ's ``add_batch``: each batch's inputs are folded in by :meth:`add` and dropped, so memory
-    is one ``(cols, cols)`` float64 sum per layer whatever the number of calibration samples.
+    is one ``(cols, cols)`` float64 sum per layer whatever the number of calibration samples
+    (each call's product is formed in fp32).
     ``n`` counts the rows of ``X`` (input vectors, tokens, patches), not samples, so batches,
     and ranks, with different sequence lengths or image sizes combine exactly.
     """
@@ -240,8 +255,11 @@ class InputStats:
             X = _conv_patches(self.module, x if x.dim() == 4 else x.unsqueeze(0))
         else:
             X = x.reshape(-1, self.cols)
-        X = X.double().reshape(X.shape[0], self.groups, self.cols).transpose(0, 1)  # (g, n, c)
-        self.S = X.transpose(1, 2) @ X if self.S is None else self.S + X.transpose(1, 2) @ X
+        # one call's product in fp32, as GPTQ and K-FAC's input factor do (float64 products cost
+        # twice the time); the running sum over calls in float64
+        X = X.float().reshape(X.shape[0], self.groups, self.cols).transpose(0, 1)  # (g, n, c)
+        XtX = (X.transpose(1, 2) @ X).double()
+        self.S = XtX if self.S is None else self.S.add_(XtX)
         self.n += X.shape[1]
 
     def hessian(self, reduce=None) -> Tensor:
@@ -266,8 +284,8 @@ def input_hessian(module: nn.Module, inputs_iter: Iterable[Tensor | tuple[Tensor
     e.g. batch x tokens), patches for ``nn.Conv2d`` (images x output positions). So
     ``tr(dW H dW^T)`` is the mean squared output error per vector/patch. (The GPTQ reference
     uses ``2/n`` and counts images for convs; a constant factor that changes neither the rounding
-    under ``gptq_gamma`` nor any comparison.) Accumulated in float64 on the inputs' device
-    (:class:`InputStats`), returned as float32.
+    under ``gptq_gamma`` nor any comparison.) Each call's product in fp32, summed in float64 on
+    the inputs' device (:class:`InputStats`), returned as float32.
 
     Parameters
     ----------
@@ -358,23 +376,70 @@ def group_pieces(rows: tuple[int, int], per: int) -> Iterator[tuple[int, tuple[i
         yield g, (max(r0, g * per) - r0, min(r1, (g + 1) * per) - r0)
 
 
+STACK_ELEMENTS = 1 << 24  # weights rounded in one stacked pass (64 MB of fp32 per copy)
+
+
 def feedback_round_block(cand: BlockResult, W: Tensor, H: Tensor, layer_rows: int,
                          damp: float = 0.01, act_order: bool = False) -> BlockResult:
-    """Re-round ``cand``'s codes with error feedback under ``H`` on the candidate's own grid.
+    """:func:`feedback_round_blocks` of one candidate."""
+    return feedback_round_blocks([cand], W, H, layer_rows, damp, act_order)[0]
 
-    ``W`` holds the block's rows ``cand.rows`` of a layer with ``layer_rows`` rows. ``H`` is
-    ``(cols, cols)``, or ``(groups, cols, cols)`` for a grouped/depthwise conv, whose rows in
-    the block are then rounded under their own group's matrix. Each matrix is damped relative
-    to its own scale, ``gamma = damp * mean(diag H)`` (:func:`gptq_gamma`).
+
+def feedback_round_blocks(cands: Sequence[BlockResult], W: Tensor, H: Tensor, layer_rows: int,
+                          damp: float = 0.01, act_order: bool = False) -> list[BlockResult]:
+    """Re-round each candidate's codes with error feedback under ``H`` on its own grid.
+
+    The candidates are one block's (rows ``cands[i].rows`` of a layer with ``layer_rows``
+    rows, held in ``W``) at several widths and grids. Error feedback acts on each row on its own,
+    so the candidates are rounded together: ``W`` stacked once per candidate, one pass over the
+    columns, each candidate's rows on its own grid (uniform grids of one group layout as one
+    vectorised grid with a width per row). The column loop and its feedback updates run once per
+    block instead of once per candidate; the codes equal those of rounding each candidate alone
+    (up to the summation order of the stacked matrix products).
+
+    ``H`` is ``(cols, cols)``, or ``(groups, cols, cols)`` for a grouped/depthwise conv, whose
+    rows in the block are then rounded under their own group's matrix. Each matrix is damped
+    relative to its own scale, ``gamma = damp * mean(diag H)`` (:func:`gptq_gamma`).
     """
+    if not cands:
+        return []
+    rows = cands[0].rows
+    if any(c.rows != rows for c in cands):
+        raise ValueError("feedback_round_blocks rounds candidates of one block: their rows "
+                         f"differ ({sorted({c.rows for c in cands})})")
     groups = 1 if H.dim() == 2 else H.shape[0]
-    codes = []
-    for g, (a, b) in group_pieces(cand.rows, layer_rows // groups):
+    per_stack = max(1, STACK_ELEMENTS // max(1, W.numel()))
+    pieces: list[list[Tensor]] = [[] for _ in cands]
+    for g, (a, b) in group_pieces(rows, layer_rows // groups):
         Hg = H if H.dim() == 2 else H[g]  # H itself where possible: its factors are shared
-        c, _, _ = error_feedback_round(W[a:b], Hg, block_column_quantizer(cand, a, b),
-                                       gptq_gamma(Hg, damp), act_order=act_order)
-        codes.append(c)
-    return dataclasses.replace(cand, codes=torch.cat(codes))
+        gamma = gptq_gamma(Hg, damp)
+        for k0 in range(0, len(cands), per_stack):
+            chunk = cands[k0:k0 + per_stack]
+            Ws = W[a:b].repeat(len(chunk), 1)
+            codes, _, _ = error_feedback_round(Ws, Hg, _stacked_quantizer(chunk, a, b), gamma,
+                                               act_order=act_order, objective=False)
+            for k, c in enumerate(codes.split(b - a)):
+                pieces[k0 + k].append(c)
+    return [dataclasses.replace(c, codes=torch.cat(p)) for c, p in zip(cands, pieces, strict=True)]
+
+
+def _stacked_quantizer(cands: Sequence[BlockResult], a: int, b: int) -> QuantizeColumn:
+    """The column quantizer of candidates stacked row-wise, each on its rows ``a:b``."""
+    layouts = {(c.quantizer, c.group_size, None if c.scale is None else c.scale.shape[1])
+               for c in cands}
+    if len(layouts) == 1 and cands[0].quantizer == "uniform":
+        n = b - a
+        bits = torch.tensor([c.bits for c in cands]).repeat_interleave(n)
+        return uniform_column_quantizer(torch.cat([c.scale[a:b] for c in cands]),
+                                        torch.cat([c.zero[a:b] for c in cands]), bits,
+                                        cands[0].group_size)
+    each = [block_column_quantizer(c, a, b) for c in cands]
+
+    def quantize_column(w: Tensor, col: int) -> tuple[Tensor, Tensor]:
+        out = [q(part, col) for q, part in zip(each, w.split(b - a), strict=True)]
+        return torch.cat([c for c, _ in out]), torch.cat([q for _, q in out])
+
+    return quantize_column
 
 
 def output_error(dW: Tensor, H: Tensor, rows: tuple[int, int], layer_rows: int) -> float:

@@ -4,9 +4,9 @@ Models are configurations only, randomly initialised (no download): torchvision 
 101 on synthetic 224x224 images (1000 classes), and BERT-small / base / large
 (``BertForSequenceClassification``, 2 classes) on synthetic 128-token sequences. Calibration sets
 of 32 and 256 samples in batches of 8. Methods: a single-width (3-bit) GPTQ pass, and BayesQ
-(3.0 bits) with the diag, kron and lowrank posteriors; the ResNets use
-``backend="asdl_stochastic"`` (exact GGN over 1000 classes is out of reach). Every run is a
-fresh process (``--one``), so its peak RSS is its own. ``lowrank`` is skipped above
+(3.0 bits) with the diag, kron (default) and lowrank posteriors. Every run is a
+fresh process (``--one``), so its peak RSS is its own. BayesQ runs with its defaults (``backend="auto"``: the
+Monte-Carlo GGN for 1000 classes, the exact GGN for 2). ``lowrank`` is skipped above
 ``LOWRANK_MAX_PARAMS`` parameters: its per-layer Lanczos on the GGN operator is many times a
 K-FAC fit already at 0.7M parameters (``structures.csv``: 142 s vs 5 s).
 
@@ -15,7 +15,8 @@ parameters) and ``scale_runs.json`` (every run with its stage timings and the to
 
 Run: ``.venv/bin/python benchmarks/scale.py`` (the whole grid: about 2 hours on 2 cores);
 ``--models resnet18 bert-small --samples 32`` for a subset; ``--smoke`` for tiny models (what
-``tests/test_scale.py`` runs).
+``tests/test_scale.py`` runs); ``--profile bert-small kron 32`` for one run under cProfile
+(``profile_bert-small_kron_32.txt``: the functions by cumulative and by own time).
 """
 
 from __future__ import annotations
@@ -83,11 +84,11 @@ def build(name: str) -> tuple[nn.Module, object]:
 def config(name: str, method: str):
     from bayesq_lightning import BayesQConfig
 
-    backend = "asdl_stochastic" if name.startswith("resnet") else "asdl"
     bits = 5.0 if name.startswith("tiny") else 3.0  # tiny layers: metadata is a bit per weight
     if method == "gptq":  # a single-width pass: no candidates beside 3 bits
         return BayesQConfig(method="gptq", bits=bits + 1, allowed_bits=(3,), calib_batches=10**6)
-    return BayesQConfig(bits=bits, structure=method, backend=backend, calib_batches=10**6)
+    # backend "auto" (default): Monte-Carlo GGN for the ResNets' 1000 classes, exact for BERT's 2
+    return BayesQConfig(bits=bits, structure=method, calib_batches=10**6)
 
 
 def run_one(name: str, method: str, samples: int, batch_size: int = 8) -> dict:
@@ -119,6 +120,26 @@ def fresh(name: str, method: str, samples: int) -> dict:
         return {"model": name, "method": method, "samples": samples,
                 "error": out.stderr.strip().splitlines()[-1][:200]}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def profile(name: str, method: str, samples: int, out: Path, top: int = 30) -> dict:
+    """:func:`run_one` under cProfile; the ``top`` functions by cumulative and by own time go
+    to ``profile_<model>_<method>_<samples>.txt``."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    row = prof.runcall(run_one, name, method, samples)
+    text = io.StringIO()
+    text.write(f"{json.dumps(row)}\n")
+    for key in ("cumulative", "tottime"):
+        pstats.Stats(prof, stream=text).strip_dirs().sort_stats(key).print_stats(top)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"profile_{name}_{method}_{samples}.txt"
+    path.write_text(text.getvalue())
+    print(f"{row}\nprofile: {path}")
+    return row
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -154,6 +175,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--one", nargs=3, metavar=("MODEL", "METHOD", "SAMPLES"))
+    p.add_argument("--profile", nargs=3, metavar=("MODEL", "METHOD", "SAMPLES"),
+                   help="one run under cProfile: where the time goes")
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--samples", nargs="+", type=int, default=[32, 256])
@@ -164,6 +187,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = run_one(args.one[0], args.one[1], int(args.one[2]))
         print(json.dumps(row))
         return [row]
+    if args.profile:
+        return [profile(*args.profile[:2], int(args.profile[2]), Path(args.out))]
     if args.smoke:
         args.models, args.samples = ["tiny-cnn", "bert-tiny"], [8]
     t0 = time.perf_counter()

@@ -1,8 +1,11 @@
 """Golden fixtures: bit-exact fingerprints of quantization runs on a trained digits CNN.
 
 First recorded on the commit before the package was reorganised (issue 8, "a move, not a
-rewrite"; the reorganised code reproduced them bit for bit), then re-recorded once when the
-scores became curvature-only with relative damping (issue 9, an intended change). Compared by
+rewrite"; the reorganised code reproduced them bit for bit), then re-recorded when the
+scores became curvature-only with relative damping (issue 9, an intended change) and when the
+prior precision became the exact marginal-likelihood optimum instead of laplace-torch's 100
+Adam steps and GPTQ's input statistics took each batch's product in fp32 as GPTQ does (issue 14:
+only the Monte-Carlo cases, which sample the posterior, and the GPTQ cases changed). Compared by
 ``tests/test_golden.py``. The trained weights are stored beside the
 fingerprints (``tests/golden/digits_cnn.safetensors``) so that training noise never enters.
 

@@ -195,18 +195,21 @@ def test_kron_grouped_conv_gets_diagonal_metric():
     assert kron.layers["3"].structure == "kron"
 
 
-def test_kron_eigh_failure_is_a_clear_error(tiny_net, loader, monkeypatch):
-    import laplace.utils.matrix as matrix
+@pytest.mark.parametrize("prior", ["marglik", 1.0])
+def test_kron_eigh_failure_is_a_clear_error(tiny_net, loader, monkeypatch, prior):
+    def failing_eigvalsh(M):
+        raise torch.linalg.LinAlgError("failed to converge")
 
-    def failing_symeig(M):
-        exit()
-
-    monkeypatch.setattr(matrix, "symeig", failing_symeig)
     names = [n for n, _ in quantizable_layers(tiny_net)]
     before = snapshot(tiny_net)
     batches, _ = calibration_samples(loader, 1)
-    with pytest.raises(RuntimeError, match="eigendecomposition"):
-        fit_posterior(tiny_net, batches, names, n_data=100, structure="kron")
+    if prior == "marglik":  # the eigenvalues the prior is fitted on fail
+        monkeypatch.setattr(torch.linalg, "eigvalsh", failing_eigvalsh)
+    else:  # a fixed prior needs no eigenvalues: overflowing factors are caught before
+        batches = [(x * 1e30, y) for x, y in batches]
+    with pytest.raises(RuntimeError, match="eigendecomposition.*curvature is probably not"):
+        fit_posterior(tiny_net, batches, names, n_data=100, structure="kron",
+                      prior_precision=prior)
     assert_unchanged(tiny_net, before)
 
 
@@ -437,3 +440,17 @@ def test_design_weights_dead_rows_fall_back_to_a_constant():
     assert 0 < float(w[0, 0]) < 1e-5 * float(curv[curv > 0].mean())
     assert torch.equal(lp.design_weights((0, 1)), torch.ones(1, 3))  # a whole dead block
     torch.testing.assert_close(lp.design_weights((0, 3), prior=True), curv + 0.5)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+@pytest.mark.parametrize("classes, stochastic", [(3, False), (11, True)])
+def test_auto_backend_follows_the_class_count(structure, classes, stochastic):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, classes)).eval()
+    x, y = torch.randn(16, 5), torch.randint(0, classes, (16,))
+    post = fit_posterior(model, [(x, y)], ["0", "2"], n_data=16, structure=structure)
+    assert f"stochastic={stochastic}" in post.backend
+    assert f"auto: {classes} classes" in post.backend
+    explicit = fit_posterior(model, [(x, y)], ["0", "2"], n_data=16, structure=structure,
+                             backend="asdl")
+    assert "stochastic=False" in explicit.backend and "auto" not in explicit.backend

@@ -323,3 +323,52 @@ def test_one_factorisation_per_layer_for_all_candidates(monkeypatch, trained, lo
     res = quantize_model(trained, loader, cfg, progress=False)
     blocks = sum(len(x.blocks) for x in res.layers)
     assert len(calls) == len(res.layers) < blocks * len(cfg.allowed_bits)
+
+
+@pytest.mark.parametrize("stack", [1 << 24, 100])  # one stacked pass, or chunks of one
+@pytest.mark.parametrize("groups", [1, 2])
+def test_candidates_rounded_together_equal_each_alone(monkeypatch, stack, groups):
+    """All widths and grids of a block in one stacked pass give each candidate's own codes."""
+    import bayesq_lightning.rounding as rounding
+    from bayesq_lightning.quantizers import design_nonuniform
+
+    monkeypatch.setattr(rounding, "STACK_ELEMENTS", stack)
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 10, 12
+    W = torch.randn(rows, cols, generator=g)
+    X = torch.randn(groups, 50, cols, generator=g) @ torch.randn(cols, cols, generator=g)
+    H = X.transpose(1, 2) @ X / 50
+    H = H[0] if groups == 1 else H
+    block_rows = (1, rows)  # a block starting inside the first group
+    Wb = W[1:]
+    cands = []
+    for bits in (2, 3, 4, 8):
+        grid = design_uniform(Wb, bits, group_size=4)
+        cands.append(BlockResult(block_rows, bits, "uniform", 4, grid.codes, grid.scale,
+                                 grid.zero))
+    book = design_nonuniform(Wb, 3)
+    cands.append(BlockResult(block_rows, 3, "nonuniform", None, book.codes,
+                             codebook=book.codebook))
+    together = rounding.feedback_round_blocks(cands, Wb, H, rows, act_order=True)
+    per = rows // groups
+    for cand, got in zip(cands, together, strict=True):
+        expected = []  # each group's rows of the block, rounded alone under that group's H
+        for grp, (a, b) in rounding.group_pieces(block_rows, per):
+            Hg = H if groups == 1 else H[grp]
+            qc = rounding.block_column_quantizer(cand, a, b)
+            expected.append(error_feedback_round(Wb[a:b], Hg, qc, gptq_gamma(Hg),
+                                                 act_order=True)[0])
+        assert torch.equal(got.codes, torch.cat(expected)), (cand.bits, cand.quantizer)
+    with pytest.raises(ValueError, match="rows differ"):
+        rounding.feedback_round_blocks([cands[0], dataclasses.replace(cands[1], rows=(0, 9))],
+                                       Wb, H, rows)
+
+
+def test_round_uniform_with_a_width_per_row_equals_each_width():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 5, generator=g) * 4
+    s, z = torch.full((6, 1), 0.5), torch.full((6, 1), 3.0)
+    bits = torch.tensor([2, 2, 3, 3, 8, 8]).unsqueeze(1)
+    got = round_uniform(w, s, z, bits)
+    for r in range(6):
+        assert torch.equal(got[r], round_uniform(w[r], s[r], z[r], int(bits[r])))

@@ -50,6 +50,7 @@ def diag_core(
     from laplace import curvature as curv
 
     wanted = set(layer_names)
+    backend, choice = prep.backend(backend)
     cls_name, stochastic = backend_class(backend)
 
     def rescale(la) -> int:
@@ -68,6 +69,7 @@ def diag_core(
         prep, [m for m in prep.net.modules() if isinstance(m, QUANTIZABLE)],
         hessian_structure="diag", backend_cls=getattr(curv, cls_name), stochastic=stochastic,
         prior_precision=prior_precision, n_data=n_data, rescale=rescale,
+        spectrum=lambda la: [la.H],
         abort="laplace-torch aborted the posterior fit ({exc}); check the model's outputs on "
               "the calibration data for NaN/inf",
     )
@@ -87,7 +89,7 @@ def diag_core(
     if missing:
         raise RuntimeError(f"no curvature was produced for layers {sorted(missing)}")
     return DiagFit(layers, curv_out, fit.delta, fit.n_total,
-                   f"{cls_name}(stochastic={stochastic})")
+                   f"{cls_name}(stochastic={stochastic}){choice}")
 
 
 def fit_diag(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_data: int,

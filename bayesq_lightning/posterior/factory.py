@@ -27,7 +27,7 @@ def fit_posterior(
     *,
     n_data: int,
     prior_precision: str | float = "marglik",
-    backend: str = "asdl",
+    backend: str = "auto",
     batch_size: int | None = None,
     reduce: Reduce | None = None,
     structure: str = "diag",
@@ -65,6 +65,8 @@ def fit_posterior(
         posterior (laplace-torch ``KronLaplace``, scalar prior); ``lowrank``: marglik of the
         diagonal posterior that also provides the residual diagonal.
     backend : str
+        ``"auto"`` (default: ``"asdl"`` up to ``AUTO_EXACT_MAX_CLASSES`` = 10 classes,
+        ``"asdl_stochastic"`` above; the choice is stated in ``Posterior.backend``),
         ``"asdl"`` (exact GGN diagonal), ``"asdl_stochastic"`` (MC GGN) or ``"curvlinops"``.
         For ``kron`` the Kronecker factors always come from ``CurvlinopsGGN`` (stochastic, i.e.
         MC-Fisher K-FAC, for ``"asdl_stochastic"``); ``backend`` then only serves the diagonal

@@ -28,8 +28,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..batches import batch_size_of, forward_checked, fp32_logits_copy, inputs_to, split_batch
 from ..layers import QUANTIZABLE, untie_parameters
+from .marglik import Spectrum, marglik_prior_precision
 
-BACKENDS = ("asdl", "asdl_stochastic", "curvlinops")
+BACKENDS = ("auto", "asdl", "asdl_stochastic", "curvlinops")
+AUTO_EXACT_MAX_CLASSES = 10
+"""``backend="auto"``: the exact GGN up to this many classes, the Monte-Carlo GGN above.
+
+The exact GGN costs one backward pass per class and batch, the Monte-Carlo GGN one (ImageNet's
+1000 classes: 1000x). The empirical Fisher, also one pass, is not offered: its gradients of the
+observed labels vanish on a model that fits its training data."""
 _BACKEND_CLASSES = {"asdl": ("AsdlGGN", False), "asdl_stochastic": ("AsdlGGN", True),
                     "curvlinops": ("CurvlinopsGGN", False)}
 
@@ -88,14 +95,16 @@ def _labelled_dataset(net: nn.Module, batches: list, device: torch.device) -> tu
 
 
 @torch.no_grad()
-def _check_fits(net: nn.Module, batch, device: torch.device, index: int = 0) -> None:
-    """One forward pass on a batch, before any long work: a clear error if it fails."""
+def _check_fits(net: nn.Module, batch, device: torch.device, index: int = 0) -> int:
+    """One forward pass on a batch, before any long work: a clear error if it fails; returns
+    the number of classes."""
     x, _ = split_batch(batch)
     out = forward_checked(net, inputs_to(x, device, torch.float32), index)
     if not torch.is_tensor(out) or out.dim() != 2:
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise ValueError(f"the model's output on the calibration batches is {shape}, not "
                          "(batch, classes) logits; the posterior fit needs a classifier")
+    return out.shape[1]
 
 
 class Prepared:
@@ -105,11 +114,20 @@ class Prepared:
         self.net, self.device, self.modules = fp32_logits_copy(model)
         untie_parameters(self.net)  # a shared weight would reach laplace-torch twice
         for i, batch in enumerate(batches):  # one cheap forward each: name a misfit batch
-            _check_fits(self.net, batch, self.device, i)
+            self.n_classes = _check_fits(self.net, batch, self.device, i)
         self.data, self.labels = _labelled_dataset(self.net, batches, self.device)
         self.n_calib = len(self.data)
         bs = batch_size or batch_size_of(split_batch(batches[0])[0])
         self.loader = DataLoader(self.data, batch_size=bs)
+
+    def backend(self, backend: str) -> tuple[str, str]:
+        """``backend`` with ``"auto"`` resolved by the class count, and how it was chosen."""
+        if backend != "auto":
+            return backend, ""
+        if self.n_classes <= AUTO_EXACT_MAX_CLASSES:
+            return "asdl", f" (auto: {self.n_classes} classes, exact GGN)"
+        return "asdl_stochastic", (f" (auto: {self.n_classes} classes > "
+                                   f"{AUTO_EXACT_MAX_CLASSES}, Monte-Carlo GGN)")
 
     @property
     def dict_key_x(self) -> str:
@@ -177,6 +195,7 @@ def laplace_fit(
     prior_precision: str | float,
     n_data: int,
     rescale: Callable[[object], int],
+    spectrum: Callable[[object], Spectrum],
     abort: str,
 ) -> LaplaceFit:
     """Fit laplace-torch on exactly the parameters of ``modules``, rescaled to ``n_data``.
@@ -184,12 +203,16 @@ def laplace_fit(
     The one scaffold behind every structure: freeze everything else (and restore it, always),
     build ``Laplace``, fit on :attr:`Prepared.loader`, let ``rescale(la)`` combine processes and
     rescale the curvature and loss to the ``n_data`` scale (it returns the global calibration
-    count), then fit :math:`\delta` by marginal likelihood (or keep the given value).
+    count), then fit :math:`\delta` by marginal likelihood on the eigenvalues ``spectrum(la)``
+    of the rescaled curvature (:func:`~.marglik.marglik_prior_precision`), or keep the given
+    value. K-FAC's own eigendecomposition at the end of ``fit`` is skipped: the factors are
+    rescaled afterwards and only their eigenvalues are needed.
     laplace-torch calls ``exit()`` on some numerical failures; that becomes a ``RuntimeError``
     whose message is ``abort`` formatted with ``exc``.
     """
     import_laplace()
     from laplace import Laplace
+    from laplace.baselaplace import KronLaplace, ParametricLaplace
 
     with _trainable_only(prep.net, modules):
         names = [n.removeprefix("model.") for n, p in prep.net.named_parameters()
@@ -205,16 +228,18 @@ def laplace_fit(
         try:
             with warnings.catch_warnings():  # ASDL's module hooks: its own deprecation, not ours
                 warnings.filterwarnings("ignore", message="Using a non-full backward hook")
-                la.fit(prep.loader)
+                if isinstance(la, KronLaplace):  # its fit() ends in an eigh of every factor
+                    ParametricLaplace.fit(la, prep.loader)
+                    la.H_facs = la.H
+                else:
+                    la.fit(prep.loader)
             n_total = rescale(la)
         except SystemExit as exc:  # laplace-torch calls exit() on numerical failure
             raise RuntimeError(abort.format(exc=repr(exc))) from None
         la.n_data = n_data
         if prior_precision == "marglik":
-            with warnings.catch_warnings():  # laplace-torch's reminder about link_approx: noise
-                warnings.filterwarnings("ignore", message="By default `link_approx`")
-                la.optimize_prior_precision(method="marglik", pred_type="glm",
-                                            link_approx="probit")
+            la.prior_precision = marglik_prior_precision(
+                spectrum(la), float(la.mean.detach().double().square().sum()), la.n_params)
         delta = float(la.prior_precision.reshape(-1)[0])
     return LaplaceFit(la, names, params, delta, n_total)
 

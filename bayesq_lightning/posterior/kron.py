@@ -49,9 +49,9 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     Then the split is normalised: :math:`c = \mathrm{mean}(\mathrm{diag}\,G)`,
     :math:`G \leftarrow G / c`, :math:`A \leftarrow c\,s\,A` (a layer with :math:`G = 0`,
     e.g. dead ReLUs, keeps :math:`G = 0`). Bias blocks (one dense factor, already a sum) are
-    multiplied by ``s``. ``la.H_facs`` gets the rescaled factors, ``la.loss`` the rescaled loss,
-    and ``la.H = la.H_facs.decompose()`` is recomputed, so the marginal likelihood that fits
-    :math:`\delta` (scalar prior) sees exactly the stored posterior.
+    multiplied by ``s``. ``la.H_facs`` gets the rescaled factors and ``la.loss`` the rescaled
+    loss, and :math:`\delta` (scalar prior) is fitted by marginal likelihood on the eigenvalues
+    of exactly these factors (:mod:`.marglik`), so it belongs to the stored posterior.
 
     **Several processes.** Summing the factors as laplace-torch returns them is wrong: each
     shard's ``A_r`` is divided by its own ``N_r``. Each process multiplies ``A_r`` back by
@@ -83,11 +83,19 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
             f"only layers K-FAC supports); this model has parameterised layers {kinds}. "
             "Use structure='diag' (or 'lowrank') for it."
         )
+    backend, choice = prep.backend(backend)
     stochastic = backend_class(backend)[1]
     notes: list[str] = []
 
+    abort = ("laplace-torch aborted the K-FAC fit: the eigendecomposition of a Kronecker "
+             "factor failed ({exc}); the curvature is probably not finite. Check the model's "
+             "outputs on the calibration data and normalise the inputs as in training.")
+
     def rescale(la) -> int:
         kfacs, loss, n_total = _combine_kfacs(la, prep.n_calib, reduce)
+        # after the reduce: one rank's overflow reaches every rank, so all raise together
+        if not all(torch.isfinite(f).all() for F in kfacs for f in F):
+            raise RuntimeError(abort.format(exc="a factor has NaN or inf entries"))
         factor = n_data / n_total
         for F in kfacs:
             if len(F) == 2:
@@ -100,16 +108,21 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
             else:
                 F[0] = F[0] * factor
         la.H_facs = Kron(kfacs)
-        la.H = la.H_facs.decompose(damping=la.damping)
         la.loss = loss.to(kfacs[0][0].dtype) * factor
         return n_total
+
+    def spectrum(la) -> list:  # the eigenvalues of G (x) A are the products of the factors'
+        try:
+            eig = [[torch.linalg.eigvalsh(f) if f.dim() > 1 else f for f in F]
+                   for F in la.H_facs.kfacs]
+        except torch.linalg.LinAlgError as exc:
+            raise RuntimeError(abort.format(exc=exc)) from None
+        return [tuple(e) if len(e) == 2 else e[0] for e in eig]
 
     fit = laplace_fit(
         prep, list(kfac_modules.values()), hessian_structure="kron", backend_cls=CurvlinopsGGN,
         stochastic=stochastic, prior_precision=prior_precision, n_data=n_data, rescale=rescale,
-        abort="laplace-torch aborted the K-FAC fit: the eigendecomposition of a Kronecker "
-              "factor failed ({exc}); the curvature is probably not finite. Check the model's "
-              "outputs on the calibration data and normalise the inputs as in training.",
+        spectrum=spectrum, abort=abort,
     )
     delta, n_total = fit.delta, fit.n_total
 
@@ -133,7 +146,7 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
         layers[lname] = KronLayerPosterior(lname, p.detach().clone(), lam, delta, A=A, G=G)
 
     grouped = [n for n in layer_names if n not in layers and is_grouped(prep.modules[n])]
-    backend_name = f"CurvlinopsGGN(stochastic={stochastic}) K-FAC"
+    backend_name = f"CurvlinopsGGN(stochastic={stochastic}) K-FAC{choice}"
     if grouped:
         diag = diag_core(prep, grouped, n_data=n_data, prior_precision=1.0, backend=backend,
                          reduce=reduce)
