@@ -48,6 +48,12 @@ class BayesQConfig:
         Bit-widths a block may take; a subset of ``(2, 3, 4, 8)``.
     calib_batches : int
         Number of calibration batches (a global count, sharded across ranks).
+    kfac_batches : int, optional
+        ``structure="kron"``: the first ``kfac_batches`` calibration batches carry the K-FAC
+        fit, whose output factors need backward passes (one per class for the exact GGN); the
+        input factors, forward passes only, use every calibration batch. So calibration sets
+        beyond ``kfac_batches`` batches cost what they cost GPTQ, a forward pass each
+        (``benchmarks/scale.py``). ``None``: every batch for both.
     n_data : int, optional
         Training-set size the posterior stands for; default: the calibration loader's dataset
         length (the callback passes the training set's length).
@@ -116,6 +122,7 @@ class BayesQConfig:
     solver: str = "greedy"
     allowed_bits: tuple[int, ...] = SUPPORTED_BITS
     calib_batches: int = 8
+    kfac_batches: int | None = 8
     n_data: int | None = None
     prior_precision: str | float = "marglik"
     include: Sequence[str] | None = None
@@ -169,6 +176,10 @@ class BayesQConfig:
         self.allowed_bits = tuple(sorted({check_bits(b) for b in self.allowed_bits}))
         if int(self.calib_batches) != self.calib_batches or self.calib_batches < 1:
             raise ValueError(f"calib_batches={self.calib_batches!r} must be a positive integer")
+        if self.kfac_batches is not None and (int(self.kfac_batches) != self.kfac_batches
+                                              or self.kfac_batches < 1):
+            raise ValueError(f"kfac_batches={self.kfac_batches!r} must be a positive integer "
+                             "or None (every calibration batch)")
         if self.n_data is not None and (int(self.n_data) != self.n_data or self.n_data < 1):
             raise ValueError(f"n_data={self.n_data!r} must be a positive integer or None")
         if isinstance(self.prior_precision, str):

@@ -251,7 +251,7 @@ def _posterior(model: nn.Module, method: Method, cfg: BayesQConfig, batches: lis
         posterior = fit_posterior(
             model, batches, names, n_data=n_data, prior_precision=cfg.prior_precision,
             backend=cfg.backend, reduce=reduce, structure=wanted,
-            rank=cfg.rank if wanted == "lowrank" else None,
+            rank=cfg.rank if wanted == "lowrank" else None, kfac_batches=cfg.kfac_batches,
         )
     if posterior is not None:
         info.update(

@@ -335,7 +335,6 @@ def block_column_quantizer(block: BlockResult, r0: int, r1: int) -> QuantizeColu
     return codebook_column_quantizer(book)
 
 
-@torch.no_grad()
 def layer_input_hessians(
     model: nn.Module, batches: Sequence, names: Sequence[str], reduce=None
 ) -> dict:
@@ -348,16 +347,27 @@ def layer_input_hessians(
     ``sum S / sum n``, whatever each rank's sequence lengths or image sizes.
     """
     net, device, modules = fp32_logits_copy(model)
-    stats = {n: InputStats(modules[n]) for n in names}
-    hooks = [modules[n].register_forward_pre_hook(lambda _m, args, s=stats[n]: s.add(args))
-             for n in names]
+    return streamed_input_hessians(net, device, {n: modules[n] for n in names}, batches,
+                                   reduce)
+
+
+@torch.no_grad()
+def streamed_input_hessians(net: nn.Module, device: torch.device,
+                            modules: dict[str, nn.Module], batches: Sequence,
+                            reduce=None) -> dict:
+    """:func:`layer_input_hessians` on a prepared network ``net`` (an fp32 logits model)
+    whose layers ``modules`` (by name) are hooked; also K-FAC's input factors
+    (:func:`~bayesq_lightning.posterior.kron.fit_kron`)."""
+    stats = {n: InputStats(m) for n, m in modules.items()}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, s=stats[n]: s.add(args))
+             for n, m in modules.items()]
     try:
-        for i, x in enumerate(batch_inputs(batches, device)):
-            forward_checked(net, x, i)
+        for i, batch in enumerate(batches):  # one batch on the device at a time
+            forward_checked(net, batch_inputs([batch], device)[0], i)
     finally:
         for h in hooks:
             h.remove()
-    hessians = {n: stats[n].hessian(reduce) for n in names}
+    hessians = {n: stats[n].hessian(reduce) for n in modules}
     # after the reduce: one rank's overflow reaches every rank, so all raise together
     bad = [n for n, h in hessians.items() if not torch.isfinite(h).all()]
     if bad:

@@ -4,8 +4,9 @@ First recorded on the commit before the package was reorganised (issue 8, "a mov
 rewrite"; the reorganised code reproduced them bit for bit), then re-recorded when the
 scores became curvature-only with relative damping (issue 9, an intended change) and when the
 prior precision became the exact marginal-likelihood optimum instead of laplace-torch's 100
-Adam steps and GPTQ's input statistics took each batch's product in fp32 as GPTQ does (issue 14:
-only the Monte-Carlo cases, which sample the posterior, and the GPTQ cases changed). Compared by
+Adam steps, K-FAC's factors were summed in one curvlinops operator rather than per batch (the
+factors moved by 1e-7 relative) and GPTQ's input statistics took each batch's product in fp32
+as GPTQ does (issue 14: the K-FAC, Monte-Carlo and GPTQ cases changed). Compared by
 ``tests/test_golden.py``. The trained weights are stored beside the
 fingerprints (``tests/golden/digits_cnn.safetensors``) so that training noise never enters.
 

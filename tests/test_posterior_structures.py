@@ -56,7 +56,8 @@ def _gap_problem(n: int = 16) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor
 
 
 class _ThreadSum:
-    """An all-reduce(sum) between threads standing in for processes (summed in rank order).
+    """An all-reduce(sum) between threads standing in for processes (summed in rank order,
+    written into the tensor passed in, as a real all-reduce does).
 
     torch.func keeps its transform levels per process, so the threads must not compute at the
     same time: each holds ``run`` while it computes and lets go only while it waits in
@@ -80,7 +81,8 @@ class _ThreadSum:
                 self.barrier.wait()
             finally:
                 self.run.acquire()
-            return sum(self.slots[k][1:], self.slots[k][0].clone())
+            # in place, as torch.distributed.all_reduce (and Lightning's reduce) sums
+            return t.copy_(sum(self.slots[k][1:], self.slots[k][0].clone()))
 
         return reduce
 
@@ -294,6 +296,20 @@ def test_reduce_across_shards_equals_single_fit():
             a, b = post.layers[name], single.layers[name]
             torch.testing.assert_close(a.A, b.A, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(a.G, b.G, rtol=1e-4, atol=1e-6)
+    # biases: a bias block shares its weight's G, which must be summed across shards once
+    torch.manual_seed(1)
+    biased = nn.Sequential(nn.Linear(x.shape[1], 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    yb = y % 3
+    sb = [[(x[:4], yb[:4])], [(x[4:], yb[4:])]]
+    ref = fit_posterior(biased, [(x, yb)], ["0", "2"], n_data=64, structure="kron")
+    for post in _run_sharded(sb, model=biased, layer_names=["0", "2"], n_data=64,
+                             structure="kron"):
+        assert post.prior_precision == pytest.approx(ref.prior_precision, rel=1e-4)
+        for name in ("0", "2"):
+            torch.testing.assert_close(post.layers[name].G, ref.layers[name].G, rtol=1e-4,
+                                       atol=1e-6)
+            torch.testing.assert_close(post.layers[name].A, ref.layers[name].A, rtol=1e-4,
+                                       atol=1e-6)
     single = fit_posterior(batches=batches, structure="lowrank", rank=2, prior_precision=1.0,
                            **common)
     for post in _run_sharded(shards, structure="lowrank", rank=2, prior_precision=1.0, **common):
@@ -454,3 +470,36 @@ def test_auto_backend_follows_the_class_count(structure, classes, stochastic):
     explicit = fit_posterior(model, [(x, y)], ["0", "2"], n_data=16, structure=structure,
                              backend="asdl")
     assert "stochastic=False" in explicit.backend and "auto" not in explicit.backend
+
+
+def test_kfac_batches_fit_g_on_a_prefix_and_a_on_every_batch():
+    """G from the first batches' backward passes, A from every batch's inputs (GPTQ's streamed
+    statistics, the same row mean K-FAC's own input factor is)."""
+    from bayesq_lightning.rounding import layer_input_hessians
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 16, 4)).eval()
+    batches = [(torch.randn(5, 2, 4, 4), torch.randint(0, 4, (5,))) for _ in range(3)]
+    names = ["0", "3"]
+    prefix = fit_posterior(model, batches[:2], names, n_data=50, prior_precision=1.0,
+                           structure="kron")
+    split = fit_posterior(model, batches, names, n_data=50, prior_precision=1.0,
+                          structure="kron", kfac_batches=2)
+    whole = fit_posterior(model, batches, names, n_data=50, prior_precision=1.0,
+                          structure="kron", kfac_batches=3)
+    every = fit_posterior(model, batches, names, n_data=50, prior_precision=1.0,
+                          structure="kron")
+    assert split.info["kfac_batches"] == 2 and split.info["input_factor_batches"] == 3
+    assert split.n_calib == prefix.n_calib == 10
+    H_first = layer_input_hessians(model, batches[:2], names)
+    H_all = layer_input_hessians(model, batches, names)
+    for n in names:
+        torch.testing.assert_close(split.layers[n].G, prefix.layers[n].G)
+        # K-FAC's A over the prefix is the streamed row mean over it, up to the scale c * s
+        cs = float(prefix.layers[n].A[0, 0] / H_first[n][0, 0])
+        torch.testing.assert_close(prefix.layers[n].A, cs * H_first[n], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(split.layers[n].A, cs * H_all[n], rtol=1e-4, atol=1e-6)
+        assert torch.equal(whole.layers[n].A, every.layers[n].A)
+    with pytest.raises(ValueError, match="kfac_batches=0 must be a positive integer"):
+        fit_posterior(model, batches, names, n_data=50, structure="kron", kfac_batches=0)

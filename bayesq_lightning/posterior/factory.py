@@ -32,6 +32,7 @@ def fit_posterior(
     reduce: Reduce | None = None,
     structure: str = "diag",
     rank: int | None = None,
+    kfac_batches: int | None = None,
 ) -> Posterior:
     r"""Fit a Laplace posterior over the weights of ``layer_names``.
 
@@ -86,6 +87,11 @@ def fit_posterior(
         clamped to ``n_weights - 1`` for smaller layers (with a note); an explicit ``rank`` that
         is not smaller than a layer's weight count is an error naming the layer.
 
+    kfac_batches : int, optional
+        ``kron`` only: the K-FAC fit (backward passes) runs on the first ``kfac_batches``
+        batches and the input factors ``A`` (forward passes) on all of them; ``None``: all
+        batches for both.
+
     A layer whose weight another Linear/Conv2d layer also holds (``b.weight = a.weight``) gets
     one posterior over that weight with the curvature of both uses
     (:meth:`~bayesq_lightning.posterior.LayerPosterior.tied_with`).
@@ -102,7 +108,10 @@ def fit_posterior(
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if rank is not None and structure != "lowrank":
         raise ValueError(f"rank={rank!r} applies to structure='lowrank' only")
-    extra = {"rank": rank} if structure == "lowrank" else {}
+    if kfac_batches is not None and (int(kfac_batches) != kfac_batches or kfac_batches < 1):
+        raise ValueError(f"kfac_batches={kfac_batches!r} must be a positive integer or None")
+    extra = ({"rank": rank} if structure == "lowrank"
+             else {"kfac_batches": kfac_batches} if structure == "kron" else {})
     aliases = tied_aliases(model, layer_names)
     posterior = FITS[structure](model, batches, [*layer_names, *aliases], n_data=n_data,
                                 prior_precision=prior_precision, backend=backend,

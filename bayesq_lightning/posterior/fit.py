@@ -197,6 +197,7 @@ def laplace_fit(
     rescale: Callable[[object], int],
     spectrum: Callable[[object], Spectrum],
     abort: str,
+    fit: Callable[[object], None] | None = None,
 ) -> LaplaceFit:
     """Fit laplace-torch on exactly the parameters of ``modules``, rescaled to ``n_data``.
 
@@ -205,14 +206,13 @@ def laplace_fit(
     rescale the curvature and loss to the ``n_data`` scale (it returns the global calibration
     count), then fit :math:`\delta` by marginal likelihood on the eigenvalues ``spectrum(la)``
     of the rescaled curvature (:func:`~.marglik.marglik_prior_precision`), or keep the given
-    value. K-FAC's own eigendecomposition at the end of ``fit`` is skipped: the factors are
-    rescaled afterwards and only their eigenvalues are needed.
+    value. ``fit(la)``, if given, replaces ``la.fit(loader)`` (K-FAC computes its factors in one
+    pass of its own).
     laplace-torch calls ``exit()`` on some numerical failures; that becomes a ``RuntimeError``
     whose message is ``abort`` formatted with ``exc``.
     """
     import_laplace()
     from laplace import Laplace
-    from laplace.baselaplace import KronLaplace, ParametricLaplace
 
     with _trainable_only(prep.net, modules):
         names = [n.removeprefix("model.") for n, p in prep.net.named_parameters()
@@ -228,18 +228,17 @@ def laplace_fit(
         try:
             with warnings.catch_warnings():  # ASDL's module hooks: its own deprecation, not ours
                 warnings.filterwarnings("ignore", message="Using a non-full backward hook")
-                if isinstance(la, KronLaplace):  # its fit() ends in an eigh of every factor
-                    ParametricLaplace.fit(la, prep.loader)
-                    la.H_facs = la.H
-                else:
+                if fit is None:
                     la.fit(prep.loader)
+                else:
+                    fit(la)
             n_total = rescale(la)
         except SystemExit as exc:  # laplace-torch calls exit() on numerical failure
             raise RuntimeError(abort.format(exc=repr(exc))) from None
         la.n_data = n_data
         if prior_precision == "marglik":
-            la.prior_precision = marglik_prior_precision(
-                spectrum(la), float(la.mean.detach().double().square().sum()), la.n_params)
+            theta_sq = sum(float(p.detach().double().square().sum()) for p in params)
+            la.prior_precision = marglik_prior_precision(spectrum(la), theta_sq, la.n_params)
         delta = float(la.prior_precision.reshape(-1)[0])
     return LaplaceFit(la, names, params, delta, n_total)
 

@@ -7,12 +7,13 @@ laplace-torch scales the factors and how several processes combine them.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..layers import QUANTIZABLE
+from ..rounding import streamed_input_hessians
 from .base import KronLayerPosterior, LayerPosterior, Posterior
 from .diag import diag_core
 from .fit import (
@@ -28,7 +29,7 @@ from .fit import (
 
 def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_data: int,
              prior_precision: str | float, backend: str, batch_size: int | None,
-             reduce: Reduce | None) -> Posterior:
+             reduce: Reduce | None, kfac_batches: int | None = None) -> Posterior:
     r"""K-FAC Laplace (laplace-torch ``KronLaplace`` with ``CurvlinopsGGN``).
 
     **How laplace-torch scales K-FAC.** ``BaseLaplace.fit`` sets ``N = len(loader.dataset)``
@@ -65,13 +66,21 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     K-FAC :math:`\delta`) with a note: curvlinops averages their input patches over the channel
     groups and shares one ``A`` across groups, which is not the per-group statistic the
     error-feedback rounding needs. :math:`\delta` is fitted on the K-FAC layers only.
+
+    **Input factors from every batch.** ``G`` needs backward passes (one per class for the exact
+    GGN), ``A`` only the layer inputs. With ``kfac_batches`` below the number of batches, the
+    K-FAC fit runs on the first ``kfac_batches`` and ``A`` is the mean of :math:`x x^\top` over
+    the input rows of *every* batch (a forward pass each, GPTQ's streamed statistics,
+    :func:`~bayesq_lightning.rounding.streamed_input_hessians`), so more calibration data costs
+    forward passes only; :math:`s` counts the samples of the K-FAC fit, which ``G`` sums.
     """
     import_laplace()
     from laplace.curvature import CurvlinopsGGN
     from laplace.utils import Kron
 
     t0 = time.perf_counter()
-    prep = Prepared(model, batches, batch_size)
+    k = len(batches) if kfac_batches is None else min(kfac_batches, len(batches))
+    prep = Prepared(model, batches[:k], batch_size)
     check_layers(prep, layer_names)
     kfac_modules = {n: m for n, m in prep.modules.items()
                     if isinstance(m, QUANTIZABLE) and not is_grouped(m)}
@@ -91,24 +100,50 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
              "factor failed ({exc}); the curvature is probably not finite. Check the model's "
              "outputs on the calibration data and normalise the inputs as in training.")
 
+    # the module of each trainable parameter, in laplace-torch's order (that of its factors)
+    owners = [(n.rpartition(".")[0], n.rpartition(".")[2])
+              for n, p in prep.net.model.named_parameters()
+              if n.rpartition(".")[0] in kfac_modules]
+    streamed: dict[str, int] = {}
+
+    def kfac(la) -> None:
+        """One curvlinops K-FAC operator over every K-FAC batch, its factors summed in place.
+
+        laplace-torch's ``fit`` builds an operator and a ``Kron`` per batch, adds them into new
+        tensors and runs one more forward per batch for a loss; the factors are the same
+        (``A`` a mean over all ``N`` samples, ``G`` a sum), at a fraction of the memory."""
+        from curvlinops import KFACLinearOperator
+
+        be = la.backend
+        dicts = isinstance(prep.data[0], Mapping)
+        data = ([(b, b["labels"]) for b in prep.loader] if dicts else prep.loader)
+        op = KFACLinearOperator(
+            la.model, be.lossfunc, la.params, data, fisher_type=be._kron_fisher_type,
+            separate_weight_and_bias=True, check_deterministic=False, num_data=prep.n_calib,
+            **({"batch_size_fn": lambda x: x[prep.dict_key_x].shape[0]} if dicts else {}))
+        op.compute_kronecker_factors()
+        la.H_facs = be._get_kron_factors(op)
+
     def rescale(la) -> int:
-        kfacs, loss, n_total = _combine_kfacs(la, prep.n_calib, reduce)
+        kfacs, n_total = _combine_kfacs(la, prep.n_calib, reduce)
+        if k < len(batches):  # A over every batch's input rows: forward passes only
+            A_all = streamed_input_hessians(prep.net, prep.device, kfac_modules, batches, reduce)
+            for (name, kind), F in zip(owners, kfacs, strict=True):
+                if kind == "weight" and len(F) == 2:
+                    F[1] = A_all.pop(name)
+            streamed["batches"] = len(batches)
         # after the reduce: one rank's overflow reaches every rank, so all raise together
         if not all(torch.isfinite(f).all() for F in kfacs for f in F):
             raise RuntimeError(abort.format(exc="a factor has NaN or inf entries"))
         factor = n_data / n_total
-        for F in kfacs:
+        for F in kfacs:  # in place; a bias block shares its weight's G, hence the copy
             if len(F) == 2:
                 c = F[0].diagonal().mean()
-                if c > 0:
-                    F[0] = F[0] / c
-                    F[1] = F[1] * (c * factor)
-                else:
-                    F[1] = F[1] * factor
+                F[0] = F[0] / c if c > 0 else F[0]
+                F[1].mul_(c * factor if c > 0 else factor)
             else:
                 F[0] = F[0] * factor
         la.H_facs = Kron(kfacs)
-        la.loss = loss.to(kfacs[0][0].dtype) * factor
         return n_total
 
     def spectrum(la) -> list:  # the eigenvalues of G (x) A are the products of the factors'
@@ -122,7 +157,7 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     fit = laplace_fit(
         prep, list(kfac_modules.values()), hessian_structure="kron", backend_cls=CurvlinopsGGN,
         stochastic=stochastic, prior_precision=prior_precision, n_data=n_data, rescale=rescale,
-        spectrum=spectrum, abort=abort,
+        spectrum=spectrum, abort=abort, fit=kfac,
     )
     delta, n_total = fit.delta, fit.n_total
 
@@ -164,30 +199,32 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
         layers={n: layers[n] for n in layer_names}, structure="kron", prior_precision=delta,
         n_data=n_data, n_calib=n_total, backend=backend_name, labels=prep.labels,
         seconds=time.perf_counter() - t0,
-        info={"notes": notes, "kfac_normalisation": "mean(diag G) = 1"},
+        info={"notes": notes, "kfac_normalisation": "mean(diag G) = 1",
+              "kfac_batches": k, "input_factor_batches": streamed.get("batches", k)},
     )
 
 
 def _combine_kfacs(la, n_local: int, reduce: Reduce | None
-                   ) -> tuple[list[list[torch.Tensor]], torch.Tensor, int]:
-    r"""Kronecker factors, loss and sample count summed over processes, before decomposition.
+                   ) -> tuple[list[list[torch.Tensor]], int]:
+    r"""Kronecker factors and sample count summed over processes (in place).
 
     Returns factors with :math:`G = \sum_n g g^\top` and :math:`A = \frac{1}{N} \sum_n x x^\top`
-    over *all* ``N`` samples (see :func:`fit_kron`), the summed loss and ``N``.
+    over *all* ``N`` samples (see :func:`fit_kron`) and ``N``.
     """
-    kfacs = [[f.detach().clone() for f in F] for F in la.H_facs.kfacs]
-    loss = torch.as_tensor(la.loss, dtype=torch.float64).detach().clone()
+    kfacs = [list(F) for F in la.H_facs.kfacs]  # computed without autograd: nothing to detach
     if reduce is None:
-        return kfacs, loss, n_local
+        return kfacs, n_local
     device = kfacs[0][0].device
+    reduced: dict[int, torch.Tensor] = {}  # a bias block holds its weight's G object
     for F in kfacs:
         if len(F) == 2:
             F[1] = F[1] * n_local  # back to the unnormalised per-sample sum
-        for i, f in enumerate(F):
-            F[i] = reduce(f)
-    loss = reduce(loss.to(device))
+        for i, f in enumerate(F):  # each tensor once: an all-reduce sums in place
+            if id(f) not in reduced:
+                reduced[id(f)] = reduce(f)
+            F[i] = reduced[id(f)]
     n_total = int(reduce(torch.tensor(float(n_local), device=device)).item())
     for F in kfacs:
         if len(F) == 2:
             F[1] = F[1] / n_total
-    return kfacs, loss, n_total
+    return kfacs, n_total
