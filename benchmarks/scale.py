@@ -112,10 +112,14 @@ def run_one(name: str, method: str, samples: int, batch_size: int = 8) -> dict:
     }
 
 
-def fresh(name: str, method: str, samples: int) -> dict:
-    """:func:`run_one` in a new interpreter (its own peak RSS)."""
-    out = subprocess.run([sys.executable, __file__, "--one", name, method, str(samples)],
-                         capture_output=True, text=True, check=False)
+def fresh(name: str, method: str, samples: int, timeout: float | None = None) -> dict:
+    """:func:`run_one` in a new interpreter (its own peak RSS); ``timeout`` seconds at most."""
+    try:
+        out = subprocess.run([sys.executable, __file__, "--one", name, method, str(samples)],
+                             capture_output=True, text=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "method": method, "samples": samples,
+                "error": f"stopped after {timeout:.0f} s"}
     if out.returncode != 0:
         return {"model": name, "method": method, "samples": samples,
                 "error": out.stderr.strip().splitlines()[-1][:200]}
@@ -181,6 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--samples", nargs="+", type=int, default=[32, 256])
     p.add_argument("--smoke", action="store_true", help="tiny models, 8 samples")
+    p.add_argument("--timeout", type=float, default=1200.0, help="seconds per run at most")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     if args.one:
@@ -204,7 +209,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  "params": params,
                                  "skipped": f"lowrank above {LOWRANK_MAX_PARAMS:,} parameters"})
                     continue
-                rows.append(fresh(name, method, samples))
+                rows.append(fresh(name, method, samples, args.timeout))
+                rows[-1].setdefault("params", params)
                 print(rows[-1], flush=True)
     add_ratios(rows)
     out = Path(args.out)

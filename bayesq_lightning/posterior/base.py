@@ -98,8 +98,8 @@ class LayerPosterior:
         return form
 
     def _curvature_form(self, rows: tuple[int, int]) -> Callable[[Tensor], float]:
-        c = _rows(self.curvature, rows)
-        return lambda dW: float((c * dW * dW).sum())
+        # the float64 rows per call, not per closure: the pipeline holds a form per block
+        return lambda dW: float((_rows(self.curvature, rows) * dW * dW).sum())
 
     def design_weights(self, rows: tuple[int, int], prior: bool = False) -> Tensor:
         r"""Per-weight weights ``(r1 - r0, cols)`` (fp32) of the grid design: ``diag(sH)``.
@@ -207,8 +207,14 @@ class KronLayerPosterior(LayerPosterior):
 
     def _curvature_form(self, rows: tuple[int, int]) -> Callable[[Tensor], float]:
         r0, r1 = rows
-        G, A = self.G.double().cpu()[r0:r1, r0:r1], self.A.double().cpu()
-        return lambda dW: float(((G @ dW @ A) * dW).sum())
+
+        def form(dW: Tensor) -> float:
+            # float64 copies per call: the pipeline holds a form per block, and float64 copies
+            # of every layer's factors at once would double the posterior's memory
+            G, A = self.G[r0:r1, r0:r1].double().cpu(), self.A.double().cpu()
+            return float(((G @ dW @ A) * dW).sum())
+
+        return form
 
     def rounding_matrix(self, rows: tuple[int, int], damp: float = 0.01
                         ) -> tuple[Tensor, float]:
