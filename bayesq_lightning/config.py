@@ -53,7 +53,8 @@ class BayesQConfig:
         fit, whose output factors need backward passes (one per class for the exact GGN); the
         input factors, forward passes only, use every calibration batch. So calibration sets
         beyond ``kfac_batches`` batches cost what they cost GPTQ, a forward pass each
-        (``benchmarks/scale.py``). ``None``: every batch for both.
+        (``benchmarks/scale.py``). A count per process (each bounds its own backward passes);
+        with a ``curvature_loader``, of its batches. ``None``: every batch for both.
     n_data : int, optional
         Training-set size the posterior stands for; default: the calibration loader's dataset
         length (the callback passes the training set's length).
@@ -176,7 +177,8 @@ class BayesQConfig:
         self.allowed_bits = tuple(sorted({check_bits(b) for b in self.allowed_bits}))
         if int(self.calib_batches) != self.calib_batches or self.calib_batches < 1:
             raise ValueError(f"calib_batches={self.calib_batches!r} must be a positive integer")
-        if self.kfac_batches is not None and (int(self.kfac_batches) != self.kfac_batches
+        if self.kfac_batches is not None and (isinstance(self.kfac_batches, bool)
+                                              or not isinstance(self.kfac_batches, int)
                                               or self.kfac_batches < 1):
             raise ValueError(f"kfac_batches={self.kfac_batches!r} must be a positive integer "
                              "or None (every calibration batch)")

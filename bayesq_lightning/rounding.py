@@ -419,27 +419,37 @@ def feedback_round_blocks(cands: Sequence[BlockResult], W: Tensor, H: Tensor, la
                          f"differ ({sorted({c.rows for c in cands})})")
     groups = 1 if H.dim() == 2 else H.shape[0]
     per_stack = max(1, STACK_ELEMENTS // max(1, W.numel()))
+    # candidates of one layout together (one vectorised grid), in chunks that bound the memory
+    by_layout: dict[tuple, list[int]] = {}
+    for i, c in enumerate(cands):
+        by_layout.setdefault(_layout(c), []).append(i)
+    chunks = [idx[k:k + per_stack] for idx in by_layout.values()
+              for k in range(0, len(idx), per_stack)]
     pieces: list[list[Tensor]] = [[] for _ in cands]
     for g, (a, b) in group_pieces(rows, layer_rows // groups):
         Hg = H if H.dim() == 2 else H[g]  # H itself where possible: its factors are shared
         gamma = gptq_gamma(Hg, damp)
-        for k0 in range(0, len(cands), per_stack):
-            chunk = cands[k0:k0 + per_stack]
+        for chunk in chunks:
             Ws = W[a:b].repeat(len(chunk), 1)
-            codes, _, _ = error_feedback_round(Ws, Hg, _stacked_quantizer(chunk, a, b), gamma,
-                                               act_order=act_order, objective=False)
-            for k, c in enumerate(codes.split(b - a)):
-                pieces[k0 + k].append(c)
+            quantizer = _stacked_quantizer([cands[i] for i in chunk], a, b)
+            codes, _, _ = error_feedback_round(Ws, Hg, quantizer, gamma, act_order=act_order,
+                                               objective=False)
+            for i, c in zip(chunk, codes.split(b - a), strict=True):
+                pieces[i].append(c)
     return [dataclasses.replace(c, codes=torch.cat(p)) for c, p in zip(cands, pieces, strict=True)]
+
+
+def _layout(c: BlockResult) -> tuple:
+    """Candidates with equal layouts stack into one vectorised uniform grid."""
+    return (c.quantizer, c.group_size, None if c.scale is None else c.scale.shape[1])
 
 
 def _stacked_quantizer(cands: Sequence[BlockResult], a: int, b: int) -> QuantizeColumn:
     """The column quantizer of candidates stacked row-wise, each on its rows ``a:b``."""
-    layouts = {(c.quantizer, c.group_size, None if c.scale is None else c.scale.shape[1])
-               for c in cands}
-    if len(layouts) == 1 and cands[0].quantizer == "uniform":
+    if len({_layout(c) for c in cands}) == 1 and cands[0].quantizer == "uniform":
         n = b - a
-        bits = torch.tensor([c.bits for c in cands]).repeat_interleave(n)
+        bits = torch.tensor([c.bits for c in cands],
+                            device=cands[0].scale.device).repeat_interleave(n)
         return uniform_column_quantizer(torch.cat([c.scale[a:b] for c in cands]),
                                         torch.cat([c.zero[a:b] for c in cands]), bits,
                                         cands[0].group_size)

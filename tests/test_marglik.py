@@ -49,6 +49,17 @@ def test_bounds_and_mismatch():
     assert marglik_prior_precision([torch.zeros(4)], 2.0, 4) == pytest.approx(math.exp(-40))
     with pytest.raises(ValueError, match="holds 4 eigenvalues but the posterior has 5"):
         marglik_prior_precision([torch.ones(4)], 1.0, 5)
+    assert math.isnan(marglik_prior_precision([torch.tensor([1.0, math.nan])], 1.0, 2))
+
+
+def test_chunked_outer_products_equal_one_piece(monkeypatch):
+    import bayesq_lightning.posterior.marglik as marglik
+
+    g = torch.Generator().manual_seed(2)
+    pair = (torch.rand(9, generator=g), torch.rand(7, generator=g) * 5)
+    whole = marglik.marglik_prior_precision([pair], 3.0, 63)
+    monkeypatch.setattr(marglik, "CHUNK", 10)  # rows of the outer product in chunks of one
+    assert marglik.marglik_prior_precision([pair], 3.0, 63) == pytest.approx(whole, rel=1e-12)
 
 
 @pytest.mark.parametrize("structure", ["diag", "kron"])

@@ -209,7 +209,7 @@ def test_kron_eigh_failure_is_a_clear_error(tiny_net, loader, monkeypatch, prior
         monkeypatch.setattr(torch.linalg, "eigvalsh", failing_eigvalsh)
     else:  # a fixed prior needs no eigenvalues: overflowing factors are caught before
         batches = [(x * 1e30, y) for x, y in batches]
-    with pytest.raises(RuntimeError, match="eigendecomposition.*curvature is probably not"):
+    with pytest.raises(RuntimeError, match="K-FAC fit.*curvature is probably not finite"):
         fit_posterior(tiny_net, batches, names, n_data=100, structure="kron",
                       prior_precision=prior)
     assert_unchanged(tiny_net, before)
@@ -503,3 +503,25 @@ def test_kfac_batches_fit_g_on_a_prefix_and_a_on_every_batch():
         assert torch.equal(whole.layers[n].A, every.layers[n].A)
     with pytest.raises(ValueError, match="kfac_batches=0 must be a positive integer"):
         fit_posterior(model, batches, names, n_data=50, structure="kron", kfac_batches=0)
+
+
+def test_uneven_shards_stream_input_factors_together():
+    """One process has more batches than kfac_batches, the other not: both stream (the reduce
+    calls pair up), G sums the first batch of each shard and A averages every batch's rows."""
+    from bayesq_lightning.rounding import layer_input_hessians
+
+    model, x, y = _gap_problem(n=12)
+    b = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 12, 4)]
+    common = dict(model=model, layer_names=["0", "2"], n_data=48, prior_precision=1.0)
+    posts = _run_sharded([[b[0], b[1]], [b[2]]], structure="kron", kfac_batches=1, **common)
+    ref = fit_posterior(batches=[b[0], b[2]], structure="kron", **common)
+    H_kfac = layer_input_hessians(model, [b[0], b[2]], ["0", "2"])
+    H_all = layer_input_hessians(model, b, ["0", "2"])
+    for post in posts:
+        assert post.n_calib == 8 and post.info["input_factor_batches"] in (1, 2)
+        for name in ("0", "2"):
+            cs = float(ref.layers[name].A[0, 0] / H_kfac[name][0, 0])
+            torch.testing.assert_close(post.layers[name].G, ref.layers[name].G, rtol=1e-4,
+                                       atol=1e-6)
+            torch.testing.assert_close(post.layers[name].A, cs * H_all[name], rtol=1e-4,
+                                       atol=1e-6)

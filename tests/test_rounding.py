@@ -325,7 +325,7 @@ def test_one_factorisation_per_layer_for_all_candidates(monkeypatch, trained, lo
     assert len(calls) == len(res.layers) < blocks * len(cfg.allowed_bits)
 
 
-@pytest.mark.parametrize("stack", [1 << 24, 100])  # one stacked pass, or chunks of one
+@pytest.mark.parametrize("stack", [1 << 24, 100, 300])  # one pass, chunks of one, of two
 @pytest.mark.parametrize("groups", [1, 2])
 def test_candidates_rounded_together_equal_each_alone(monkeypatch, stack, groups):
     """All widths and grids of a block in one stacked pass give each candidate's own codes."""
@@ -349,7 +349,13 @@ def test_candidates_rounded_together_equal_each_alone(monkeypatch, stack, groups
     book = design_nonuniform(Wb, 3)
     cands.append(BlockResult(block_rows, 3, "nonuniform", None, book.codes,
                              codebook=book.codebook))
+    calls = []  # the uniform widths share one vectorised grid, the codebook has its own
+    real = rounding._stacked_quantizer
+    monkeypatch.setattr(rounding, "_stacked_quantizer",
+                        lambda c, a, b: calls.append(len(c)) or real(c, a, b))
     together = rounding.feedback_round_blocks(cands, Wb, H, rows, act_order=True)
+    if stack == 1 << 24:
+        assert sorted(calls) == [1] * groups + [4] * groups
     per = rows // groups
     for cand, got in zip(cands, together, strict=True):
         expected = []  # each group's rows of the block, rounded alone under that group's H

@@ -81,9 +81,10 @@ class LayerPosterior:
         return self.block_form(rows, prior)(dW)
 
     def block_form(self, rows: tuple[int, int], prior: bool = False) -> Callable[[Tensor], float]:
-        """:meth:`quad_form` of rows ``rows`` as a function of ``dW``, its factors in float64 once.
+        """:meth:`quad_form` of rows ``rows`` as a function of ``dW`` (float64).
 
-        The pipeline scores every candidate of a block (each width and grid) with one of these.
+        The pipeline scores every candidate of a block (each width and grid) with one of these,
+        and holds one per block: the factors are converted to float64 per call, not kept.
         """
         curvature = self._curvature_form(rows)
         delta = self.prior_precision

@@ -75,11 +75,13 @@ def fit_posterior(
     batch_size : int, optional
         Batch size of the loader laplace-torch iterates (default: that of ``batches[0]``).
     reduce : callable, optional
-        ``reduce(tensor) -> tensor`` summing across processes. Every process must call
-        ``fit_posterior`` with the same model, layers and arguments, so that the calls happen
-        in the same order everywhere: curvature (diag: the GGN diagonal; kron: each Kronecker
-        factor before decomposition), loss and sample count; for ``lowrank`` also every
-        matrix-vector product of the per-layer GGN operator.
+        ``reduce(tensor) -> tensor`` summing across processes; it may sum in place (as an
+        all-reduce does). Every process must call ``fit_posterior`` with the same model, layers
+        and arguments, so that the calls happen in the same order everywhere. diag: the GGN
+        diagonal, loss and sample count; kron: each distinct Kronecker factor tensor, the
+        sample count, whether any process streams input factors and, if so, each layer's input
+        sums and row count; ``lowrank``: the diagonal fit's, then every matrix-vector product of
+        the per-layer GGN operator.
     structure : {"diag", "kron", "lowrank"}
         Posterior structure.
     rank : int, optional
@@ -108,7 +110,8 @@ def fit_posterior(
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if rank is not None and structure != "lowrank":
         raise ValueError(f"rank={rank!r} applies to structure='lowrank' only")
-    if kfac_batches is not None and (int(kfac_batches) != kfac_batches or kfac_batches < 1):
+    if kfac_batches is not None and (isinstance(kfac_batches, bool)
+                                     or not isinstance(kfac_batches, int) or kfac_batches < 1):
         raise ValueError(f"kfac_batches={kfac_batches!r} must be a positive integer or None")
     extra = ({"rank": rank} if structure == "lowrank"
              else {"kfac_batches": kfac_batches} if structure == "kron" else {})

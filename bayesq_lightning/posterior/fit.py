@@ -203,8 +203,8 @@ def laplace_fit(
 
     The one scaffold behind every structure: freeze everything else (and restore it, always),
     build ``Laplace``, fit on :attr:`Prepared.loader`, let ``rescale(la)`` combine processes and
-    rescale the curvature and loss to the ``n_data`` scale (it returns the global calibration
-    count), then fit :math:`\delta` by marginal likelihood on the eigenvalues ``spectrum(la)``
+    rescale the curvature to the ``n_data`` scale (it returns the global calibration count),
+    then fit :math:`\delta` by marginal likelihood on the eigenvalues ``spectrum(la)``
     of the rescaled curvature (:func:`~.marglik.marglik_prior_precision`), or keep the given
     value. ``fit(la)``, if given, replaces ``la.fit(loader)`` (K-FAC computes its factors in one
     pass of its own).

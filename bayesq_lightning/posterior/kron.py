@@ -32,33 +32,30 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
              reduce: Reduce | None, kfac_batches: int | None = None) -> Posterior:
     r"""K-FAC Laplace (laplace-torch ``KronLaplace`` with ``CurvlinopsGGN``).
 
-    **How laplace-torch scales K-FAC.** ``BaseLaplace.fit`` sets ``N = len(loader.dataset)``
-    and calls ``backend.kron(X, y, N=N)`` per batch of ``M`` samples. curvlinops'
-    ``KFACLinearOperator`` over that one batch (loss ``CrossEntropyLoss(reduction="sum")``)
-    returns the output factor as a *sum*, :math:`G_b = \sum_{n \in b} g_n g_n^\top` (correction
-    1 for ``"sum"``), and the input factor as a *mean*,
-    :math:`A_b = \frac{1}{M\,T} \sum_{n \in b} \sum_t x_{n,t} x_{n,t}^\top` (``T`` = number of
-    conv output positions, 1 for Linear); laplace-torch then multiplies ``A_b`` by ``M / N``
-    (``_rescale_kron_factors``), and ``Kron.__add__`` sums each factor over batches. After the
-    fit, :math:`G = \sum_n g_n g_n^\top` and :math:`A = \frac{1}{N T} \sum_{n,t} x x^\top`, so
-    :math:`G \otimes A` is the K-FAC approximation of the GGN *summed* over the ``N``
-    calibration samples -- the same quantity the diagonal sums exactly. ``N`` must therefore be
-    the number of samples actually iterated, which holds because the loader is over exactly the
-    calibration samples.
+    **The factors.** One curvlinops ``KFACLinearOperator`` runs over every K-FAC batch (loss
+    ``CrossEntropyLoss(reduction="sum")``, ``num_data = N`` calibration samples) and sums in place:
+    the output factor :math:`G = \sum_n g_n g_n^\top` (correction 1 for ``"sum"``) and the input
+    factor :math:`A = \frac{1}{N T} \sum_n \sum_t x_{n,t} x_{n,t}^\top` (``T`` = number of conv
+    output positions, 1 for Linear). :math:`G \otimes A` is the K-FAC approximation of the GGN
+    *summed* over the ``N`` calibration samples -- the quantity the diagonal sums exactly, and
+    what laplace-torch's own ``fit`` gives by building one operator and one ``Kron`` per batch
+    (rescaling ``A`` by ``M / N``) and adding them, at three times the memory and one more
+    forward per batch.
 
     **Rescaling.** :math:`\Lambda = \frac{n_\text{data}}{n_\text{calib}} G \otimes A + \delta I`.
     Then the split is normalised: :math:`c = \mathrm{mean}(\mathrm{diag}\,G)`,
     :math:`G \leftarrow G / c`, :math:`A \leftarrow c\,s\,A` (a layer with :math:`G = 0`,
     e.g. dead ReLUs, keeps :math:`G = 0`). Bias blocks (one dense factor, already a sum) are
-    multiplied by ``s``. ``la.H_facs`` gets the rescaled factors and ``la.loss`` the rescaled
-    loss, and :math:`\delta` (scalar prior) is fitted by marginal likelihood on the eigenvalues
-    of exactly these factors (:mod:`.marglik`), so it belongs to the stored posterior.
+    multiplied by ``s``. :math:`\delta` (scalar prior) is fitted by marginal likelihood on the
+    eigenvalues of exactly these factors (:mod:`.marglik`), so it belongs to the stored
+    posterior.
 
-    **Several processes.** Summing the factors as laplace-torch returns them is wrong: each
-    shard's ``A_r`` is divided by its own ``N_r``. Each process multiplies ``A_r`` back by
-    ``N_r`` (the unnormalised per-sample sum), sums ``G_r``, ``N_r A_r``, bias blocks, loss and
-    ``N_r`` across processes, then divides the summed ``A`` by :math:`\sum_r N_r` -- exactly the
-    factors of a single fit over all samples.
+    **Several processes.** Summing the factors as computed is wrong: each shard's ``A_r`` is
+    divided by its own ``N_r``. Each process multiplies ``A_r`` back by ``N_r`` (the
+    unnormalised per-sample sum), sums ``G_r``, ``N_r A_r``, bias blocks and ``N_r`` across
+    processes (each tensor once: a bias block holds its weight's ``G``, and an all-reduce sums in
+    place), then divides the summed ``A`` by :math:`\sum_r N_r` -- exactly the factors of a
+    single fit over all samples.
 
     **Layers.** K-FAC covers ``nn.Linear`` and ungrouped ``nn.Conv2d`` layers (every other
     parameter is frozen for the fit, on the fp32 clone). Grouped and depthwise convolutions get
@@ -68,11 +65,15 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     error-feedback rounding needs. :math:`\delta` is fitted on the K-FAC layers only.
 
     **Input factors from every batch.** ``G`` needs backward passes (one per class for the exact
-    GGN), ``A`` only the layer inputs. With ``kfac_batches`` below the number of batches, the
-    K-FAC fit runs on the first ``kfac_batches`` and ``A`` is the mean of :math:`x x^\top` over
-    the input rows of *every* batch (a forward pass each, GPTQ's streamed statistics,
+    GGN), ``A`` only the layer inputs. With ``kfac_batches`` below the number of batches (per
+    process; if any process has more, all stream), the K-FAC fit runs on the first
+    ``kfac_batches`` and ``A`` is the mean of :math:`x x^\top` over the input rows of *every*
+    batch (a forward pass each, GPTQ's streamed statistics,
     :func:`~bayesq_lightning.rounding.streamed_input_hessians`), so more calibration data costs
-    forward passes only; :math:`s` counts the samples of the K-FAC fit, which ``G`` sums.
+    forward passes only; :math:`s` and ``Posterior.n_calib`` count the samples of the K-FAC fit,
+    which ``G`` sums (``info["input_factor_batches"]`` the batches ``A`` averages). A module
+    called several times per forward (shared blocks) gets curvlinops' *sum* over its calls from
+    the K-FAC fit but the *mean* over its calls from the stream.
     """
     import_laplace()
     from laplace.curvature import CurvlinopsGGN
@@ -116,7 +117,7 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
 
         be = la.backend
         dicts = isinstance(prep.data[0], Mapping)
-        data = ([(b, b["labels"]) for b in prep.loader] if dicts else prep.loader)
+        data = _WithLabels(prep.loader) if dicts else prep.loader
         op = KFACLinearOperator(
             la.model, be.lossfunc, la.params, data, fisher_type=be._kron_fisher_type,
             separate_weight_and_bias=True, check_deterministic=False, num_data=prep.n_calib,
@@ -126,7 +127,10 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
 
     def rescale(la) -> int:
         kfacs, n_total = _combine_kfacs(la, prep.n_calib, reduce)
-        if k < len(batches):  # A over every batch's input rows: forward passes only
+        stream = k < len(batches)
+        if reduce is not None:  # all processes stream if one does: the reduce calls pair up
+            stream = float(reduce(torch.tensor(float(stream), device=prep.device))) > 0
+        if stream:  # A over every batch's input rows: forward passes only
             A_all = streamed_input_hessians(prep.net, prep.device, kfac_modules, batches, reduce)
             for (name, kind), F in zip(owners, kfacs, strict=True):
                 if kind == "weight" and len(F) == 2:
@@ -134,7 +138,10 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
             streamed["batches"] = len(batches)
         # after the reduce: one rank's overflow reaches every rank, so all raise together
         if not all(torch.isfinite(f).all() for F in kfacs for f in F):
-            raise RuntimeError(abort.format(exc="a factor has NaN or inf entries"))
+            raise RuntimeError(
+                "the K-FAC fit produced Kronecker factors with NaN or inf entries; the curvature "
+                "is probably not finite. Check the model's outputs on the calibration data and "
+                "normalise the inputs as in training.")
         factor = n_data / n_total
         for F in kfacs:  # in place; a bias block shares its weight's G, hence the copy
             if len(F) == 2:
@@ -215,16 +222,30 @@ def _combine_kfacs(la, n_local: int, reduce: Reduce | None
     if reduce is None:
         return kfacs, n_local
     device = kfacs[0][0].device
-    reduced: dict[int, torch.Tensor] = {}  # a bias block holds its weight's G object
+    # a bias block holds its weight's G object; the input is kept so that its id stays unique
+    reduced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for F in kfacs:
         if len(F) == 2:
             F[1] = F[1] * n_local  # back to the unnormalised per-sample sum
         for i, f in enumerate(F):  # each tensor once: an all-reduce sums in place
             if id(f) not in reduced:
-                reduced[id(f)] = reduce(f)
-            F[i] = reduced[id(f)]
+                reduced[id(f)] = (f, reduce(f))
+            F[i] = reduced[id(f)][1]
     n_total = int(reduce(torch.tensor(float(n_local), device=device)).item())
     for F in kfacs:
         if len(F) == 2:
             F[1] = F[1] / n_total
     return kfacs, n_total
+
+
+class _WithLabels:
+    """``(batch, batch["labels"])`` for each dict batch of a loader, re-iterable, one at a time."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        return ((b, b["labels"]) for b in self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)

@@ -41,11 +41,24 @@ Spectrum = Sequence[Tensor | tuple[Tensor, Tensor]]
 T_MIN, T_MAX = -40.0, 40.0  # log delta: beyond these the optimum is at 0 or infinity
 
 
+CHUNK = 1 << 22  # eigenvalues formed at once (a K-FAC layer's outer product, in row chunks)
+
+
+def _pieces(spectrum: Spectrum):
+    for piece in spectrum:
+        if isinstance(piece, tuple):
+            lg, la = piece
+            step = max(1, CHUNK // max(1, la.numel()))
+            for i in range(0, lg.numel(), step):
+                yield torch.outer(lg[i:i + step], la).reshape(-1)
+        else:
+            yield piece
+
+
 def _gamma(spectrum: Spectrum, delta: float) -> tuple[float, float]:
     r""":math:`\gamma(\delta)` and :math:`\sum_i h_i / (h_i + \delta)^2`."""
     g = dg = 0.0
-    for piece in spectrum:
-        h = torch.outer(*piece) if isinstance(piece, tuple) else piece
+    for h in _pieces(spectrum):
         r = h / (h + delta)
         g += float(r.sum())
         dg += float((r / (h + delta)).sum())
@@ -78,13 +91,17 @@ def marglik_prior_precision(spectrum: Spectrum, theta_sq: float, n_params: int,
     -------
     float
         :math:`\delta`, within :math:`[e^{-40}, e^{40}]` (the bound where the optimum lies
-        beyond it: no curvature, or all-zero weights).
+        beyond it: no curvature, or all-zero weights); NaN when an eigenvalue or the weights are
+        not finite (the posterior's finiteness check then names the layers).
     """
     if spectrum_size(spectrum) != n_params:
         raise ValueError(f"the spectrum holds {spectrum_size(spectrum)} eigenvalues but the "
                          f"posterior has {n_params} parameters")
     spectrum = [tuple(x.detach().double().clamp(min=0) for x in p) if isinstance(p, tuple)
                 else p.detach().double().clamp(min=0).reshape(-1) for p in spectrum]
+    if not math.isfinite(theta_sq) or not all(
+            torch.isfinite(x).all() for p in spectrum for x in (p if isinstance(p, tuple) else (p,))):
+        return math.nan  # the fit's finiteness check names the layers and the cause
 
     def phi(t: float) -> tuple[float, float]:
         delta = math.exp(t)
