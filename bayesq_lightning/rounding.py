@@ -174,8 +174,8 @@ def error_feedback_round(
             c, q = quantize_column(W1[j].clone(), order[i1 + j])
             codes[i1 + j], Q[i1 + j] = c, q
             Err[j] = (W1[j] - Q[i1 + j]) / U1[j, j]
-            W1[j + 1 :] -= U1[j, j + 1 :, None] * Err[j]
-        Wt[i2:] -= U[i1:i2, i2:].T @ Err
+            W1[j + 1 :].addr_(U1[j, j + 1 :], Err[j], alpha=-1)  # rank-1, no temporary
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err, alpha=-1)
     codes, Q = codes.T, Q.T
 
     inv = torch.argsort(perm)
@@ -197,12 +197,21 @@ def uniform_column_quantizer(
     one width, or a ``(rows,)`` tensor of widths (stacked candidates).
     """
 
+    # converted once, not per column: fp16 -> fp32 is exact, so the codes are round_uniform's
+    s32, z32 = scale.float(), zero.float()
+    maxq = (2**bits - 1) if not torch.is_tensor(bits) else (2**bits - 1).float()
+
     def quantize_column(w: Tensor, col: int) -> tuple[Tensor, Tensor]:
         g = 0 if group_size is None or scale.shape[1] == 1 else col // group_size
-        s, z = scale[:, g], zero[:, g]
+        s, z = s32[:, g], z32[:, g]
+        if w.dtype == torch.float32:  # round_uniform's arithmetic in one buffer
+            x = torch.div(w, s).add_(z).round_()
+            x = x.clamp_(0, maxq) if not torch.is_tensor(maxq) else torch.minimum(
+                x.clamp_(min=0), maxq, out=x)
+            # float32 arithmetic of dequantize(), so Q equals dequantize(BlockResult) exactly
+            return x.to(torch.uint8), x.sub_(z).mul_(s)
         codes = round_uniform(w, s, z, bits)
-        # float32 arithmetic of dequantize(), so Q equals dequantize(BlockResult) bit for bit
-        return codes, ((codes.float() - z.float()) * s.float()).to(w.dtype)
+        return codes, ((codes.float() - z) * s).to(w.dtype)
 
     return quantize_column
 

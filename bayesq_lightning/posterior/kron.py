@@ -176,7 +176,8 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
             continue
         out, n_in = p.shape[0], p[0].numel()
         if len(F) == 2:
-            G, A = (f.detach().clone() for f in F)
+            # the fit's own tensors (rescaled copies, nobody else's): no second copy
+            G, A = F[0].detach(), F[1].detach()
         else:  # laplace-torch folds a 1x1 weight without bias into one scalar block
             G, A = torch.ones_like(F[0]).reshape(1, 1), F[0].detach().reshape(1, 1).clone()
         if G.shape != (out, out) or A.shape != (n_in, n_in):
@@ -185,7 +186,8 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
                 f"expected ({out}, {out}) and ({n_in}, {n_in}) (parameter order mismatch)"
             )
         lam = torch.outer(G.diagonal(), A.diagonal()).reshape(p.shape) + delta
-        layers[lname] = KronLayerPosterior(lname, p.detach().clone(), lam, delta, A=A, G=G)
+        # the mean is the private fp32 copy's parameter, dropped with the copy otherwise
+        layers[lname] = KronLayerPosterior(lname, p.detach(), lam, delta, A=A, G=G)
 
     grouped = [n for n in layer_names if n not in layers and is_grouped(prep.modules[n])]
     backend_name = f"CurvlinopsGGN(stochastic={stochastic}) K-FAC{choice}"
