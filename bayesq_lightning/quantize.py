@@ -41,7 +41,7 @@ from .layers import (
     unsupported_layers,
 )
 from .methods import METHODS_TABLE, BlockContext, Method
-from .posterior import Posterior, Reduce, fit_posterior
+from .posterior import Posterior, Reduce, clear_score_cache, fit_posterior
 from .progress import progress as show_progress
 from .quantizers import (
     block_storage_bits,
@@ -296,6 +296,7 @@ def _candidates(blocks: list[Block], method: Method, cfg: BayesQConfig, progress
         options.append([Option(block_storage_bits(c), candidate_loss(block, c), c.bits,
                                c.quantizer) for c in cands])
         candidates.append(cands)
+    clear_score_cache()
     return options, candidates
 
 

@@ -208,6 +208,7 @@ def uniform_column_quantizer(
             x = torch.div(w, s).add_(z).round_()
             x = x.clamp_(0, maxq) if not torch.is_tensor(maxq) else torch.minimum(
                 x.clamp_(min=0), maxq, out=x)
+            x.abs_()  # round() leaves -0.0 for (-0.5, 0); the uint8 codes decode it as +0.0
             # float32 arithmetic of dequantize(), so Q equals dequantize(BlockResult) exactly
             return x.to(torch.uint8), x.sub_(z).mul_(s)
         codes = round_uniform(w, s, z, bits)
@@ -267,8 +268,9 @@ class InputStats:
         # one call's product in fp32, as GPTQ and K-FAC's input factor do (float64 products cost
         # twice the time); the running sum over calls in float64
         X = X.float().reshape(X.shape[0], self.groups, self.cols).transpose(0, 1)  # (g, n, c)
-        XtX = (X.transpose(1, 2) @ X).double()
-        self.S = XtX if self.S is None else self.S.add_(XtX)
+        XtX = X.transpose(1, 2) @ X
+        # added into the float64 sum as it is (promoted element by element, no float64 copy)
+        self.S = XtX.double() if self.S is None else self.S.add_(XtX)
         self.n += X.shape[1]
 
     def hessian(self, reduce=None) -> Tensor:

@@ -6,7 +6,13 @@
 through one laplace-torch scaffold (:mod:`.fit`).
 """
 
-from .base import KronLayerPosterior, LayerPosterior, LowRankLayerPosterior, Posterior
+from .base import (
+    KronLayerPosterior,
+    LayerPosterior,
+    LowRankLayerPosterior,
+    Posterior,
+    clear_score_cache,
+)
 from .factory import STRUCTURES, fit_posterior
 from .fit import BACKENDS, Reduce
 from .lowrank import DEFAULT_RANK
@@ -20,5 +26,6 @@ __all__ = [
     "LowRankLayerPosterior",
     "Posterior",
     "Reduce",
+    "clear_score_cache",
     "fit_posterior",
 ]

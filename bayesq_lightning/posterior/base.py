@@ -183,6 +183,15 @@ class LayerPosterior:
         return features.detach().double().cpu()
 
 
+_FACTORS64: dict = {}  # the last scored block's float64 G and A (it holds its posterior, so
+# the id in the key cannot be reused while cached)
+
+
+def clear_score_cache() -> None:
+    """Drop the float64 factors kept for the last scored K-FAC block (after the tables)."""
+    _FACTORS64.clear()
+
+
 @dataclass(kw_only=True)
 class KronLayerPosterior(LayerPosterior):
     r"""K-FAC: :math:`\Lambda = G \otimes A + \delta I` over ``W.reshape(out, -1).flatten()``.
@@ -210,9 +219,15 @@ class KronLayerPosterior(LayerPosterior):
         r0, r1 = rows
 
         def form(dW: Tensor) -> float:
-            # float64 copies per call: the pipeline holds a form per block, and float64 copies
-            # of every layer's factors at once would double the posterior's memory
-            G, A = self.G[r0:r1, r0:r1].double().cpu(), self.A.double().cpu()
+            # the pipeline holds a form per block, so float64 copies of every layer's factors
+            # would double the posterior's memory: one block's copies are kept at a time (its
+            # candidates are scored one after another)
+            key = (id(self), self.G._version, self.A._version, r0, r1)
+            if _FACTORS64.get("key") != key:
+                _FACTORS64.clear()
+                _FACTORS64.update(key=key, self=self, G=self.G[r0:r1, r0:r1].double().cpu(),
+                                  A=self.A.double().cpu())
+            G, A = _FACTORS64["G"], _FACTORS64["A"]
             return float(((G @ dW @ A) * dW).sum())
 
         return form
