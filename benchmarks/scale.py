@@ -162,15 +162,27 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS:
-        pts = sorted((r["params"], r["seconds"]) for r in rows
-                     if r["method"] == method and "seconds" in r)
-        if pts:
-            ax.plot(*zip(*pts, strict=True), "o-", label=method)
-    ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="seconds",
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    counts = sorted({r["samples"] for r in rows})
+    colors = dict(zip(METHODS, ("C0", "C1", "C2", "C3"), strict=True))
+    for method in METHODS:  # one line per method and calibration size, one marker per family
+        for samples in counts:
+            sel = [r for r in rows if r["method"] == method and r["samples"] == samples
+                   and "seconds" in r]
+            if not sel:
+                continue
+            style = "-" if samples == counts[-1] else "--"
+            for family, marker in (("resnet", "o"), ("bert", "s"), ("tiny", "^")):
+                pts = sorted((r["params"], r["seconds"]) for r in sel
+                             if r["model"].startswith(family))
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker=marker, linestyle=style,
+                            color=colors[method],
+                            label=f"{method}, {samples} samples" if family == "resnet"
+                            or not any(r["model"].startswith("resnet") for r in sel) else None)
+    ax.set(xscale="log", yscale="log", xlabel="parameters (o ResNet, s BERT)", ylabel="seconds",
            title="preprocessing time (2 threads)")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
