@@ -378,7 +378,8 @@ def streamed_input_hessians(net: nn.Module, device: torch.device,
     finally:
         for h in hooks:
             h.remove()
-    hessians = {n: stats[n].hessian(reduce) for n in modules}
+    # each layer's float64 sum dropped once converted: one at a time beside the fp32 results
+    hessians = {n: stats.pop(n).hessian(reduce) for n in modules}
     # after the reduce: one rank's overflow reaches every rank, so all raise together
     bad = [n for n, h in hessians.items() if not torch.isfinite(h).all()]
     if bad:

@@ -105,7 +105,13 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     owners = [(n.rpartition(".")[0], n.rpartition(".")[2])
               for n, p in prep.net.model.named_parameters()
               if n.rpartition(".")[0] in kfac_modules]
-    streamed: dict[str, int] = {}
+    # the input factors over every batch first (forward passes only): their float64 sums are
+    # gone, as fp32 factors, before the K-FAC fit holds its own factors and activations
+    stream = k < len(batches)
+    if reduce is not None:  # all processes stream if one does: the reduce calls pair up
+        stream = float(reduce(torch.tensor(float(stream), device=prep.device))) > 0
+    A_all = (streamed_input_hessians(prep.net, prep.device, kfac_modules, batches, reduce)
+             if stream else {})
 
     def kfac(la) -> None:
         """One curvlinops K-FAC operator over every K-FAC batch, its factors summed in place.
@@ -127,15 +133,10 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
 
     def rescale(la) -> int:
         kfacs, n_total = _combine_kfacs(la, prep.n_calib, reduce)
-        stream = k < len(batches)
-        if reduce is not None:  # all processes stream if one does: the reduce calls pair up
-            stream = float(reduce(torch.tensor(float(stream), device=prep.device))) > 0
-        if stream:  # A over every batch's input rows: forward passes only
-            A_all = streamed_input_hessians(prep.net, prep.device, kfac_modules, batches, reduce)
+        if stream:  # A over every batch's input rows, in place of the fit's own
             for (name, kind), F in zip(owners, kfacs, strict=True):
                 if kind == "weight" and len(F) == 2:
                     F[1] = A_all.pop(name)
-            streamed["batches"] = len(batches)
         # after the reduce: one rank's overflow reaches every rank, so all raise together
         if not all(torch.isfinite(f).all() for F in kfacs for f in F):
             raise RuntimeError(
@@ -209,7 +210,7 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
         n_data=n_data, n_calib=n_total, backend=backend_name, labels=prep.labels,
         seconds=time.perf_counter() - t0,
         info={"notes": notes, "kfac_normalisation": "mean(diag G) = 1",
-              "kfac_batches": k, "input_factor_batches": streamed.get("batches", k)},
+              "kfac_batches": k, "input_factor_batches": len(batches) if stream else k},
     )
 
 
