@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batches import batch_inputs, forward_checked, fp32_logits_copy, largest_input
-from .quantizers import round_uniform
+from .quantizers import round_levels
 from .result import BlockResult
 
 QuantizeColumn = Callable[[Tensor, int], tuple[Tensor, Tensor]]
@@ -199,20 +199,14 @@ def uniform_column_quantizer(
 
     # converted once, not per column: fp16 -> fp32 is exact, so the codes are round_uniform's
     s32, z32 = scale.float(), zero.float()
-    maxq = (2**bits - 1) if not torch.is_tensor(bits) else (2**bits - 1).float()
 
     def quantize_column(w: Tensor, col: int) -> tuple[Tensor, Tensor]:
         g = 0 if group_size is None or scale.shape[1] == 1 else col // group_size
         s, z = s32[:, g], z32[:, g]
-        if w.dtype == torch.float32:  # round_uniform's arithmetic in one buffer
-            x = torch.div(w, s).add_(z).round_()
-            x = x.clamp_(0, maxq) if not torch.is_tensor(maxq) else torch.minimum(
-                x.clamp_(min=0), maxq, out=x)
-            x.abs_()  # round() leaves -0.0 for (-0.5, 0); the uint8 codes decode it as +0.0
-            # float32 arithmetic of dequantize(), so Q equals dequantize(BlockResult) exactly
-            return x.to(torch.uint8), x.sub_(z).mul_(s)
-        codes = round_uniform(w, s, z, bits)
-        return codes, ((codes.float() - z) * s).to(w.dtype)
+        x = round_levels(w, s, z, bits)
+        # the float32 arithmetic of dequantize(), so Q equals dequantize(BlockResult); abs_:
+        # round() leaves -0.0 on (-0.5, 0), which the uint8 code decodes as +0.0
+        return x.to(torch.uint8), x.float().abs_().sub_(z).mul_(s).to(w.dtype)
 
     return quantize_column
 

@@ -7,6 +7,7 @@ from .codec import (
     check_bits,
     dequantize,
     expand_groups,
+    round_levels,
     round_uniform,
     storage_bits,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "expected_sq_error_levels",
     "expected_sq_error_uniform",
     "lloyd_max",
+    "round_levels",
     "round_uniform",
     "storage_bits",
 ]

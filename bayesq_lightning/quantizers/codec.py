@@ -35,19 +35,26 @@ def expand_groups(t: torch.Tensor, n_cols: int, group_size: int | None) -> torch
     return t.repeat_interleave(group_size, dim=1)[:, :n_cols]
 
 
-def round_uniform(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                  bits: int | torch.Tensor) -> torch.Tensor:
-    """Nearest-level codes ``clamp(round(w / scale + zero), 0, 2**bits - 1)`` as ``uint8``.
+def round_levels(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 bits: int | torch.Tensor) -> torch.Tensor:
+    """The nearest levels ``clamp(round(w / scale + zero), 0, 2**bits - 1)`` as floats.
 
-    ``scale`` and ``zero`` broadcast to ``w``; they are used exactly as stored (fp16 values).
-    ``bits`` may be an integer tensor broadcasting to ``w`` (one width per row of a stack of
-    candidates); the codes are the same as each width's own call.
+    One new buffer in ``w``'s dtype (the search loops and the error feedback call this per
+    candidate and column). ``scale`` and ``zero`` broadcast to ``w`` and are used exactly as
+    stored (fp16 values); ``bits`` may be an integer tensor broadcasting to ``w`` (one width per
+    row of a stack of candidates), giving each width's own levels.
     """
     s, z = scale.to(w.dtype), zero.to(w.dtype)
-    x = torch.round(w / s + z)
+    x = torch.div(w, s).add_(z).round_()
     if torch.is_tensor(bits):
-        return torch.minimum(x.clamp_(min=0), (2**bits - 1).to(x.dtype)).to(torch.uint8)
-    return torch.clamp(x, 0, 2**bits - 1).to(torch.uint8)
+        return torch.minimum(x.clamp_(min=0), (2**bits - 1).to(x.dtype), out=x)
+    return x.clamp_(0, 2**bits - 1)
+
+
+def round_uniform(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  bits: int | torch.Tensor) -> torch.Tensor:
+    """Nearest-level codes (:func:`round_levels`) as ``uint8``."""
+    return round_levels(w, scale, zero, bits).to(torch.uint8)
 
 
 def dequantize(block: BlockResult, dtype: torch.dtype = torch.float32,

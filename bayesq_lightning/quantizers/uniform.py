@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codec import expand_groups, round_uniform
+from .codec import expand_groups, round_levels, round_uniform
 from .normal import Phi, cell_terms
 
 _MAX_CELLS = 40  # exact evaluation up to ~3 steps per sigma; Sheppard beyond
@@ -215,11 +215,10 @@ def design_uniform(
             s_p, z_p = _grid_from_range(p * lo, p * hi, bits)
             s_e, z_e = s_p.float().unsqueeze(-1), z_p.float().unsqueeze(-1)
             if objective == "deployed":
-                # round_uniform and the decode, in place in one buffer (the same arithmetic:
-                # integer codes 0..255 are exact in fp32); 24 shrink factors x several widths
-                # made the temporaries the cost
-                err = torch.div(mu0, s_e).add_(z_e).round_().clamp_(0, 2**bits - 1)
-                err = err.sub_(z_e).mul_(s_e).sub_(mu0).square_()
+                # the levels decoded in their own buffer (integer levels are exact in fp32, so
+                # this is dequantize's arithmetic); 24 shrink factors x several widths made
+                # temporaries the cost
+                err = round_levels(mu0, s_e, z_e, bits).sub_(z_e).mul_(s_e).sub_(mu0).square_()
             else:
                 err = expected_sq_error_uniform(mu0, lam.clamp_min(1e-30).rsqrt(), s_e, z_e,
                                                 2**bits)
