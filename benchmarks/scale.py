@@ -188,6 +188,11 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def save_runs(rows: list[dict], path: Path, seconds: float, done: bool) -> None:
+    """Every run so far with the grid's seconds; ``complete`` is false while the grid runs."""
+    path.write_text(json.dumps({"seconds": seconds, "complete": done, "rows": rows}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--one", nargs=3, metavar=("MODEL", "METHOD", "SAMPLES"))
@@ -209,28 +214,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.smoke:
         args.models, args.samples = ["tiny-cnn", "bert-tiny"], [8]
     t0 = time.perf_counter()
-    rows = []
-    for name in args.models:
-        model, _ = build(name)
+    rows: list[dict] = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "scale_smoke" if args.smoke else "scale"
+    for model_name in args.models:
+        model, _ = build(model_name)
         params = sum(q.numel() for q in model.parameters())
         del model
         for samples in args.samples:
             for method in args.methods:
                 if method == "lowrank" and params > LOWRANK_MAX_PARAMS:
-                    rows.append({"model": name, "method": method, "samples": samples,
+                    rows.append({"model": model_name, "method": method, "samples": samples,
                                  "params": params,
                                  "skipped": f"lowrank above {LOWRANK_MAX_PARAMS:,} parameters"})
                     continue
-                rows.append(fresh(name, method, samples, args.timeout))
+                rows.append(fresh(model_name, method, samples, args.timeout))
                 rows[-1].setdefault("params", params)
                 print(rows[-1], flush=True)
+                # after every run: a grid stopped part-way keeps what it measured
+                save_runs(rows, out / f"{name}_runs.json", time.perf_counter() - t0, done=False)
     add_ratios(rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "scale_smoke" if args.smoke else "scale"
     seconds = time.perf_counter() - t0
-    (out / f"{name}_runs.json").write_text(json.dumps({"seconds": seconds, "rows": rows},
-                                                      indent=1))
+    save_runs(rows, out / f"{name}_runs.json", seconds, done=True)
     from common import write_table
 
     cols = ["model", "method", "samples", "params", "seconds", "peak_rss_gb", "time_vs_gptq",

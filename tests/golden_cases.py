@@ -15,7 +15,14 @@ Record (only when a change of behaviour is intended, and say so in the commit)::
     .venv/bin/python tests/golden_cases.py --record
 
 Fingerprints are exact on one machine and torch build; another CPU's floating-point kernels may
-round differently, so the test skips (and says why) where the recording environment differs.
+round differently (MKL takes other code paths on AMD than on Intel at the same instruction set),
+so the file holds one recording per environment (torch, architecture, instruction set, CPU
+vendor) and the test compares against the recording of its own, skipping (and saying why) where
+there is none. ``--record`` replaces every recording with this environment's (the intended change
+cannot be checked elsewhere); ``--record --add`` adds or replaces only this environment's, for a
+new kind of machine where nothing changed (check that the other recordings still pass first).
+The first recording's vendor was not stored; it is GenuineIntel by inference: CI and the
+machines of the sessions that recorded it reproduced it, an AuthenticAMD machine does not.
 """
 
 from __future__ import annotations
@@ -67,7 +74,30 @@ CASES: dict[str, dict] = {
 def environment() -> dict:
     """What the fingerprints depend on besides the code."""
     return {"torch": torch.__version__, "machine": platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_vendor": cpu_vendor()}
+
+
+def cpu_vendor() -> str:
+    """``vendor_id`` of ``/proc/cpuinfo`` (e.g. GenuineIntel, AuthenticAMD), else "unknown"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def recordings() -> list[dict]:
+    """Every stored recording: ``{"environment", "cases", "callback"}``."""
+    return json.loads(FINGERPRINTS.read_text())["recordings"]
+
+
+def recording_here() -> dict | None:
+    """The recording made in this environment, if any."""
+    env = environment()
+    return next((r for r in recordings() if r["environment"] == env), None)
 
 
 def _digits():
@@ -195,19 +225,23 @@ def run_callback() -> dict:
     return fp
 
 
-def record(retrain: bool = True) -> None:
+def record(retrain: bool = True, add: bool = False) -> None:
     """Re-record the fingerprints; ``retrain=False`` (``--keep-weights``) keeps the stored
-    weights, e.g. after an intended artifact format change, so only what changed moves."""
+    weights, e.g. after an intended artifact format change, so only what changed moves.
+    ``add=True`` keeps the other environments' recordings (new weights void them)."""
     HERE.mkdir(exist_ok=True)
     if retrain:
         save_file(train_weights(), str(WEIGHTS))
-    data = {"environment": environment(), "cases": run_cases(), "callback": run_callback()}
-    FINGERPRINTS.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"wrote {FINGERPRINTS} ({len(data['cases'])} cases + callback)")
+    here = {"environment": environment(), "cases": run_cases(), "callback": run_callback()}
+    others = [r for r in recordings() if r["environment"] != here["environment"]] \
+        if add and not retrain and FINGERPRINTS.exists() else []
+    FINGERPRINTS.write_text(json.dumps({"recordings": [*others, here]}, indent=1) + "\n")
+    print(f"wrote {FINGERPRINTS}: {len(here['cases'])} cases + callback for "
+          f"{here['environment']}; {len(others)} other recording(s) kept")
 
 
 if __name__ == "__main__":
     if "--record" in sys.argv:
-        record(retrain="--keep-weights" not in sys.argv)
+        record(retrain="--keep-weights" not in sys.argv, add="--add" in sys.argv)
     else:
         print(__doc__)

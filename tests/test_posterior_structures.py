@@ -525,3 +525,48 @@ def test_uneven_shards_stream_input_factors_together():
                                        atol=1e-6)
             torch.testing.assert_close(post.layers[name].A, cs * H_all[name], rtol=1e-4,
                                        atol=1e-6)
+
+
+def test_streamed_layers_skip_kfacs_own_input_factor(monkeypatch):
+    """With the input factors streamed, the K-FAC operator never forms its own A for them."""
+    from curvlinops import KFACLinearOperator
+
+    seen: list[str] = []
+    hook = KFACLinearOperator._hook_accumulate_input_covariance
+
+    def spy(self, module, inputs, module_name):
+        seen.append(module_name)
+        return hook(self, module, inputs, module_name)
+
+    monkeypatch.setattr(KFACLinearOperator, "_hook_accumulate_input_covariance", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(3)]
+    fit_posterior(model, batches, ["0", "2"], n_data=30, prior_precision=1.0, structure="kron")
+    assert len(seen) == 6  # two layers, three batches: no stream
+    seen.clear()
+    fit_posterior(model, batches, ["0", "2"], n_data=30, prior_precision=1.0, structure="kron",
+                  kfac_batches=1)
+    assert seen == []
+
+
+def test_kron_marglik_counts_bias_blocks_like_laplace_torch():
+    """Bias blocks enter delta's spectrum as s G (taken before G is normalised in place): the
+    same delta as the spectrum of laplace-torch's own K-FAC fit, biases included."""
+    from laplace import Laplace
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bayesq_lightning.posterior.marglik import marglik_prior_precision
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).eval()
+    x, y = torch.randn(48, 6), torch.randint(0, 3, (48,))
+    post = fit_posterior(model, [(x[i:i + 16], y[i:i + 16]) for i in range(0, 48, 16)],
+                         ["0", "2"], n_data=96, structure="kron")  # s = 96 / 48 = 2
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=16))
+    spectrum = [(torch.linalg.eigvalsh(F[0]), 2 * torch.linalg.eigvalsh(F[1])) if len(F) == 2
+                else 2 * torch.linalg.eigvalsh(F[0]) for F in la.H_facs.kfacs]
+    theta_sq = sum(float(p.detach().double().square().sum()) for p in model.parameters())
+    ref = marglik_prior_precision(spectrum, theta_sq, la.n_params)
+    assert post.prior_precision == pytest.approx(ref, rel=1e-4)

@@ -112,6 +112,7 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
         stream = float(reduce(torch.tensor(float(stream), device=prep.device))) > 0
     A_all = (streamed_input_hessians(prep.net, prep.device, kfac_modules, batches, reduce)
              if stream else {})
+    bias_eig: dict[int, torch.Tensor] = {}  # block index -> spectrum of a bias block
 
     def kfac(la) -> None:
         """One curvlinops K-FAC operator over every K-FAC batch, its factors summed in place.
@@ -119,24 +120,34 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
         laplace-torch's ``fit`` builds an operator and a ``Kron`` per batch, adds them into new
         tensors and runs one more forward per batch for a loss; the factors are the same
         (``A`` a mean over all ``N`` samples, ``G`` a sum), at a fraction of the memory."""
-        from curvlinops import KFACLinearOperator
-
         be = la.backend
         dicts = isinstance(prep.data[0], Mapping)
         data = _WithLabels(prep.loader) if dicts else prep.loader
-        op = KFACLinearOperator(
+        # the streamed layers' A is already there: the operator skips it (memory and time of a
+        # second copy) and holds a zero-stride placeholder that rescale replaces
+        names = {id(m): n for n, m in la.model.named_modules()}
+        # (not a 1x1 weight without bias: laplace-torch folds A into its single block)
+        skip = {names[id(kfac_modules[n])]: n for n in A_all
+                if kfac_modules[n].weight.numel() > 1 or kfac_modules[n].bias is not None}
+        op = _kfac_operator_class()(
             la.model, be.lossfunc, la.params, data, fisher_type=be._kron_fisher_type,
             separate_weight_and_bias=True, check_deterministic=False, num_data=prep.n_calib,
             **({"batch_size_fn": lambda x: x[prep.dict_key_x].shape[0]} if dicts else {}))
+        op.skip_input_covariance = frozenset(skip)
         op.compute_kronecker_factors()
+        for cname, n in skip.items():
+            d = A_all[n].shape[0]
+            op._input_covariances[cname] = A_all[n].new_zeros(()).expand(d, d)
         la.H_facs = be._get_kron_factors(op)
 
     def rescale(la) -> int:
-        kfacs, n_total = _combine_kfacs(la, prep.n_calib, reduce)
-        if stream:  # A over every batch's input rows, in place of the fit's own
-            for (name, kind), F in zip(owners, kfacs, strict=True):
-                if kind == "weight" and len(F) == 2:
-                    F[1] = A_all.pop(name)
+        streamed = {i for i, ((name, kind), F) in enumerate(zip(owners, la.H_facs.kfacs,
+                                                                   strict=True))
+                    if kind == "weight" and len(F) == 2 and name in A_all}
+        kfacs, n_total = _combine_kfacs(la, prep.n_calib, reduce, keep_inputs=streamed)
+        for i in streamed:  # A over every batch's input rows (already combined), not the fit's
+            F = kfacs[i]
+            F[1] = A_all.pop(owners[i][0])
         # after the reduce: one rank's overflow reaches every rank, so all raise together
         if not all(torch.isfinite(f).all() for F in kfacs for f in F):
             raise RuntimeError(
@@ -144,20 +155,31 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
                 "is probably not finite. Check the model's outputs on the calibration data and "
                 "normalise the inputs as in training.")
         factor = n_data / n_total
-        for F in kfacs:  # in place; a bias block shares its weight's G, hence the copy
+        # a bias block holds its weight's G object: its spectrum (of s G) is taken now, before
+        # that G is normalised in place, instead of keeping a second out x out copy for it
+        weights_g = {id(F[0]) for F in kfacs if len(F) == 2}
+        try:
+            for i, F in enumerate(kfacs):
+                if len(F) == 1 and id(F[0]) in weights_g and prior_precision == "marglik":
+                    bias_eig[i] = torch.linalg.eigvalsh(F[0] * factor)
+        except torch.linalg.LinAlgError as exc:
+            raise RuntimeError(abort.format(exc=exc)) from None
+        for F in kfacs:
             if len(F) == 2:
                 c = F[0].diagonal().mean()
-                F[0] = F[0] / c if c > 0 else F[0]
+                if c > 0:
+                    F[0].div_(c)
                 F[1].mul_(c * factor if c > 0 else factor)
-            else:
+            elif id(F[0]) not in weights_g:
                 F[0] = F[0] * factor
-        la.H_facs = Kron(kfacs)
+        la.H_facs = Kron(kfacs)  # bias blocks: their weight's normalised G (spectrum only)
         return n_total
 
     def spectrum(la) -> list:  # the eigenvalues of G (x) A are the products of the factors'
         try:
-            eig = [[torch.linalg.eigvalsh(f) if f.dim() > 1 else f for f in F]
-                   for F in la.H_facs.kfacs]
+            eig = [[bias_eig[i]] if i in bias_eig else
+                   [torch.linalg.eigvalsh(f) if f.dim() > 1 else f for f in F]
+                   for i, F in enumerate(la.H_facs.kfacs)]
         except torch.linalg.LinAlgError as exc:
             raise RuntimeError(abort.format(exc=exc)) from None
         return [tuple(e) if len(e) == 2 else e[0] for e in eig]
@@ -214,12 +236,13 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     )
 
 
-def _combine_kfacs(la, n_local: int, reduce: Reduce | None
+def _combine_kfacs(la, n_local: int, reduce: Reduce | None, keep_inputs: set[int] = frozenset()
                    ) -> tuple[list[list[torch.Tensor]], int]:
     r"""Kronecker factors and sample count summed over processes (in place).
 
     Returns factors with :math:`G = \sum_n g g^\top` and :math:`A = \frac{1}{N} \sum_n x x^\top`
-    over *all* ``N`` samples (see :func:`fit_kron`) and ``N``.
+    over *all* ``N`` samples (see :func:`fit_kron`) and ``N``. The ``A`` of the blocks
+    ``keep_inputs`` (streamed, already combined: placeholders here) is left alone.
     """
     kfacs = [list(F) for F in la.H_facs.kfacs]  # computed without autograd: nothing to detach
     if reduce is None:
@@ -227,18 +250,35 @@ def _combine_kfacs(la, n_local: int, reduce: Reduce | None
     device = kfacs[0][0].device
     # a bias block holds its weight's G object; the input is kept so that its id stays unique
     reduced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for F in kfacs:
-        if len(F) == 2:
+    for b, F in enumerate(kfacs):
+        kept = b in keep_inputs
+        if len(F) == 2 and not kept:
             F[1] = F[1] * n_local  # back to the unnormalised per-sample sum
-        for i, f in enumerate(F):  # each tensor once: an all-reduce sums in place
+        for i, f in enumerate(F[:1] if kept else F):  # each tensor once: all-reduce is in place
             if id(f) not in reduced:
                 reduced[id(f)] = (f, reduce(f))
             F[i] = reduced[id(f)][1]
     n_total = int(reduce(torch.tensor(float(n_local), device=device)).item())
-    for F in kfacs:
-        if len(F) == 2:
+    for b, F in enumerate(kfacs):
+        if len(F) == 2 and b not in keep_inputs:
             F[1] = F[1] / n_total
     return kfacs, n_total
+
+
+def _kfac_operator_class() -> type:
+    """curvlinops' ``KFACLinearOperator`` that skips the input covariance of the modules named
+    in ``skip_input_covariance`` (K-FAC's ``A`` streamed elsewhere). Should curvlinops rename
+    the hook, the override is never called and ``A`` is computed as before (then replaced)."""
+    from curvlinops import KFACLinearOperator
+
+    class SkipInputKFAC(KFACLinearOperator):
+        skip_input_covariance: frozenset = frozenset()
+
+        def _hook_accumulate_input_covariance(self, module, inputs, module_name: str) -> None:
+            if module_name not in self.skip_input_covariance:
+                super()._hook_accumulate_input_covariance(module, inputs, module_name)
+
+    return SkipInputKFAC
 
 
 class _WithLabels:
