@@ -570,3 +570,25 @@ def test_kron_marglik_counts_bias_blocks_like_laplace_torch():
     theta_sq = sum(float(p.detach().double().square().sum()) for p in model.parameters())
     ref = marglik_prior_precision(spectrum, theta_sq, la.n_params)
     assert post.prior_precision == pytest.approx(ref, rel=1e-4)
+
+
+def test_kron_spectrum_falls_back_to_float64_where_fp32_lapack_fails(monkeypatch):
+    """MKL's fp32 eigensolver can fail to converge on a low-rank factor (ResNet-50's 1000-class
+    G with one thread): the float64 solve takes over and delta is the same."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(2)]
+    ref = fit_posterior(model, batches, ["0", "2"], n_data=30, structure="kron")
+    real = torch.linalg.eigvalsh
+    calls: list[torch.dtype] = []
+
+    def flaky(f):
+        calls.append(f.dtype)
+        if f.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real(f)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", flaky)
+    post = fit_posterior(model, batches, ["0", "2"], n_data=30, structure="kron")
+    assert torch.float64 in calls
+    assert post.prior_precision == pytest.approx(ref.prior_precision, rel=1e-5)

@@ -161,7 +161,7 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
         try:
             for i, F in enumerate(kfacs):
                 if len(F) == 1 and id(F[0]) in weights_g and prior_precision == "marglik":
-                    bias_eig[i] = torch.linalg.eigvalsh(F[0] * factor)
+                    bias_eig[i] = _eigvalsh(F[0] * factor)
         except torch.linalg.LinAlgError as exc:
             raise RuntimeError(abort.format(exc=exc)) from None
         for F in kfacs:
@@ -178,7 +178,7 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     def spectrum(la) -> list:  # the eigenvalues of G (x) A are the products of the factors'
         try:
             eig = [[bias_eig[i]] if i in bias_eig else
-                   [torch.linalg.eigvalsh(f) if f.dim() > 1 else f for f in F]
+                   [_eigvalsh(f) if f.dim() > 1 else f for f in F]
                    for i, F in enumerate(la.H_facs.kfacs)]
         except torch.linalg.LinAlgError as exc:
             raise RuntimeError(abort.format(exc=exc)) from None
@@ -234,6 +234,22 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
         info={"notes": notes, "kfac_normalisation": "mean(diag G) = 1",
               "kfac_batches": k, "input_factor_batches": len(batches) if stream else k},
     )
+
+
+def _eigvalsh(f: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a symmetric factor; in float64 where fp32 LAPACK fails to converge.
+
+    A low-rank output factor (e.g. 1000 classes, 80 samples: hundreds of zero eigenvalues) can
+    make MKL's fp32 ``syevd`` fail to converge, depending on the thread count (seen on ResNet-50
+    with one thread): the float64 solve of the same matrix is the fallback.
+    """
+    try:
+        e = torch.linalg.eigvalsh(f)
+        if bool(torch.isfinite(e).all()):
+            return e
+    except torch.linalg.LinAlgError:
+        pass
+    return torch.linalg.eigvalsh(f.double()).to(f.dtype)
 
 
 def _combine_kfacs(la, n_local: int, reduce: Reduce | None, keep_inputs: set[int] = frozenset()
