@@ -72,9 +72,9 @@ def _weighted_sq(weight: float, dW: Tensor) -> float:
 
 
 def _bayesq(ctx: BlockContext) -> BlockInputs:
-    lp, (r0, r1) = ctx.posterior, ctx.rows
+    lp = ctx.posterior
     prior = ctx.score == "posterior_precision"
-    precision = lp.precision.reshape_as(ctx.w)[r0:r1].float().cpu()
+    precision = lp.precision_rows(ctx.rows)
     rounding = lp.rounding_matrix(ctx.rows)
     return BlockInputs(precision, lp.block_form(ctx.rows, prior),
                        None if rounding is None else rounding[0],

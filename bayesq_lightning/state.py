@@ -33,12 +33,13 @@ class StateError(ValueError):
 
 def posterior_state(posterior: Posterior) -> dict[str, Any]:
     """The posterior as plain CPU data: every init field of every layer record, except what
-    the record recomputes identically (K-FAC's ``curvature = outer(diag G, diag A)``)."""
+    the record derives from the others (K-FAC's ``curvature = outer(diag G, diag A)`` and
+    ``precision = curvature + delta``: ``None`` in the state)."""
     layers = {}
     for name, lp in posterior.layers.items():
-        fields = {f.name: _cpu(getattr(lp, f.name)) for f in dataclasses.fields(lp) if f.init}
-        if isinstance(lp, KronLayerPosterior):
-            fields.pop("curvature")
+        derived = {"curvature", "precision"} if isinstance(lp, KronLayerPosterior) else set()
+        fields = {f.name: None if f.name in derived else _cpu(getattr(lp, f.name))
+                  for f in dataclasses.fields(lp) if f.init}
         layers[name] = {"structure": lp.structure, **fields}
     return {
         "layers": layers,

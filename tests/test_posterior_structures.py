@@ -592,3 +592,15 @@ def test_kron_spectrum_falls_back_to_float64_where_fp32_lapack_fails(monkeypatch
     post = fit_posterior(model, batches, ["0", "2"], n_data=30, structure="kron")
     assert torch.float64 in calls
     assert post.prior_precision == pytest.approx(ref.prior_precision, rel=1e-5)
+def test_kron_diagonals_are_derived_from_the_factors_not_stored():
+    """K-FAC's precision and curvature diagonals are formed when read (no weight-sized copies
+    held by the record) and equal the factors' outer product (plus delta), row blocks too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(2)]
+    lp = fit_posterior(model, batches, ["0", "2"], n_data=30, structure="kron").layers["0"]
+    curvature = torch.outer(lp.G.diagonal(), lp.A.diagonal()).reshape(lp.mean.shape)
+    assert torch.equal(lp.curvature, curvature)
+    assert torch.equal(lp.precision, curvature + lp.prior_precision)
+    assert torch.equal(lp.precision_rows((1, 4)), lp.precision[1:4])
+    assert not {"precision", "curvature"} & set(vars(lp))

@@ -120,6 +120,10 @@ class LayerPosterior:
             w[dead] = 1e-6 * float(live[live > 0].mean()) if len(live) else 1.0
         return w
 
+    def precision_rows(self, rows: tuple[int, int]) -> Tensor:
+        """Rows ``r0:r1`` of the precision diagonal as ``(r1 - r0, cols)`` fp32 on the CPU."""
+        return self.precision.reshape(self.precision.shape[0], -1)[rows[0]:rows[1]].float().cpu()
+
     def with_precision(self) -> LayerPosterior:
         """This record with ``precision = curvature + delta`` (after the factors changed)."""
         self.precision = self.curvature + self.prior_precision
@@ -198,7 +202,7 @@ class KronLayerPosterior(LayerPosterior):
 
     ``A`` (in x in) and ``G`` (out x out) are normalised so that ``mean(diag G) = 1`` (``A``
     carries the scale ``n_data / n_calib``); ``curvature = outer(diag G, diag A)`` and
-    ``precision = curvature + delta``. For rows ``r0:r1`` the score is
+    ``precision = curvature + delta``, both formed from the factors when read (not stored). For rows ``r0:r1`` the score is
     :math:`\mathrm{tr}(G_B\, dW A\, dW^\top)` with :math:`G_B = G[r_0:r_1, r_0:r_1]`, and error
     feedback rounds under ``A`` damped relative to its own scale,
     ``gamma = damp * mean(diag A)`` (GPTQ's rule; ``G`` enters the score, not the rounding).
@@ -211,9 +215,37 @@ class KronLayerPosterior(LayerPosterior):
     _eig: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.curvature is None:
-            self.curvature = torch.outer(self.G.diagonal(), self.A.diagonal()).reshape(
-                self.mean.shape)
+        pass  # precision and curvature are derived from the factors (below), nothing to fill
+
+    # Both diagonals are formed from the factors on each access instead of being stored: they
+    # would be two dense fp32 tensors the size of the weights per layer (a third of the K-FAC
+    # posterior's memory on BERT-base). Values given to the constructor (a saved state's, a
+    # tie's) are ignored: they can only be these.
+    @property
+    def curvature(self) -> Tensor:
+        """``outer(diag G, diag A)`` in the weight's shape (fp32, formed per access)."""
+        return torch.outer(self.G.diagonal(), self.A.diagonal()).reshape(self.mean.shape)
+
+    @curvature.setter
+    def curvature(self, value: Tensor | None) -> None:
+        pass
+
+    @property
+    def precision(self) -> Tensor:
+        """``curvature + delta``: the diagonal of :math:`\Lambda` (formed per access)."""
+        return self.curvature + self.prior_precision
+
+    @precision.setter
+    def precision(self, value: Tensor | None) -> None:
+        pass
+
+    def with_precision(self) -> LayerPosterior:
+        return self  # derived on access
+
+    def precision_rows(self, rows: tuple[int, int]) -> Tensor:
+        # only these rows, not a view of a whole-layer tensor kept alive by every block
+        g = self.G.diagonal()[rows[0]:rows[1]]
+        return (torch.outer(g, self.A.diagonal()) + self.prior_precision).float().cpu()
 
     def _curvature_form(self, rows: tuple[int, int]) -> Callable[[Tensor], float]:
         r0, r1 = rows
@@ -249,9 +281,8 @@ class KronLayerPosterior(LayerPosterior):
             return self
         G = sum(p.G for p in live) / len(live)
         A = sum(p.A for p in live)
-        return KronLayerPosterior(self.name, self.mean, torch.zeros_like(self.precision),
-                                  self.prior_precision, note=_tie_note(self, other), A=A, G=G,
-                                  curvature=None).with_precision()
+        return KronLayerPosterior(self.name, self.mean, None, self.prior_precision,
+                                  note=_tie_note(self, other), A=A, G=G)
 
     def sample(self, n: int = 1, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> Tensor:

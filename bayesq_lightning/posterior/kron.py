@@ -208,9 +208,9 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
                 f"K-FAC factors of {lname!r} have shapes G {tuple(G.shape)}, A {tuple(A.shape)}; "
                 f"expected ({out}, {out}) and ({n_in}, {n_in}) (parameter order mismatch)"
             )
-        lam = torch.outer(G.diagonal(), A.diagonal()).reshape(p.shape) + delta
-        # the mean is the private fp32 copy's parameter, dropped with the copy otherwise
-        layers[lname] = KronLayerPosterior(lname, p.detach(), lam, delta, A=A, G=G)
+        # the mean is the private fp32 copy's parameter, dropped with the copy otherwise;
+        # the precision is formed from G, A and delta when read
+        layers[lname] = KronLayerPosterior(lname, p.detach(), None, delta, A=A, G=G)
 
     grouped = [n for n in layer_names if n not in layers and is_grouped(prep.modules[n])]
     backend_name = f"CurvlinopsGGN(stochastic={stochastic}) K-FAC{choice}"
