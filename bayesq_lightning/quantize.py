@@ -4,9 +4,9 @@ r"""``quantize_model``: the pipeline, one stage after another.
 2. **Calibration** -- the first ``calib_batches`` batches (not for ``rtn``).
 3. **Statistics** -- what the method needs (:mod:`~bayesq_lightning.methods`): a posterior
    (:func:`~bayesq_lightning.posterior.fit_posterior`) or GPTQ's input Hessians.
-4. **Blocks** -- each layer split into ``block_rows`` slices of output channels, each with its
-   design weights, score and rounding matrix from the method's record.
-5. **Candidates and tables** -- for every block, allowed width and quantizer: a grid or codebook
+4. **Blocks** -- each layer split into ``block_rows`` slices of output channels.
+5. **Candidates and tables** -- one block at a time, its design weights, score and rounding
+   matrix from the method's record; for every allowed width and quantizer: a grid or codebook
    (:mod:`~bayesq_lightning.quantizers`), codes by error feedback where the block has a rounding
    matrix (:mod:`~bayesq_lightning.rounding`), its score ``D`` and exact cost ``C``
    (:func:`~bayesq_lightning.quantizers.storage_bits`).
@@ -20,6 +20,7 @@ r"""``quantize_model``: the pipeline, one stage after another.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterable
@@ -57,17 +58,30 @@ from .tables import mc_tables
 
 @dataclass
 class Block:
-    """One allocation unit: rows ``rows`` of layer ``layer`` and what its method gives it."""
+    """One allocation unit: rows ``rows`` of layer ``layer`` and what its method gives it.
+
+    The method's inputs (the fields after ``ctx``) are formed by :func:`_with_inputs` when the
+    block's candidates are, one block at a time: held for every block at once, the precision
+    and design weights would be two weight-sized fp32 copies of the model (BERT-base: 0.7 GB).
+    """
 
     layer: str
     rows: tuple[int, int]
     w: torch.Tensor  # (rows, cols) fp32 weights (posterior mean)
-    precision: torch.Tensor | None  # posterior precision of the design; None: min-max
-    score: object  # dW -> float
     bits: tuple[int, ...]  # allowed widths after the per-layer pins
+    layer_rows: int
+    ctx: BlockContext
+    precision: torch.Tensor | None = None  # posterior precision of the design; None: min-max
+    score: object = None  # dW -> float
     H: torch.Tensor | None = None  # input-side matrix of error-feedback rounding
     weight: torch.Tensor | None = None  # design importance per weight; None: the precision
-    layer_rows: int = 0
+
+
+def _with_inputs(block: Block, method: Method) -> Block:
+    """``block`` with its method's inputs (a copy, dropped after its candidates)."""
+    inputs = method.block(block.ctx)
+    return dataclasses.replace(block, precision=inputs.precision, score=inputs.score,
+                               H=inputs.H, weight=inputs.weight)
 
 
 def quantize_model(
@@ -265,7 +279,7 @@ def _posterior(model: nn.Module, method: Method, cfg: BayesQConfig, batches: lis
 
 def _blocks(named, pins: dict[str, tuple[int, ...]], cfg: BayesQConfig, method: Method,
             posterior: Posterior | None, hessians: dict | None) -> list[Block]:
-    """Stage 4: every layer split into allocation blocks, with its method's inputs."""
+    """Stage 4: every layer split into allocation blocks (their method inputs come in stage 5)."""
     blocks = []
     for name, module in named:
         w = module.weight.detach().float().reshape(module.weight.shape[0], -1).cpu()
@@ -275,18 +289,18 @@ def _blocks(named, pins: dict[str, tuple[int, ...]], cfg: BayesQConfig, method: 
             ctx = BlockContext(name, w, rows,
                                None if posterior is None else posterior.layers[name],
                                None if hessians is None else hessians[name], cfg.score)
-            inputs = method.block(ctx)
-            blocks.append(Block(name, rows, w[rows[0]:rows[1]], inputs.precision, inputs.score,
-                                pins[name], inputs.H, inputs.weight, w.shape[0]))
+            blocks.append(Block(name, rows, w[rows[0]:rows[1]], pins[name], w.shape[0], ctx))
     return blocks
 
 
 def _candidates(blocks: list[Block], method: Method, cfg: BayesQConfig, progress: bool
                 ) -> tuple[list[list[Option]], list[list[BlockResult]]]:
-    """Stage 5: every block's candidates (width x quantizer) and their (cost, score) options."""
+    """Stage 5: every block's method inputs, candidates (width x quantizer) and (cost, score)
+    options, one block at a time."""
     quantizers = ("uniform", "nonuniform") if cfg.quantizer == "auto" else (cfg.quantizer,)
     options, candidates = [], []
-    for block in show_progress(blocks, progress, "bayesq candidates"):
+    for lean in show_progress(blocks, progress, "bayesq candidates"):
+        block = _with_inputs(lean, method)
         objectives = method.design_objectives(cfg, feedback=block.H is not None)
         cands = [_design(block, bits, quantizer, objective, cfg)
                  for bits in block.bits for quantizer in quantizers for objective in objectives]
