@@ -215,7 +215,7 @@ class KronLayerPosterior(LayerPosterior):
     _eig: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        pass  # precision and curvature are derived from the factors (below), nothing to fill
+        pass  # nothing to fill: the base's check would form the curvature just to discard it
 
     # Both diagonals are formed from the factors on each access instead of being stored: they
     # would be two dense fp32 tensors the size of the weights per layer (a third of the K-FAC
@@ -238,9 +238,6 @@ class KronLayerPosterior(LayerPosterior):
     @precision.setter
     def precision(self, value: Tensor | None) -> None:
         pass
-
-    def with_precision(self) -> LayerPosterior:
-        return self  # derived on access
 
     def precision_rows(self, rows: tuple[int, int]) -> Tensor:
         # only these rows, not a view of a whole-layer tensor kept alive by every block

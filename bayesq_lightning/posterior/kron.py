@@ -101,10 +101,6 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
              "factor failed ({exc}); the curvature is probably not finite. Check the model's "
              "outputs on the calibration data and normalise the inputs as in training.")
 
-    # the module of each trainable parameter, in laplace-torch's order (that of its factors)
-    owners = [(n.rpartition(".")[0], n.rpartition(".")[2])
-              for n, p in prep.net.model.named_parameters()
-              if n.rpartition(".")[0] in kfac_modules]
     # the input factors over every batch first (forward passes only): their float64 sums are
     # gone, as fp32 factors, before the K-FAC fit holds its own factors and activations
     stream = k < len(batches)
@@ -123,8 +119,8 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
         be = la.backend
         dicts = isinstance(prep.data[0], Mapping)
         data = _WithLabels(prep.loader) if dicts else prep.loader
-        # the streamed layers' A is already there: the operator skips it (memory and time of a
-        # second copy) and holds a zero-stride placeholder that rescale replaces
+        # the streamed layers' A is already there: the operator skips computing its own (memory
+        # and time of a second copy) and is handed the streamed one
         names = {id(m): n for n, m in la.model.named_modules()}
         # (not a 1x1 weight without bias: laplace-torch folds A into its single block)
         skip = {names[id(kfac_modules[n])]: n for n in A_all
@@ -136,18 +132,15 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
         op.skip_input_covariance = frozenset(skip)
         op.compute_kronecker_factors()
         for cname, n in skip.items():
-            d = A_all[n].shape[0]
-            op._input_covariances[cname] = A_all[n].new_zeros(()).expand(d, d)
+            op._input_covariances[cname] = A_all[n]
         la.H_facs = be._get_kron_factors(op)
 
     def rescale(la) -> int:
-        streamed = {i for i, ((name, kind), F) in enumerate(zip(owners, la.H_facs.kfacs,
-                                                                   strict=True))
-                    if kind == "weight" and len(F) == 2 and name in A_all}
+        # A over every batch's input rows, already combined across processes: left alone
+        handed = {id(A) for A in A_all.values()}
+        streamed = {i for i, F in enumerate(la.H_facs.kfacs) if len(F) == 2 and id(F[1]) in handed}
+        A_all.clear()  # the factors hold them now
         kfacs, n_total = _combine_kfacs(la, prep.n_calib, reduce, keep_inputs=streamed)
-        for i in streamed:  # A over every batch's input rows (already combined), not the fit's
-            F = kfacs[i]
-            F[1] = A_all.pop(owners[i][0])
         # after the reduce: one rank's overflow reaches every rank, so all raise together
         if not all(torch.isfinite(f).all() for F in kfacs for f in F):
             raise RuntimeError(
@@ -258,7 +251,7 @@ def _combine_kfacs(la, n_local: int, reduce: Reduce | None, keep_inputs: set[int
 
     Returns factors with :math:`G = \sum_n g g^\top` and :math:`A = \frac{1}{N} \sum_n x x^\top`
     over *all* ``N`` samples (see :func:`fit_kron`) and ``N``. The ``A`` of the blocks
-    ``keep_inputs`` (streamed, already combined: placeholders here) is left alone.
+    ``keep_inputs`` (streamed, already combined across processes) is left alone.
     """
     kfacs = [list(F) for F in la.H_facs.kfacs]  # computed without autograd: nothing to detach
     if reduce is None:
@@ -284,7 +277,8 @@ def _combine_kfacs(la, n_local: int, reduce: Reduce | None, keep_inputs: set[int
 def _kfac_operator_class() -> type:
     """curvlinops' ``KFACLinearOperator`` that skips the input covariance of the modules named
     in ``skip_input_covariance`` (K-FAC's ``A`` streamed elsewhere). Should curvlinops rename
-    the hook, the override is never called and ``A`` is computed as before (then replaced)."""
+    the hook, the override is never called and ``A`` is computed as before, then overwritten
+    by the streamed one."""
     from curvlinops import KFACLinearOperator
 
     class SkipInputKFAC(KFACLinearOperator):
