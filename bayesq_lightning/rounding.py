@@ -250,6 +250,14 @@ class InputStats:
         self.module = module
         self.S: Tensor | None = None
         self.n = 0
+        self.sum_dtype = torch.float64
+
+    def sum_in_float32(self) -> None:
+        """Hold the running sum in fp32 from here on: half its memory, for a phase that holds
+        other large tensors beside it (the K-FAC fit adds its batches' inputs this way)."""
+        self.sum_dtype = torch.float32
+        if self.S is not None:
+            self.S = self.S.float()
 
     @torch.no_grad()
     def add(self, x: Tensor | tuple[Tensor, ...]) -> None:
@@ -264,7 +272,7 @@ class InputStats:
         X = X.float().reshape(X.shape[0], self.groups, self.cols).transpose(0, 1)  # (g, n, c)
         XtX = X.transpose(1, 2) @ X
         # added into the float64 sum as it is (promoted element by element, no float64 copy)
-        self.S = XtX.double() if self.S is None else self.S.add_(XtX)
+        self.S = XtX.to(self.sum_dtype) if self.S is None else self.S.add_(XtX)
         self.n += X.shape[1]
 
     def hessian(self, reduce=None) -> Tensor:
@@ -272,7 +280,7 @@ class InputStats:
         S, n = self.S, self.n
         if reduce is not None:  # every rank calls, also one that saw no inputs
             S = reduce(S if S is not None else torch.zeros(
-                self.groups, self.cols, self.cols, dtype=torch.float64,
+                self.groups, self.cols, self.cols, dtype=self.sum_dtype,
                 device=self.module.weight.device))
             n = int(reduce(torch.tensor(float(n), dtype=torch.float64, device=S.device)).item())
         if S is None or n == 0:
@@ -361,8 +369,17 @@ def streamed_input_hessians(net: nn.Module, device: torch.device,
                             modules: dict[str, nn.Module], batches: Sequence,
                             reduce=None) -> dict:
     """:func:`layer_input_hessians` on a prepared network ``net`` (an fp32 logits model)
-    whose layers ``modules`` (by name) are hooked; also K-FAC's input factors
-    (:func:`~bayesq_lightning.posterior.kron.fit_kron`)."""
+    whose layers ``modules`` (by name) are hooked."""
+    return finish_input_hessians(stream_input_stats(net, device, modules, batches), batches,
+                                 reduce)
+
+
+@torch.no_grad()
+def stream_input_stats(net: nn.Module, device: torch.device, modules: dict[str, nn.Module],
+                       batches: Sequence) -> dict[str, InputStats]:
+    """The :class:`InputStats` of the layers ``modules`` over ``batches``, one forward pass of
+    ``net`` per batch; more can be added (K-FAC adds its own batches' inputs during its fit,
+    :func:`~bayesq_lightning.posterior.kron.fit_kron`)."""
     stats = {n: InputStats(m) for n, m in modules.items()}
     hooks = [m.register_forward_pre_hook(lambda _m, args, s=stats[n]: s.add(args))
              for n, m in modules.items()]
@@ -372,8 +389,15 @@ def streamed_input_hessians(net: nn.Module, device: torch.device,
     finally:
         for h in hooks:
             h.remove()
-    # each layer's float64 sum dropped once converted: one at a time beside the fp32 results
-    hessians = {n: stats.pop(n).hessian(reduce) for n in modules}
+    return stats
+
+
+def finish_input_hessians(stats: dict[str, InputStats], batches: Sequence, reduce=None
+                          ) -> dict[str, Tensor]:
+    """Every layer's ``H = S / n`` (summed over processes with ``reduce``), checked finite;
+    ``batches`` only name the largest input in the error."""
+    # each layer's sum dropped once converted: one at a time beside the fp32 results
+    hessians = {n: stats.pop(n).hessian(reduce) for n in list(stats)}
     # after the reduce: one rank's overflow reaches every rank, so all raise together
     bad = [n for n, h in hessians.items() if not torch.isfinite(h).all()]
     if bad:

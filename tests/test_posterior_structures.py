@@ -528,7 +528,8 @@ def test_uneven_shards_stream_input_factors_together():
 
 
 def test_streamed_layers_skip_kfacs_own_input_factor(monkeypatch):
-    """With the input factors streamed, the K-FAC operator never forms its own A for them."""
+    """With the input factors streamed, the K-FAC operator never forms its own A for them, and
+    its batches' inputs reach the streamed sums from its own forward passes."""
     from curvlinops import KFACLinearOperator
 
     seen: list[str] = []
@@ -545,9 +546,13 @@ def test_streamed_layers_skip_kfacs_own_input_factor(monkeypatch):
     fit_posterior(model, batches, ["0", "2"], n_data=30, prior_precision=1.0, structure="kron")
     assert len(seen) == 6  # two layers, three batches: no stream
     seen.clear()
+    passes = []
+    model[0].register_forward_hook(lambda *_: passes.append(1))  # the fp32 copy shares hooks
     fit_posterior(model, batches, ["0", "2"], n_data=30, prior_precision=1.0, structure="kron",
                   kfac_batches=1)
     assert seen == []
+    # one probe of the outputs, then each batch once: the K-FAC fit's batch is not streamed
+    assert len(passes) == 1 + 3
 
 
 def test_kron_marglik_counts_bias_blocks_like_laplace_torch():
@@ -570,6 +575,64 @@ def test_kron_marglik_counts_bias_blocks_like_laplace_torch():
     theta_sq = sum(float(p.detach().double().square().sum()) for p in model.parameters())
     ref = marglik_prior_precision(spectrum, theta_sq, la.n_params)
     assert post.prior_precision == pytest.approx(ref, rel=1e-4)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_kron_exact_ggn_of_two_classes_takes_one_backward_pass(monkeypatch, classes):
+    """Two classes: one backward pass per batch along the rank-one square root of the loss
+    Hessian, the same factors as laplace-torch's own fit (two passes); other counts unchanged."""
+    from laplace import Laplace
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, classes)).eval()
+    x, y = torch.randn(48, 6), torch.randint(0, classes, (48,))
+    real, calls = torch.autograd.grad, []
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    post = fit_posterior(model, [(x[i:i + 16], y[i:i + 16]) for i in range(0, 48, 16)],
+                         ["0", "2"], n_data=48, prior_precision=1.0, structure="kron")
+    assert len(calls) == (3 if classes == 2 else 0)  # curvlinops' own path: its own grad
+    monkeypatch.setattr(torch.autograd, "grad", real)
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron")
+    la.fit(DataLoader(TensorDataset(x, y), batch_size=16))
+    for name, F in zip(["0", "2"], la.H_facs.kfacs[::2], strict=True):  # weight blocks
+        ref = torch.kron(F[0], F[1])
+        ours = torch.kron(post.layers[name].G, post.layers[name].A)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("fisher", ["type-2", "mc"])
+def test_kfac_backward_asks_for_bias_gradients_not_weights(monkeypatch, fisher):
+    """The K-FAC backward passes differentiate each layer's bias where it has one (no weight
+    gradient), its weight otherwise: the output factors equal those of differentiating every
+    parameter, bit for bit."""
+    from bayesq_lightning.posterior.kron import _kfac_operator_class
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2, bias=False)).eval()
+    data = [(torch.randn(16, 6), torch.randint(0, 2, (16,))) for _ in range(3)]
+    params = list(model.parameters())
+    real, asked = torch.autograd.grad, []
+    monkeypatch.setattr(torch.autograd, "grad", lambda out, inputs, **k: asked.append(
+        list(inputs)) or real(out, inputs, **k))
+
+    def factors(cls):
+        op = cls(model, nn.CrossEntropyLoss(reduction="sum"), params, data, fisher_type=fisher,
+                 separate_weight_and_bias=True, check_deterministic=False)
+        op.compute_kronecker_factors()
+        return op._gradient_covariances
+
+    class OnEveryParameter(_kfac_operator_class()):
+        def _backward(self, scalar, retain_graph):
+            real(scalar, self._params, retain_graph=retain_graph)
+
+    ours = factors(_kfac_operator_class())
+    assert len(asked) == 3 and all(
+        len(a) == 2 and a[0] is model[0].bias and a[1] is model[2].weight for a in asked)
+    ref = factors(OnEveryParameter)
+    assert set(ours) == set(ref) == {"0", "2"}
+    for name in ref:
+        assert torch.equal(ours[name], ref[name])
 
 
 def test_kron_spectrum_falls_back_to_float64_where_fp32_lapack_fails(monkeypatch):

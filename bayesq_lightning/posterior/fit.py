@@ -225,6 +225,8 @@ def laplace_fit(
             prior_precision=1.0 if prior_precision == "marglik" else float(prior_precision),
             dict_key_x=prep.dict_key_x,
         )
+        if fit is not None:  # laplace-torch's zero-filled factors of every layer (K-FAC: the
+            la.H = None      # size of G and A again), never read: fit() fills H_facs itself
         try:
             with warnings.catch_warnings():  # ASDL's module hooks: its own deprecation, not ours
                 warnings.filterwarnings("ignore", message="Using a non-full backward hook")

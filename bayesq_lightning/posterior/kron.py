@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..layers import QUANTIZABLE
-from ..rounding import streamed_input_hessians
+from ..rounding import InputStats, finish_input_hessians, stream_input_stats
 from .base import KronLayerPosterior, LayerPosterior, Posterior
 from .diag import diag_core
 from .fit import (
@@ -101,14 +101,21 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
              "factor failed ({exc}); the curvature is probably not finite. Check the model's "
              "outputs on the calibration data and normalise the inputs as in training.")
 
-    # the input factors over every batch first (forward passes only): their float64 sums are
-    # gone, as fp32 factors, before the K-FAC fit holds its own factors and activations
     stream = k < len(batches)
     if reduce is not None:  # all processes stream if one does: the reduce calls pair up
         stream = float(reduce(torch.tensor(float(stream), device=prep.device))) > 0
-    A_all = (streamed_input_hessians(prep.net, prep.device, kfac_modules, batches, reduce)
-             if stream else {})
+    # (not a 1x1 weight without bias: laplace-torch folds its A into a single block)
+    streamed = {n: m for n, m in kfac_modules.items()
+                if m.weight.numel() > 1 or m.bias is not None} if stream else {}
+    # the input sums over the batches beyond the K-FAC fit's first (forward passes only), then
+    # in fp32 (the fit holds its factors and activations beside them) while the fit's own
+    # forward passes add its batches' inputs: every batch passes the network once for A
+    stats = stream_input_stats(prep.net, prep.device, streamed, batches[k:])
+    for st in stats.values():
+        st.sum_in_float32()
+    A_all: dict[str, torch.Tensor] = {}
     bias_eig: dict[int, torch.Tensor] = {}  # block index -> spectrum of a bias block
+    g_eig: dict[int, torch.Tensor] = {}  # id(G) -> spectrum of a weight's normalised G
 
     def kfac(la) -> None:
         """One curvlinops K-FAC operator over every K-FAC batch, its factors summed in place.
@@ -119,18 +126,17 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
         be = la.backend
         dicts = isinstance(prep.data[0], Mapping)
         data = _WithLabels(prep.loader) if dicts else prep.loader
-        # the streamed layers' A is already there: the operator skips computing its own (memory
-        # and time of a second copy) and is handed the streamed one
+        # the streamed layers' inputs go to their sums instead of the operator's own A (memory
+        # and time of a second copy); the operator is handed the finished A
         names = {id(m): n for n, m in la.model.named_modules()}
-        # (not a 1x1 weight without bias: laplace-torch folds A into its single block)
-        skip = {names[id(kfac_modules[n])]: n for n in A_all
-                if kfac_modules[n].weight.numel() > 1 or kfac_modules[n].bias is not None}
+        skip = {names[id(kfac_modules[n])]: n for n in stats}
         op = _kfac_operator_class()(
             la.model, be.lossfunc, la.params, data, fisher_type=be._kron_fisher_type,
             separate_weight_and_bias=True, check_deterministic=False, num_data=prep.n_calib,
             **({"batch_size_fn": lambda x: x[prep.dict_key_x].shape[0]} if dicts else {}))
-        op.skip_input_covariance = frozenset(skip)
+        op.input_stats = {cname: stats[n] for cname, n in skip.items()}
         op.compute_kronecker_factors()
+        A_all.update(finish_input_hessians(stats, batches, reduce))
         for cname, n in skip.items():
             op._input_covariances[cname] = A_all[n]
         la.H_facs = be._get_kron_factors(op)
@@ -157,9 +163,13 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
                     bias_eig[i] = _eigvalsh(F[0] * factor)
         except torch.linalg.LinAlgError as exc:
             raise RuntimeError(abort.format(exc=exc)) from None
+        g_of_bias = {id(kfacs[i][0]): i for i in bias_eig}
         for F in kfacs:
             if len(F) == 2:
                 c = F[0].diagonal().mean()
+                if id(F[0]) in g_of_bias:  # the same spectrum, scaled: not a second solve
+                    g_eig[id(F[0])] = bias_eig[g_of_bias[id(F[0])]] / (
+                        factor * (c if c > 0 else 1.0))
                 if c > 0:
                     F[0].div_(c)
                 F[1].mul_(c * factor if c > 0 else factor)
@@ -171,7 +181,8 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     def spectrum(la) -> list:  # the eigenvalues of G (x) A are the products of the factors'
         try:
             eig = [[bias_eig[i]] if i in bias_eig else
-                   [_eigvalsh(f) if f.dim() > 1 else f for f in F]
+                   [g_eig[id(f)] if id(f) in g_eig else _eigvalsh(f) if f.dim() > 1 else f
+                    for f in F]
                    for i, F in enumerate(la.H_facs.kfacs)]
         except torch.linalg.LinAlgError as exc:
             raise RuntimeError(abort.format(exc=exc)) from None
@@ -275,18 +286,59 @@ def _combine_kfacs(la, n_local: int, reduce: Reduce | None, keep_inputs: set[int
 
 
 def _kfac_operator_class() -> type:
-    """curvlinops' ``KFACLinearOperator`` that skips the input covariance of the modules named
-    in ``skip_input_covariance`` (K-FAC's ``A`` streamed elsewhere). Should curvlinops rename
-    the hook, the override is never called and ``A`` is computed as before, then overwritten
-    by the streamed one."""
+    r"""curvlinops' ``KFACLinearOperator`` with three changes that leave its factors as they are.
+
+    * The modules named in ``input_stats`` add their inputs to those :class:`InputStats`
+      (K-FAC's ``A`` streamed over every batch) instead of to the operator's own input
+      covariance. Should curvlinops rename the hook, the override is never called, and the
+      streamed ``A`` then lacks the K-FAC batches' inputs: a test checks that they are counted.
+    * The exact GGN of a two-class cross-entropy takes one backward pass instead of two. The
+      loss Hessian in the logits, :math:`\mathrm{diag}(p) - p p^\top`, has rank
+      :math:`C - 1`; for :math:`C = 2` it is :math:`v v^\top` with
+      :math:`v = \sqrt{p_0 p_1}\,(1, -1)`, so one backward pass along ``v`` gives the same
+      output factor ``G`` as curvlinops' two columns of its square root (to rounding).
+    * That pass, and the Monte-Carlo GGN's, ask for each layer's bias gradient where it has a
+      bias, not its weight's: the output factors are the same, bit for bit, without the
+      weight gradients' matrix products.
+    """
     from curvlinops import KFACLinearOperator
+    from curvlinops.kfac import FisherType
+    from torch.autograd import grad
 
     class SkipInputKFAC(KFACLinearOperator):
-        skip_input_covariance: frozenset = frozenset()
+        input_stats: dict[str, InputStats] = {}
 
         def _hook_accumulate_input_covariance(self, module, inputs, module_name: str) -> None:
-            if module_name not in self.skip_input_covariance:
+            if module_name in self.input_stats:
+                self.input_stats[module_name].add(inputs)
+            else:
                 super()._hook_accumulate_input_covariance(module, inputs, module_name)
+
+        def _backward(self, scalar: torch.Tensor, retain_graph: bool) -> None:
+            # G reads the gradients of the layers' outputs, which its hooks see on the way: a
+            # layer's bias gradient (a sum of that output gradient) forces them as surely as
+            # its weight's, without the weight gradient's matrix product
+            targets = [self._params[pos.get("bias", pos.get("weight"))]
+                       for pos in self._mapping.values()]
+            grad(scalar, targets, retain_graph=retain_graph)
+
+        def _compute_loss_and_backward(self, output: torch.Tensor, y: torch.Tensor) -> None:
+            if self._fisher_type == FisherType.MC and output.ndim == 2:
+                for mc in range(self._mc_samples):  # curvlinops' Monte-Carlo GGN
+                    loss = self._loss_func(output, self.draw_label(output))
+                    self._backward(self._maybe_adjust_loss_scale(loss, output),
+                                   retain_graph=mc < self._mc_samples - 1)
+                return None
+            if not (self._fisher_type == FisherType.TYPE2 and output.ndim == 2
+                    and output.shape[1] == 2
+                    and type(self._loss_func) is nn.CrossEntropyLoss):
+                return super()._compute_loss_and_backward(output, y)
+            p = output.detach().softmax(dim=1)
+            v = (p[:, 0] * p[:, 1]).sqrt().unsqueeze(1) * output.new_tensor([1.0, -1.0])
+            if self._loss_func.reduction == "mean":  # curvlinops' scaling of its square root
+                v = v / output.shape[0]
+            self._backward((output * v).sum(), retain_graph=False)
+            return None
 
     return SkipInputKFAC
 
