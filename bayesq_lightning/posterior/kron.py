@@ -65,12 +65,13 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     error-feedback rounding needs. :math:`\delta` is fitted on the K-FAC layers only.
 
     **Input factors from every batch.** ``G`` needs backward passes (one per class for the exact
-    GGN), ``A`` only the layer inputs. With ``kfac_batches`` below the number of batches (per
+    GGN, one for two classes), ``A`` only the layer inputs. With ``kfac_batches`` below the number of batches (per
     process; if any process has more, all stream), the K-FAC fit runs on the first
     ``kfac_batches`` and ``A`` is the mean of :math:`x x^\top` over the input rows of *every*
-    batch (a forward pass each, GPTQ's streamed statistics,
-    :func:`~bayesq_lightning.rounding.streamed_input_hessians`), so more calibration data costs
-    forward passes only; :math:`s` and ``Posterior.n_calib`` count the samples of the K-FAC fit,
+    batch, summed with GPTQ's statistics code (:class:`~bayesq_lightning.rounding.InputStats`):
+    the later batches streamed first (:func:`~bayesq_lightning.rounding.stream_input_stats`), the
+    fit's own batches from its own forward passes, so every batch passes the network once and
+    more calibration data costs forward passes only; :math:`s` and ``Posterior.n_calib`` count the samples of the K-FAC fit,
     which ``G`` sums (``info["input_factor_batches"]`` the batches ``A`` averages). A module
     called several times per forward (shared blocks) gets curvlinops' *sum* over its calls from
     the K-FAC fit but the *mean* over its calls from the stream.
@@ -105,12 +106,12 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     if reduce is not None:  # all processes stream if one does: the reduce calls pair up
         stream = float(reduce(torch.tensor(float(stream), device=prep.device))) > 0
     # (not a 1x1 weight without bias: laplace-torch folds its A into a single block)
-    streamed = {n: m for n, m in kfac_modules.items()
-                if m.weight.numel() > 1 or m.bias is not None} if stream else {}
+    stream_modules = {n: m for n, m in kfac_modules.items()
+                      if m.weight.numel() > 1 or m.bias is not None} if stream else {}
     # the input sums over the batches beyond the K-FAC fit's first (forward passes only), then
     # in fp32 (the fit holds its factors and activations beside them) while the fit's own
     # forward passes add its batches' inputs: every batch passes the network once for A
-    stats = stream_input_stats(prep.net, prep.device, streamed, batches[k:])
+    stats = stream_input_stats(prep.net, prep.device, stream_modules, batches[k:])
     for st in stats.values():
         st.sum_in_float32()
     A_all: dict[str, torch.Tensor] = {}
