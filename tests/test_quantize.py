@@ -205,7 +205,8 @@ def test_kron_rounds_with_feedback_and_scores_with_G(trained, loader):
             return float(((G @ dw @ A) * dw).sum())
 
         q = dequantize(block, torch.float64)
-        assert layer.expected_loss == pytest.approx(score(q), rel=1e-9)
+        # (the pipeline forms the two products in fp32: to 1e-5, as the golden losses)
+        assert layer.expected_loss == pytest.approx(score(q), rel=1e-5)
         nearest = block.__class__(**{**block.__dict__, "codes": round_uniform(
             mu.float(), block.scale, block.zero, 3)})
         if mu.shape[1] > 9:  # room for feedback beyond the 9-column first conv
