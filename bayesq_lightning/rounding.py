@@ -233,7 +233,8 @@ class InputStats:
 
     GPTQ's ``add_batch``: each batch's inputs are folded in by :meth:`add` and dropped, so memory
     is one ``(cols, cols)`` float64 sum per layer whatever the number of calibration samples
-    (each call's product is formed in fp32).
+    (each call's product is formed in fp32; :meth:`sum_in_float32` halves it for a phase that
+    holds other large tensors).
     ``n`` counts the rows of ``X`` (input vectors, tokens, patches), not samples, so batches,
     and ranks, with different sequence lengths or image sizes combine exactly.
     """

@@ -65,13 +65,14 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     error-feedback rounding needs. :math:`\delta` is fitted on the K-FAC layers only.
 
     **Input factors from every batch.** ``G`` needs backward passes (one per class for the exact
-    GGN, one for two classes), ``A`` only the layer inputs. With ``kfac_batches`` below the number of batches (per
-    process; if any process has more, all stream), the K-FAC fit runs on the first
-    ``kfac_batches`` and ``A`` is the mean of :math:`x x^\top` over the input rows of *every*
-    batch, summed with GPTQ's statistics code (:class:`~bayesq_lightning.rounding.InputStats`):
-    the later batches streamed first (:func:`~bayesq_lightning.rounding.stream_input_stats`), the
-    fit's own batches from its own forward passes, so every batch passes the network once and
-    more calibration data costs forward passes only; :math:`s` and ``Posterior.n_calib`` count the samples of the K-FAC fit,
+    GGN, one for two classes), ``A`` only the layer inputs. With ``kfac_batches`` below the
+    number of batches (per process; if any process has more, all stream), the K-FAC fit runs on
+    the first ``kfac_batches`` and ``A`` is the mean of :math:`x x^\top` over the input rows of
+    *every* batch, summed with GPTQ's statistics code
+    (:class:`~bayesq_lightning.rounding.InputStats`): the later batches streamed first
+    (:func:`~bayesq_lightning.rounding.stream_input_stats`), the fit's own batches from its own
+    forward passes, so every batch passes the network once and more calibration data costs
+    forward passes only; :math:`s` and ``Posterior.n_calib`` count the samples of the K-FAC fit,
     which ``G`` sums (``info["input_factor_batches"]`` the batches ``A`` averages). A module
     called several times per forward (shared blocks) gets curvlinops' *sum* over its calls from
     the K-FAC fit but the *mean* over its calls from the stream.
