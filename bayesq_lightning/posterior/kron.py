@@ -112,7 +112,8 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     # the input sums over the batches beyond the K-FAC fit's first (forward passes only), then
     # in fp32 (the fit holds its factors and activations beside them) while the fit's own
     # forward passes add its batches' inputs: every batch passes the network once for A
-    stats = stream_input_stats(prep.net, prep.device, stream_modules, batches[k:])
+    stats = stream_input_stats(prep.net, prep.device, stream_modules,
+                               batches[k:] if stream_modules else [])  # no hooks: no pass
     for st in stats.values():
         st.sum_in_float32()
     A_all: dict[str, torch.Tensor] = {}
