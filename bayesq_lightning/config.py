@@ -108,6 +108,13 @@ class BayesQConfig:
         ``gamma = damp * mean(diag H)``, for ``gptq`` and ``bayesq``-kron alike (GPTQ's 0.01).
     act_order : bool
         Error feedback processes columns by descending ``diag(H)`` (GPTQ's act-order).
+    score_rows : int, optional
+        Blocks rounded by error feedback (``gptq``, ``bayesq``-kron) with more than
+        ``2 * score_rows`` rows and more than one candidate design, round and score their
+        candidates on a seeded random sample of ``score_rows`` rows (the score an unbiased
+        estimate of the block's); after the knapsack only the chosen candidate is designed
+        and rounded on every row and scored exactly (:mod:`~bayesq_lightning.row_sample`).
+        ``None``: every candidate on every row. Monte-Carlo tables always use whole candidates.
     posterior_temperature : float
         Monte-Carlo tables sample ``N(mu, T * Lambda^{-1})`` (``T = 1``: the posterior).
     seed : int
@@ -142,6 +149,7 @@ class BayesQConfig:
     score: str = "curvature"
     damp: float = 0.01
     act_order: bool = False
+    score_rows: int | None = 128
     posterior_temperature: float = 1.0
     seed: int = 0
 
@@ -182,6 +190,11 @@ class BayesQConfig:
                                               or self.kfac_batches < 1):
             raise ValueError(f"kfac_batches={self.kfac_batches!r} must be a positive integer "
                              "or None (every calibration batch)")
+        if self.score_rows is not None and (isinstance(self.score_rows, bool)
+                                            or not isinstance(self.score_rows, int)
+                                            or self.score_rows < 2):
+            raise ValueError(f"score_rows={self.score_rows!r} must be an integer >= 2 (rows a "
+                             "block's candidates are compared on) or None (every row)")
         if self.n_data is not None and (int(self.n_data) != self.n_data or self.n_data < 1):
             raise ValueError(f"n_data={self.n_data!r} must be a positive integer or None")
         if isinstance(self.prior_precision, str):

@@ -52,6 +52,9 @@ class BlockInputs:
     score: Callable[[Tensor], float]  # loss of the block's error dW = Q - W (rows, cols)
     H: Tensor | None = None  # input-side matrix of error-feedback rounding; None: nearest
     weight: Tensor | None = None  # design importance per weight; None: the precision
+    # row scales and (dW of rows idx, idx) -> those rows' terms of score, for choosing the
+    # width on a row sample (row_sample); None: every candidate scored on every row
+    row_form: tuple[Tensor, Callable[[Tensor, Tensor], Tensor]] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,9 +79,11 @@ def _bayesq(ctx: BlockContext) -> BlockInputs:
     prior = ctx.score == "posterior_precision"
     precision = lp.precision_rows(ctx.rows)
     rounding = lp.rounding_matrix(ctx.rows)
-    return BlockInputs(precision, lp.block_form(ctx.rows, prior),
-                       None if rounding is None else rounding[0],
-                       lp.design_weights(ctx.rows, prior=prior))
+    if rounding is None:
+        return BlockInputs(precision, lp.block_form(ctx.rows, prior), None,
+                           lp.design_weights(ctx.rows, prior=prior))
+    return BlockInputs(precision, lp.block_form(ctx.rows, prior), rounding[0],
+                       lp.design_weights(ctx.rows, prior=prior), lp.row_form(ctx.rows, prior))
 
 
 def _mse(ctx: BlockContext) -> BlockInputs:  # the posterior ablated: same search, unit weights
@@ -97,8 +102,18 @@ def _hawq(ctx: BlockContext) -> BlockInputs:  # mean GGN diagonal: the layer's H
 
 def _gptq(ctx: BlockContext) -> BlockInputs:
     H = ctx.hessian.cpu()  # every score input lives on the CPU
-    return BlockInputs(None, partial(output_error, H=H, rows=ctx.rows,
-                                     layer_rows=ctx.w.shape[0]), H)
+    score = partial(output_error, H=H, rows=ctx.rows, layer_rows=ctx.w.shape[0])
+    if H.dim() == 3:  # a grouped conv's rows each have their group's H: scored on every row
+        return BlockInputs(None, score, H)
+    return BlockInputs(None, score, H, row_form=(torch.ones(ctx.rows[1] - ctx.rows[0],
+                                                            dtype=torch.float64),
+                                                 partial(_row_output_error, H=H)))
+
+
+def _row_output_error(dW: Tensor, idx: Tensor, H: Tensor) -> Tensor:
+    """Each row's term ``dW_i H dW_i^T`` of :func:`output_error` (a 2-D ``H``)."""
+    dW = dW.double()
+    return ((dW @ H.double()) * dW).sum(1)
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,12 @@ r"""``quantize_model``: the pipeline, one stage after another.
    matrix from the method's record; for every allowed width and quantizer: a grid or codebook
    (:mod:`~bayesq_lightning.quantizers`), codes by error feedback where the block has a rounding
    matrix (:mod:`~bayesq_lightning.rounding`), its score ``D`` and exact cost ``C``
-   (:func:`~bayesq_lightning.quantizers.storage_bits`).
+   (:func:`~bayesq_lightning.quantizers.storage_bits`). A feedback block with more than
+   ``2 * score_rows`` rows does this on a row sample, its ``D`` an estimate
+   (:mod:`~bayesq_lightning.row_sample`).
 6. **Allocation** -- the knapsack under ``bits * n_weights`` (or ``8 * budget_bytes``) stored
-   bits, metadata included (:mod:`~bayesq_lightning.allocate`).
+   bits, metadata included (:mod:`~bayesq_lightning.allocate`); then each row-sampled block's
+   chosen width designed and rounded on every row, its grids compared by their exact scores.
 7. **Monte-Carlo refinement** (``tables="mc"``) -- task-aware scores of the blocks nearest the
    allocation boundary (:mod:`~bayesq_lightning.tables`), then allocate again.
 8. **Pack** -- packed ``QuantizedLinear`` / ``QuantizedConv2d`` layers in a copy of the model,
@@ -53,6 +56,7 @@ from .quantizers import (
 )
 from .result import BlockResult, LayerResult, QuantizationResult
 from .rounding import feedback_round_blocks, layer_input_hessians
+from .row_sample import full_block_bits, sample_rows
 from .tables import mc_tables
 
 
@@ -75,13 +79,27 @@ class Block:
     score: object = None  # dW -> float
     H: torch.Tensor | None = None  # input-side matrix of error-feedback rounding
     weight: torch.Tensor | None = None  # design importance per weight; None: the precision
+    row_form: tuple | None = None  # row scales, (dW of rows idx, idx) -> row terms of score
 
 
 def _with_inputs(block: Block, method: Method) -> Block:
     """``block`` with its method's inputs (a copy, dropped after its candidates)."""
     inputs = method.block(block.ctx)
     return dataclasses.replace(block, precision=inputs.precision, score=inputs.score,
-                               H=inputs.H, weight=inputs.weight)
+                               H=inputs.H, weight=inputs.weight,
+                               row_form=inputs.row_form)
+
+
+def _rows_of(block: Block, idx: torch.Tensor) -> Block:
+    """The sub-block of ``block``'s rows ``idx`` (block-relative), for its candidates' design
+    and rounding; its ``rows`` keep the block's start (the rounding reads them, not the
+    layer's weights)."""
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[idx]
+
+    r0 = block.rows[0]
+    return dataclasses.replace(block, rows=(r0, r0 + len(idx)), w=block.w[idx],
+                               precision=pick(block.precision), weight=pick(block.weight))
 
 
 def quantize_model(
@@ -160,8 +178,9 @@ def quantize_model(
 
     t_tables = time.perf_counter()
     blocks = _blocks(named, pins, cfg, method, posterior, hessians)                    # 4
-    options, candidates = _candidates(blocks, method, cfg, progress)                   # 5
+    options, candidates, pending = _candidates(blocks, method, cfg, progress)          # 5
     info["tables_seconds"] = time.perf_counter() - t_tables
+    info["sampled_blocks"] = sum(specs is not None for specs in pending)
 
     n_weights = sum(m.weight.numel() for _, m in named)
     budget = _budget_bits(cfg, n_weights)
@@ -189,6 +208,10 @@ def quantize_model(
                     mc_seconds=time.perf_counter() - t_mc,
                     mc_stderr={f"{blocks[i].layer}[{blocks[i].rows[0]}:{blocks[i].rows[1]}]":
                                se[choice[i]] for i, se in zip(refine, mc.stderr, strict=True)})
+
+    t_round = time.perf_counter()
+    _round_chosen(blocks, method, cfg, options, candidates, pending, choice, progress)
+    info["rounding_seconds"] = time.perf_counter() - t_round
 
     layers = _layer_results(named, blocks, options, candidates, choice)
     # dtypes kept as they are (e.g. fp32 norms in a bf16 model)
@@ -293,25 +316,88 @@ def _blocks(named, pins: dict[str, tuple[int, ...]], cfg: BayesQConfig, method: 
     return blocks
 
 
+Spec = tuple[int, str, str]  # a candidate: (bits, quantizer, design objective)
+
+
 def _candidates(blocks: list[Block], method: Method, cfg: BayesQConfig, progress: bool
-                ) -> tuple[list[list[Option]], list[list[BlockResult]]]:
+                ) -> tuple[list[list[Option]], list[list[BlockResult]], list[list[Spec] | None]]:
     """Stage 5: every block's method inputs, candidates (width x quantizer) and (cost, score)
-    options, one block at a time."""
+    options, one block at a time.
+
+    A block that :func:`_score_sample` samples gets its candidates on a row sample only (their
+    options' costs are the whole block's, their scores estimates; ``row_sample``); its entry in
+    the returned specs lists what each candidate is, for :func:`_round_chosen`.
+    """
     quantizers = ("uniform", "nonuniform") if cfg.quantizer == "auto" else (cfg.quantizer,)
-    options, candidates = [], []
-    for lean in show_progress(blocks, progress, "bayesq candidates"):
+    options, candidates, pending = [], [], []
+    for b, lean in enumerate(show_progress(blocks, progress, "bayesq candidates")):
         block = _with_inputs(lean, method)
         objectives = method.design_objectives(cfg, feedback=block.H is not None)
-        cands = [_design(block, bits, quantizer, objective, cfg)
+        specs = [(bits, quantizer, objective)
                  for bits in block.bits for quantizer in quantizers for objective in objectives]
+        sample = _score_sample(block, len(specs), cfg, b)
+        part = block if sample is None else _rows_of(block, sample[0])
+        cands = [_design(part, *spec, cfg) for spec in specs]
         if block.H is not None:  # gptq, bayesq-kron: error feedback, every candidate in one pass
-            cands = feedback_round_blocks(cands, block.w, block.H, block.layer_rows, cfg.damp,
+            cands = feedback_round_blocks(cands, part.w, part.H, part.layer_rows, cfg.damp,
                                           cfg.act_order)
-        options.append([Option(block_storage_bits(c), candidate_loss(block, c), c.bits,
-                               c.quantizer) for c in cands])
+        if sample is None:
+            options.append([Option(block_storage_bits(c), candidate_loss(block, c), c.bits,
+                                   c.quantizer) for c in cands])
+        else:
+            (idx, weight), n_rows = sample, block.rows[1] - block.rows[0]
+            terms = block.row_form[1]
+            options.append([Option(full_block_bits(c, n_rows), float((weight * terms(
+                dequantize(c, torch.float64) - part.w.double(), idx)).sum()), c.bits,
+                c.quantizer) for c in cands])
         candidates.append(cands)
+        pending.append(None if sample is None else specs)
     clear_score_cache()
-    return options, candidates
+    return options, candidates, pending
+
+
+def _score_sample(block: Block, n_candidates: int, cfg: BayesQConfig, index: int
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rows ``block`` compares its candidates on and their estimate weights
+    (:func:`~bayesq_lightning.row_sample.sample_rows`: ``cfg.score_rows`` draws, seeded per
+    block), or ``None``: every row (no feedback, one candidate, at most ``2 * score_rows``
+    rows, or Monte-Carlo tables, which need every candidate whole)."""
+    n_rows = block.rows[1] - block.rows[0]
+    if (cfg.score_rows is None or block.row_form is None or n_candidates < 2
+            or n_rows <= 2 * cfg.score_rows or cfg.tables == "mc"):
+        return None
+    w = block.w.double()  # a row's rounding error scales with its range
+    return sample_rows(block.row_form[0] * (w.amax(1) - w.amin(1)) ** 2, cfg.score_rows,
+                       cfg.seed * 1_000_003 + index)
+
+
+def _round_chosen(blocks: list[Block], method: Method, cfg: BayesQConfig,
+                  options: list[list[Option]], candidates: list[list[BlockResult]],
+                  pending: list[list[Spec] | None], choice: list[int], progress: bool) -> None:
+    """Stage 6b: every row-sampled block's chosen width and quantizer designed and rounded on
+    all its rows, each of its grid designs (same cost), and the one with the lower exact score
+    stored (in place of the sample's candidate and estimate).
+
+    The grids are compared exactly because the sample's estimate leaves out K-FAC's cross-row
+    terms, which are what a clipped grid's errors can add (:mod:`~bayesq_lightning.row_sample`).
+    """
+    todo = [b for b, specs in enumerate(pending) if specs is not None]
+    for b in show_progress(todo, progress, "bayesq rounding"):
+        block, (bits, quantizer, _) = _with_inputs(blocks[b], method), pending[b][choice[b]]
+        at = [j for j, spec in enumerate(pending[b]) if spec[:2] == (bits, quantizer)]
+        finals = feedback_round_blocks([_design(block, *pending[b][j], cfg) for j in at],
+                                       block.w, block.H, block.layer_rows, cfg.damp,
+                                       cfg.act_order)
+        losses = [candidate_loss(block, c) for c in finals]
+        k = min(range(len(at)), key=losses.__getitem__)
+        cost = block_storage_bits(finals[k])
+        if cost != options[b][choice[b]].cost:  # the allocation's accounting is the artifact's
+            raise RuntimeError(f"block {b} of {block.layer!r}: the sampled candidate was costed "
+                               f"{options[b][choice[b]].cost} bits, the whole one holds {cost}")
+        choice[b] = at[k]
+        options[b][at[k]] = Option(cost, losses[k], bits, quantizer)
+        candidates[b][at[k]] = finals[k]
+    clear_score_cache()
 
 
 def _design(block: Block, bits: int, quantizer: str, objective: str,

@@ -360,7 +360,7 @@ def layer_input_hessians(
     cross-process sum) the sums and row counts are summed over processes: every rank gets
     ``sum S / sum n``, whatever each rank's sequence lengths or image sizes.
     """
-    net, device, modules = fp32_logits_copy(model)
+    net, device, modules = fp32_logits_copy(model, share_weights=True)
     return streamed_input_hessians(net, device, {n: modules[n] for n in names}, batches,
                                    reduce)
 

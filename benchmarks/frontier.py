@@ -66,6 +66,8 @@ METHODS: dict[str, dict] = {
     "bayesq kron act-order": {"act_order": True},
     "bayesq kron old score": {"score": "posterior_precision"},
     "bayesq kron train-curv": {"_curvature": "train"},
+    "bayesq kron all-rows": {"score_rows": None},  # every candidate on every row
+    "gptq all-rows": {"method": "gptq", "score_rows": None},
 }
 
 

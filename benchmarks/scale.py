@@ -110,7 +110,7 @@ def run_one(name: str, method: str, samples: int, batch_size: int = 8) -> dict:
         "seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "bits_per_weight": res.bits_per_weight,
         **{k: res.info.get(k) for k in ("posterior_seconds", "hessian_seconds", "tables_seconds",
-                                        "allocation_seconds")},
+                                        "allocation_seconds", "rounding_seconds")},
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 from bayesq_lightning.batches import calibration_samples
 from bayesq_lightning.layers import quantizable_layers
 from bayesq_lightning.posterior import fit_posterior
+from bayesq_lightning.posterior.base import KronLayerPosterior
 
 
 def _mlp(seed: int = 0, d_in: int = 4, hidden: int = 3, classes: int = 5) -> nn.Sequential:
@@ -667,3 +669,42 @@ def test_kron_diagonals_are_derived_from_the_factors_not_stored():
     assert torch.equal(lp.precision, curvature + lp.prior_precision)
     assert torch.equal(lp.precision_rows((1, 4)), lp.precision[1:4])
     assert not {"precision", "curvature"} & set(vars(lp))
+
+
+@pytest.mark.parametrize("g, a, finite", [(1.0, 2.0, True), (math.inf, 2.0, False),
+                                           (math.nan, 2.0, False), (1e30, 1e30, False)])
+def test_kron_finiteness_from_the_factors(g, a, finite):
+    G, A = torch.eye(3), torch.eye(4)
+    G[1, 1], A[2, 2] = g, a
+    lp = KronLayerPosterior("fc", torch.zeros(3, 4), None, 0.5, A=A, G=G)
+    assert lp.is_finite() is finite
+    curvature_finite = bool(torch.isfinite(lp.curvature).all())
+    assert lp.is_finite() is (curvature_finite and bool(torch.isfinite(lp.precision).all()))
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron", "lowrank"])
+def test_the_fit_reads_the_models_weights_and_the_means_get_their_own(trained, loader,
+                                                                      monkeypatch, structure):
+    """No second model in memory during the fit; afterwards the means are the posterior's."""
+    import bayesq_lightning.posterior.fit as fit_module
+
+    before = snapshot(trained)
+    storages = {p.untyped_storage().data_ptr() for p in trained.parameters()}
+    seen = []
+    original = fit_module.Prepared.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.extend(p.untyped_storage().data_ptr() in storages for p in self.net.parameters())
+
+    monkeypatch.setattr(fit_module.Prepared, "__init__", spy)
+    batches, _ = calibration_samples(loader, 2)
+    names = [n for n, _ in quantizable_layers(trained)]
+    post = fit_posterior(trained, batches, names, n_data=256, structure=structure,
+                         prior_precision=1.0)
+    assert seen and all(seen)  # the fit's copy shares the model's weights
+    assert_unchanged(trained, before)  # and leaves them (and their flags and grads) alone
+    for name in names:
+        mean = post.layers[name].mean
+        assert mean.untyped_storage().data_ptr() not in storages
+        assert torch.equal(mean, trained.get_submodule(name).weight.detach())

@@ -102,6 +102,23 @@ class LayerPosterior:
         # the float64 rows per call, not per closure: the pipeline holds a form per block
         return lambda dW: float((_rows(self.curvature, rows) * dW * dW).sum())
 
+    def row_form(self, rows: tuple[int, int], prior: bool = False
+                 ) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
+        """The row terms of :meth:`block_form`, for choosing a width on a row sample.
+
+        Returns each row's curvature scale ``g`` (``(r1 - r0,)``, float64) and a function of
+        ``(dW[idx], idx)`` (``idx`` block-relative rows) giving those rows' own terms of the
+        score, without the cross-row ones (:mod:`~bayesq_lightning.row_sample`). Only
+        structures with a rounding matrix have one: the pipeline samples blocks rounded by
+        error feedback.
+        """
+        raise NotImplementedError(f"the {self.structure} structure rounds to nearest and scores "
+                                  "every row; row terms are K-FAC's")
+
+    def is_finite(self) -> bool:
+        """Whether the curvature and precision are finite (no NaN/inf)."""
+        return bool(torch.isfinite(self.curvature).all() and torch.isfinite(self.precision).all())
+
     def design_weights(self, rows: tuple[int, int], prior: bool = False) -> Tensor:
         r"""Per-weight weights ``(r1 - r0, cols)`` (fp32) of the grid design: ``diag(sH)``.
 
@@ -239,6 +256,13 @@ class KronLayerPosterior(LayerPosterior):
     def precision(self, value: Tensor | None) -> None:
         pass
 
+    def is_finite(self) -> bool:
+        # from the factors' diagonals, without forming the two weight-sized diagonals: both
+        # are non-negative, so every product g_i a_j is finite iff the largest one is
+        g, a = self.G.diagonal(), self.A.diagonal()
+        top = g.abs().amax() * a.abs().amax() + self.prior_precision
+        return bool(torch.isfinite(g).all() and torch.isfinite(a).all() and torch.isfinite(top))
+
     def precision_rows(self, rows: tuple[int, int]) -> Tensor:
         # only these rows, not a view of a whole-layer tensor kept alive by every block
         g = self.G.diagonal()[rows[0]:rows[1]]
@@ -262,6 +286,20 @@ class KronLayerPosterior(LayerPosterior):
             return float(((G @ dW.float() @ A).double() * dW).sum())
 
         return form
+
+    def row_form(self, rows: tuple[int, int], prior: bool = False
+                 ) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
+        r"""Row ``i``'s term :math:`G_{ii}\, dW_i A\, dW_i^	op` (``+ delta |dW_i|^2``)."""
+        r0, r1 = rows
+        g = self.G.diagonal()[r0:r1].double().cpu()
+        delta = self.prior_precision
+
+        def terms(dW: Tensor, idx: Tensor) -> Tensor:
+            dW32 = dW.float()
+            t = g[idx] * ((dW32 @ self.A.float().cpu()) * dW32).double().sum(1)
+            return t + delta * (dW.double() ** 2).sum(1) if prior else t
+
+        return g, terms
 
     def rounding_matrix(self, rows: tuple[int, int], damp: float = 0.01
                         ) -> tuple[Tensor, float]:

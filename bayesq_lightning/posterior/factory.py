@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
 from torch import nn
 
 from ..batches import largest_input
@@ -121,8 +120,13 @@ def fit_posterior(
                                 batch_size=batch_size, reduce=reduce, **extra)
     for alias, owner in aliases.items():  # one weight, one posterior: both uses' curvature
         posterior.layers[owner] = posterior.layers[owner].tied_with(posterior.layers.pop(alias))
-    bad = [n for n, lp in posterior.layers.items()
-           if not (torch.isfinite(lp.curvature).all() and torch.isfinite(lp.precision).all())]
+    # the fit read the model's own weights (Prepared): the means get their own copies, one
+    # layer at a time, so that later edits of the model do not move the posterior
+    shared = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for lp in posterior.layers.values():
+        if lp.mean.untyped_storage().data_ptr() in shared:
+            lp.mean = lp.mean.detach().clone()
+    bad = [n for n, lp in posterior.layers.items() if not lp.is_finite()]
     if bad:
         raise ValueError(
             f"the fitted curvature of layers {bad} is not finite (NaN/inf): the calibration "

@@ -111,7 +111,9 @@ class Prepared:
     """The fp32 clone, the calibration dataset over exactly the calibration samples, its loader."""
 
     def __init__(self, model: nn.Module, batches: list, batch_size: int | None) -> None:
-        self.net, self.device, self.modules = fp32_logits_copy(model)
+        # the fits read the weights, never write them: the copy shares the model's fp32
+        # weights (fit_posterior gives the posterior means their own copy afterwards)
+        self.net, self.device, self.modules = fp32_logits_copy(model, share_weights=True)
         untie_parameters(self.net)  # a shared weight would reach laplace-torch twice
         for i, batch in enumerate(batches):  # one cheap forward each: name a misfit batch
             self.n_classes = _check_fits(self.net, batch, self.device, i)
