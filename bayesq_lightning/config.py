@@ -111,9 +111,10 @@ class BayesQConfig:
     score_rows : int, optional
         Blocks rounded by error feedback (``gptq``, ``bayesq``-kron) with more than
         ``2 * score_rows`` rows and more than one candidate design, round and score their
-        candidates on a seeded random sample of ``score_rows`` rows (the score an unbiased
-        estimate of the block's); after the knapsack only the chosen candidate is designed
-        and rounded on every row and scored exactly (:mod:`~bayesq_lightning.row_sample`).
+        candidates on ``score_rows`` seeded draws of rows (weighted by each row's curvature
+        and range; the score an unbiased estimate of the block's row terms); after the
+        knapsack only the chosen width's grids are designed and rounded on every row and
+        scored exactly, the better one kept (:mod:`~bayesq_lightning.row_sample`).
         ``None``: every candidate on every row. Monte-Carlo tables always use whole candidates.
     posterior_temperature : float
         Monte-Carlo tables sample ``N(mu, T * Lambda^{-1})`` (``T = 1``: the posterior).

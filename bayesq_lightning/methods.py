@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .quantizers.uniform import RANGE_OBJECTIVES
-from .rounding import output_error
+from .rounding import output_error, row_output_errors
 
 if TYPE_CHECKING:
     from .config import BayesQConfig
@@ -107,13 +107,7 @@ def _gptq(ctx: BlockContext) -> BlockInputs:
         return BlockInputs(None, score, H)
     return BlockInputs(None, score, H, row_form=(torch.ones(ctx.rows[1] - ctx.rows[0],
                                                             dtype=torch.float64),
-                                                 partial(_row_output_error, H=H)))
-
-
-def _row_output_error(dW: Tensor, idx: Tensor, H: Tensor) -> Tensor:
-    """Each row's term ``dW_i H dW_i^T`` of :func:`output_error` (a 2-D ``H``)."""
-    dW = dW.double()
-    return ((dW @ H.double()) * dW).sum(1)
+                                                 lambda dW, idx: row_output_errors(dW, H)))
 
 
 @dataclass(frozen=True)

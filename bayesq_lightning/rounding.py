@@ -495,9 +495,12 @@ def _stacked_quantizer(cands: Sequence[BlockResult], a: int, b: int) -> Quantize
 
 def output_error(dW: Tensor, H: Tensor, rows: tuple[int, int], layer_rows: int) -> float:
     r""":math:`\mathrm{tr}(\Delta W H \Delta W^\top)` of a block, per group for a 3-D ``H``."""
-    dW = dW.double()
     H = H if H.dim() == 3 else H.unsqueeze(0)
-    total = 0.0
-    for g, (a, b) in group_pieces(rows, layer_rows // H.shape[0]):
-        total += float(((dW[a:b] @ H[g].double()) * dW[a:b]).sum())
-    return total
+    return sum(float(row_output_errors(dW[a:b], H[g]).sum())
+               for g, (a, b) in group_pieces(rows, layer_rows // H.shape[0]))
+
+
+def row_output_errors(dW: Tensor, H: Tensor) -> Tensor:
+    r"""Each row's :math:`\Delta W_i H \Delta W_i^\top` (float64) under a 2-D ``H``."""
+    dW = dW.double()
+    return ((dW @ H.double()) * dW).sum(1)

@@ -4,9 +4,9 @@ Error feedback rounds every row of a block on its own (the column loop mixes col
 rows), and a uniform grid is designed per row, so the codes of rows ``S`` of a candidate are the
 same whether the block is rounded whole or only ``S`` is. A block with ``R`` rows and ``K``
 candidates (widths x grids) can therefore be designed, rounded and scored on a sample of
-``r`` rows; after the knapsack only the chosen candidate is designed and rounded on all ``R``
-rows and scored exactly: ``K r + R`` rows of work instead of ``K R``, and ``K - 1`` candidates
-held at ``r`` rows instead of ``R``.
+``r`` rows; after the knapsack only the chosen width's grids (one or two) are designed and
+rounded on all ``R`` rows and scored exactly: about ``K r + 2 R`` rows of work instead of
+``K R``, and the candidates held at ``r`` rows instead of ``R``.
 
 **What the sample estimates.** A block's score is a sum over row pairs,
 :math:`D = \sum_{i,j} M_{ij}` (K-FAC: :math:`M_{ij} = G_{ij}\, dW_i A\, dW_j^\top`; GPTQ: only
@@ -18,8 +18,8 @@ curvature times its grid step squared, the size of its rounding error), and
 :math:`\sum_i y_i` (Hansen-Hurwitz), with a small variance where :math:`y_i \propto p_i`. The
 cross-row terms of K-FAC are left out of the choice (an unbiased estimate of them from a sample
 was measured far noisier than they are large: on the fine-tuned MiniLM the row terms are a
-median 0.99 of the score, 0.78-1.06 for 90% of the candidates); the chosen candidate's score
-is then exact. A shared codebook designed on the sample is an estimate too (per-row grids are
+median 0.99 of the score, 0.78-1.06 for 90% of the candidates); the chosen width's grids are
+then compared by their exact scores. A shared codebook designed on the sample is an estimate too (per-row grids are
 exact).
 """
 

@@ -289,7 +289,7 @@ class KronLayerPosterior(LayerPosterior):
 
     def row_form(self, rows: tuple[int, int], prior: bool = False
                  ) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
-        r"""Row ``i``'s term :math:`G_{ii}\, dW_i A\, dW_i^	op` (``+ delta |dW_i|^2``)."""
+        r"""Row ``i``'s term :math:`G_{ii}\, dW_i A\, dW_i^\top` (``+ delta |dW_i|^2``)."""
         r0, r1 = rows
         g = self.G.diagonal()[r0:r1].double().cpu()
         delta = self.prior_precision
