@@ -10,27 +10,29 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
 
-def clone_module(model: nn.Module, share_weights: bool = False) -> nn.Module:
+def clone_module(model: nn.Module, share_weights: bool = False,
+                 shared: Iterable[nn.Parameter] = ()) -> nn.Module:
     """A deep copy that shares nothing with ``model`` (nor its Trainer); mode and dtypes kept.
 
     ``share_weights``: the copy's parameters are new ``Parameter`` objects (their own
     ``requires_grad`` and ``.grad``) over ``model``'s parameter storage, for a copy that only
     reads its weights (buffers are still copied: a module may update them in a forward pass).
+    ``shared``: only these parameters are made so, the rest copied (weights the caller replaces
+    in the copy at once need no copy of their own).
     """
     memo: dict[int, object] = {}
     for attr in ("_trainer", "_fabric"):  # a LightningModule must not drag its Trainer along
         ref = model.__dict__.get(attr)
         if ref is not None:
             memo[id(ref)] = None
-    if share_weights:
-        for p in model.parameters():
-            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    for p in model.parameters() if share_weights else shared:
+        memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
     return copy.deepcopy(model, memo)
 
 

@@ -210,12 +210,15 @@ def quantize_model(
                                se[choice[i]] for i, se in zip(refine, mc.stderr, strict=True)})
 
     t_round = time.perf_counter()
-    _round_chosen(blocks, method, cfg, options, candidates, pending, choice, progress)
+    info["sample_overruled"] = _round_chosen(blocks, method, cfg, options, candidates, pending,
+                                             choice, progress)
     info["rounding_seconds"] = time.perf_counter() - t_round
 
     layers = _layer_results(named, blocks, options, candidates, choice)
-    # dtypes kept as they are (e.g. fp32 norms in a bf16 model)
-    qmodel = model if inplace else clone_module(model)                                 # 8
+    # dtypes kept as they are (e.g. fp32 norms in a bf16 model); the float weights of the
+    # layers replaced next are not copied (BERT-base: 0.34 GB less at the peak)
+    shared = [] if inplace else _replaced_weights(model, [n for n, _ in named], tied)
+    qmodel = model if inplace else clone_module(model, shared=shared)                  # 8
     replace_quantized_layers(qmodel, layers, tied=tied)
     if tied or skipped:
         info.update(tied=dict(tied), skipped=dict(skipped))
@@ -229,6 +232,16 @@ def quantize_model(
         code_bits_per_weight=code_bits / n_weights, budget_bits=budget, info=info,
         posterior=posterior, tied=dict(tied), skipped=dict(skipped),
     )
+
+
+def _replaced_weights(model: nn.Module, names: list[str], tied: dict[str, str]
+                      ) -> list[nn.Parameter]:
+    """The weights of the layers ``names`` and ``tied`` aliases that no other module holds: a
+    copy of ``model`` whose layers are replaced at once can read these from ``model``."""
+    replaced = {id(model.get_submodule(n)) for n in [*names, *tied]}
+    kept = {id(p) for m in model.modules() if id(m) not in replaced
+            for p in m.parameters(recurse=False)}
+    return [m.weight for m in map(model.get_submodule, names) if id(m.weight) not in kept]
 
 
 # --------------------------------------------------------------------------- stages
@@ -373,7 +386,7 @@ def _score_sample(block: Block, n_candidates: int, cfg: BayesQConfig, index: int
 
 def _round_chosen(blocks: list[Block], method: Method, cfg: BayesQConfig,
                   options: list[list[Option]], candidates: list[list[BlockResult]],
-                  pending: list[list[Spec] | None], choice: list[int], progress: bool) -> None:
+                  pending: list[list[Spec] | None], choice: list[int], progress: bool) -> int:
     """Stage 6b: every row-sampled block's chosen width and quantizer designed and rounded on
     all its rows, each of its grid designs (same cost), and the one with the lower exact score
     stored (in place of the sample's candidate and estimate).
@@ -382,6 +395,7 @@ def _round_chosen(blocks: list[Block], method: Method, cfg: BayesQConfig,
     terms, which are what a clipped grid's errors can add (:mod:`~bayesq_lightning.row_sample`).
     """
     todo = [b for b, specs in enumerate(pending) if specs is not None]
+    overruled = 0
     for b in show_progress(todo, progress, "bayesq rounding"):
         block, (bits, quantizer, _) = _with_inputs(blocks[b], method), pending[b][choice[b]]
         at = [j for j, spec in enumerate(pending[b]) if spec[:2] == (bits, quantizer)]
@@ -394,10 +408,12 @@ def _round_chosen(blocks: list[Block], method: Method, cfg: BayesQConfig,
         if cost != options[b][choice[b]].cost:  # the allocation's accounting is the artifact's
             raise RuntimeError(f"block {b} of {block.layer!r}: the sampled candidate was costed "
                                f"{options[b][choice[b]].cost} bits, the whole one holds {cost}")
+        overruled += at[k] != choice[b]
         choice[b] = at[k]
         options[b][at[k]] = Option(cost, losses[k], bits, quantizer)
         candidates[b][at[k]] = finals[k]
     clear_score_cache()
+    return overruled
 
 
 def _design(block: Block, bits: int, quantizer: str, objective: str,

@@ -276,8 +276,12 @@ class InputStats:
         self.S = XtX.to(self.sum_dtype) if self.S is None else self.S.add_(XtX)
         self.n += X.shape[1]
 
-    def hessian(self, reduce=None) -> Tensor:
-        """``H = S / n`` (float32); with ``reduce``, ``S`` and ``n`` summed over processes."""
+    def hessian(self, reduce=None, release: bool = False) -> Tensor:
+        """``H = S / n`` (float32); with ``reduce``, ``S`` and ``n`` summed over processes.
+
+        ``release``: the running sum is divided in place and dropped (no further ``add``), so
+        that ``H`` costs no second copy beside it, whoever else holds these statistics.
+        """
         S, n = self.S, self.n
         if reduce is not None:  # every rank calls, also one that saw no inputs
             S = reduce(S if S is not None else torch.zeros(
@@ -286,7 +290,11 @@ class InputStats:
             n = int(reduce(torch.tensor(float(n), dtype=torch.float64, device=S.device)).item())
         if S is None or n == 0:
             raise ValueError("input_hessian got no inputs")
-        H = (S / n).float()
+        if release:
+            self.S = None
+            H = S.div_(n).float()
+        else:
+            H = (S / n).float()
         return H[0] if self.groups == 1 else H
 
 
@@ -397,8 +405,9 @@ def finish_input_hessians(stats: dict[str, InputStats], batches: Sequence, reduc
                           ) -> dict[str, Tensor]:
     """Every layer's ``H = S / n`` (summed over processes with ``reduce``), checked finite;
     ``batches`` only name the largest input in the error."""
-    # each layer's sum dropped once converted: one at a time beside the fp32 results
-    hessians = {n: stats.pop(n).hessian(reduce) for n in list(stats)}
+    # each layer's sum dropped once converted (also where the K-FAC operator still holds its
+    # statistics): one at a time beside the fp32 results
+    hessians = {n: stats.pop(n).hessian(reduce, release=True) for n in list(stats)}
     # after the reduce: one rank's overflow reaches every rank, so all raise together
     bad = [n for n, h in hessians.items() if not torch.isfinite(h).all()]
     if bad:

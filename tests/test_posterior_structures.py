@@ -708,3 +708,29 @@ def test_the_fit_reads_the_models_weights_and_the_means_get_their_own(trained, l
         mean = post.layers[name].mean
         assert mean.untyped_storage().data_ptr() not in storages
         assert torch.equal(mean, trained.get_submodule(name).weight.detach())
+
+
+def test_a_check_forward_runs_once_per_input_form():
+    # batches like a checked one (another size included) fit as it does: only the first of
+    # each form costs a forward pass before the fit (BERT-base: 0.7 s each, issue 14)
+    from bayesq_lightning.posterior.fit import Prepared
+
+    shapes = []
+
+    class Pooled(nn.Module):  # global pooling: every image size fits
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shapes.append(tuple(x.shape))
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(n, 1, size, size, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    prep = Prepared(Pooled(), [batch(4, 8), batch(4, 8), batch(3, 8), batch(4, 10),
+                               batch(2, 10)], None)
+    assert shapes == [(4, 1, 8, 8), (4, 1, 10, 10)] and prep.n_classes == 3 and prep.n_calib == 17

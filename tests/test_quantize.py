@@ -423,3 +423,25 @@ def test_curvature_loader_feeds_the_posterior_only(trained, loader):
     with pytest.raises(ValueError, match="curvature_loader feeds the posterior fit"):
         quantize_model(trained, loader, BayesQConfig(method="gptq"), curvature_loader=held_out,
                        progress=False)
+
+
+def test_result_model_shares_no_storage_and_leaves_the_model_as_it_was(trained, loader):
+    # the clone reads the replaced layers' float weights instead of copying them (issue 14)
+    before = snapshot(trained)
+    res = quantize_model(trained, loader, BayesQConfig(bits=4.0, structure="diag",
+                                                       prior_precision=1.0))
+    assert_unchanged(trained, before)
+    ours = {t.untyped_storage().data_ptr() for t in [*trained.parameters(), *trained.buffers()]}
+    theirs = [t.untyped_storage().data_ptr() for t in [*res.model.parameters(),
+                                                       *res.model.buffers()]]
+    assert not ours.intersection(theirs)
+
+
+def test_only_weights_no_kept_module_holds_are_read_by_the_clone():
+    from bayesq_lightning.quantize import _replaced_weights
+
+    emb, head, other = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10), torch.nn.Linear(4, 4)
+    model = torch.nn.Sequential(emb, other, head)
+    assert _replaced_weights(model, ["1", "2"], {}) == [other.weight, head.weight]
+    head.weight = emb.weight  # tied to a module that stays float: the copy needs its own
+    assert _replaced_weights(model, ["1", "2"], {}) == [other.weight]

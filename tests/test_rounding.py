@@ -10,6 +10,7 @@ from torch import nn
 from bayesq_lightning.quantizers import dequantize, design_uniform, expand_groups, round_uniform
 from bayesq_lightning.result import BlockResult
 from bayesq_lightning.rounding import (
+    InputStats,
     error_feedback_round,
     feedback_round_block,
     gptq_gamma,
@@ -378,3 +379,17 @@ def test_round_uniform_with_a_width_per_row_equals_each_width():
     got = round_uniform(w, s, z, bits)
     for r in range(6):
         assert torch.equal(got[r], round_uniform(w[r], s[r], z[r], int(bits[r])))
+
+
+def test_releasing_the_sum_gives_the_same_h_and_frees_it():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 3)
+    stats = [InputStats(lin), InputStats(lin)]
+    for st in stats:
+        st.add(torch.randn(5, 6, generator=torch.Generator().manual_seed(1)))
+    stats[1].sum_in_float32()
+    kept = stats[0].hessian()
+    assert stats[0].S is not None
+    for st in stats:  # float64 and fp32 sums alike
+        torch.testing.assert_close(st.hessian(release=True), kept)
+        assert st.S is None
