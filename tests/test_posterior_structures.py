@@ -579,6 +579,22 @@ def test_kron_marglik_counts_bias_blocks_like_laplace_torch():
     assert post.prior_precision == pytest.approx(ref, rel=1e-4)
 
 
+def test_the_kron_fit_skips_laplace_torchs_zero_factors_and_its_factory_never_picks_it():
+    # the zero factors of every layer (the size of G and A) were allocated and freed at once
+    from laplace import Laplace
+    from laplace.baselaplace import KronLaplace
+
+    from bayesq_lightning.posterior.fit import _unfilled
+
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+    unfilled = _unfilled("kron")
+    assert issubclass(unfilled, KronLaplace) and unfilled(model, "classification").H is None
+    assert type(Laplace(model, "classification", subset_of_weights="all",
+                        hessian_structure="kron")) is KronLaplace
+    with pytest.raises(ValueError, match="only supported for K-FAC"):
+        _unfilled("diag")
+
+
 @pytest.mark.parametrize("classes", [2, 3])
 def test_kron_exact_ggn_of_two_classes_takes_one_backward_pass(monkeypatch, classes):
     """Two classes: one backward pass per batch along the rank-one square root of the loss

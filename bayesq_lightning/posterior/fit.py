@@ -17,6 +17,7 @@ touched.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -238,15 +239,14 @@ def laplace_fit(
         names = [n.removeprefix("model.") for n, p in prep.net.named_parameters()
                  if p.requires_grad]
         params = [p for p in prep.net.parameters() if p.requires_grad]
-        la = Laplace(
-            prep.net, "classification", subset_of_weights="all",
-            hessian_structure=hessian_structure, backend=backend_cls,
-            backend_kwargs={"stochastic": stochastic},
-            prior_precision=1.0 if prior_precision == "marglik" else float(prior_precision),
-            dict_key_x=prep.dict_key_x,
-        )
-        if fit is not None:  # laplace-torch's zero-filled factors of every layer (K-FAC: the
-            la.H = None      # size of G and A again), never read: fit() fills H_facs itself
+        kwargs = {"backend": backend_cls, "backend_kwargs": {"stochastic": stochastic},
+                  "prior_precision": 1.0 if prior_precision == "marglik" else float(prior_precision),
+                  "dict_key_x": prep.dict_key_x}
+        if fit is None:
+            la = Laplace(prep.net, "classification", subset_of_weights="all",
+                         hessian_structure=hessian_structure, **kwargs)
+        else:  # fit() fills H_facs itself
+            la = _unfilled(hessian_structure)(prep.net, "classification", **kwargs)
         try:
             with warnings.catch_warnings():  # ASDL's module hooks: its own deprecation, not ours
                 warnings.filterwarnings("ignore", message="Using a non-full backward hook")
@@ -263,6 +263,28 @@ def laplace_fit(
             la.prior_precision = marglik_prior_precision(spectrum(la), theta_sq, la.n_params)
         delta = float(la.prior_precision.reshape(-1)[0])
     return LaplaceFit(la, names, params, delta, n_total)
+
+
+@functools.cache
+def _unfilled(hessian_structure: str) -> type:
+    """laplace-torch's Laplace class for ``hessian_structure`` without its zero-filled ``H``.
+
+    Its constructor allocates zero factors for every layer (K-FAC: the size of ``G`` and ``A``
+    again) that a ``fit`` of our own never reads. The subclass has a key of its own:
+    laplace-torch's ``Laplace`` factory maps keys to subclasses and must never pick it.
+    """
+    from laplace.baselaplace import KronLaplace
+
+    if hessian_structure != "kron":
+        raise ValueError(f"a fit of its own is only supported for K-FAC, not {hessian_structure!r}")
+
+    class UnfilledKron(KronLaplace):
+        _key = ("bayesq_lightning", "kron without zero factors")
+
+        def _init_H(self) -> None:
+            self.H = None
+
+    return UnfilledKron
 
 
 def global_count(n_local: int, reduce: Reduce | None, device: torch.device) -> int:
