@@ -18,7 +18,8 @@ from torch import nn
 
 def clone_module(model: nn.Module, share_weights: bool = False,
                  shared: Iterable[nn.Parameter] = ()) -> nn.Module:
-    """A deep copy that shares nothing with ``model`` (nor its Trainer); mode and dtypes kept.
+    """A deep copy of ``model`` (never its Trainer), mode and dtypes kept, that shares nothing
+    with it unless asked to.
 
     ``share_weights``: the copy's parameters are new ``Parameter`` objects (their own
     ``requires_grad`` and ``.grad``) over ``model``'s parameter storage, for a copy that only

@@ -236,11 +236,12 @@ def quantize_model(
 
 def _replaced_weights(model: nn.Module, names: list[str], tied: dict[str, str]
                       ) -> list[nn.Parameter]:
-    """The weights of the layers ``names`` and ``tied`` aliases that no other module holds: a
-    copy of ``model`` whose layers are replaced at once can read these from ``model``."""
+    """The weights of the layers ``names`` and ``tied`` aliases that no other module holds (as a
+    parameter or a buffer): a copy of ``model`` whose layers are replaced at once can read these
+    from ``model``."""
     replaced = {id(model.get_submodule(n)) for n in [*names, *tied]}
-    kept = {id(p) for m in model.modules() if id(m) not in replaced
-            for p in m.parameters(recurse=False)}
+    kept = {id(t) for m in model.modules() if id(m) not in replaced
+            for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
     return [m.weight for m in map(model.get_submodule, names) if id(m.weight) not in kept]
 
 
@@ -408,7 +409,7 @@ def _round_chosen(blocks: list[Block], method: Method, cfg: BayesQConfig,
         if cost != options[b][choice[b]].cost:  # the allocation's accounting is the artifact's
             raise RuntimeError(f"block {b} of {block.layer!r}: the sampled candidate was costed "
                                f"{options[b][choice[b]].cost} bits, the whole one holds {cost}")
-        overruled += at[k] != choice[b]
+        overruled += losses[k] < losses[at.index(choice[b])]  # not a tie
         choice[b] = at[k]
         options[b][at[k]] = Option(cost, losses[k], bits, quantizer)
         candidates[b][at[k]] = finals[k]

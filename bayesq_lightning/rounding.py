@@ -279,8 +279,9 @@ class InputStats:
     def hessian(self, reduce=None, release: bool = False) -> Tensor:
         """``H = S / n`` (float32); with ``reduce``, ``S`` and ``n`` summed over processes.
 
-        ``release``: the running sum is divided in place and dropped (no further ``add``), so
-        that ``H`` costs no second copy beside it, whoever else holds these statistics.
+        ``release``: the running sum is divided in place and dropped, and the count reset (a
+        later ``add`` starts afresh), so that ``H`` costs no second copy beside it, whoever else
+        holds these statistics.
         """
         S, n = self.S, self.n
         if reduce is not None:  # every rank calls, also one that saw no inputs
@@ -291,7 +292,7 @@ class InputStats:
         if S is None or n == 0:
             raise ValueError("input_hessian got no inputs")
         if release:
-            self.S = None
+            self.S, self.n = None, 0
             H = S.div_(n).float()
         else:
             H = (S / n).float()

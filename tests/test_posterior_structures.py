@@ -588,7 +588,8 @@ def test_the_kron_fit_skips_laplace_torchs_zero_factors_and_its_factory_never_pi
 
     model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
     unfilled = _unfilled("kron")
-    assert issubclass(unfilled, KronLaplace) and unfilled(model, "classification").H is None
+    assert issubclass(unfilled, KronLaplace) and unfilled._key != KronLaplace._key
+    assert unfilled(model, "classification").H is None
     assert type(Laplace(model, "classification", subset_of_weights="all",
                         hessian_structure="kron")) is KronLaplace
     with pytest.raises(ValueError, match="only supported for K-FAC"):

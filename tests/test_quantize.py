@@ -445,3 +445,5 @@ def test_only_weights_no_kept_module_holds_are_read_by_the_clone():
     assert _replaced_weights(model, ["1", "2"], {}) == [other.weight, head.weight]
     head.weight = emb.weight  # tied to a module that stays float: the copy needs its own
     assert _replaced_weights(model, ["1", "2"], {}) == [other.weight]
+    emb.register_buffer("alias", other.weight)  # held as another module's buffer: the same
+    assert _replaced_weights(model, ["1", "2"], {}) == []

@@ -109,12 +109,14 @@ def _check_fits(net: nn.Module, batch, device: torch.device, index: int = 0) -> 
 
 
 def _input_form(x) -> tuple:
-    """What a forward pass depends on besides the values and the batch size: the structure,
-    dtypes and the shapes past the batch dimension of a batch's inputs."""
+    """The form of a batch's inputs: structure, dtypes, devices, the shapes past the batch
+    dimension and whether that dimension is 1 (a ``squeeze`` may drop it). A misfit that depends
+    on the values alone (e.g. token ids past the vocabulary) is not caught by the form."""
     if torch.is_tensor(x):
-        return ("tensor", x.dtype, tuple(x.shape[1:]))
+        return ("tensor", x.dtype, str(x.device), tuple(x.shape[1:]), x.dim() > 0 and len(x) == 1)
     if isinstance(x, Mapping):
-        return ("mapping", *sorted((str(k), _input_form(v)) for k, v in x.items()))
+        return ("mapping", *sorted(((str(k), _input_form(v)) for k, v in x.items()),
+                                   key=lambda item: item[0]))
     if isinstance(x, (tuple, list)):
         return (type(x).__name__, *map(_input_form, x))
     return (type(x).__name__, id(x))  # anything else: checked on its own
@@ -129,7 +131,8 @@ class Prepared:
         self.net, self.device, self.modules = fp32_logits_copy(model, share_weights=True)
         untie_parameters(self.net)  # a shared weight would reach laplace-torch twice
         # a forward pass on each batch whose input form differs from all checked ones (usually
-        # only the first, BERT-base: 0.7 s each): a misfit batch is named before the fit
+        # only the first, BERT-base: 0.7 s each): a batch of another form that misfits is
+        # named before the fit
         checked: set[tuple] = set()
         for i, batch in enumerate(batches):
             form = _input_form(split_batch(batch)[0])
@@ -271,7 +274,9 @@ def _unfilled(hessian_structure: str) -> type:
 
     Its constructor allocates zero factors for every layer (K-FAC: the size of ``G`` and ``A``
     again) that a ``fit`` of our own never reads. The subclass has a key of its own:
-    laplace-torch's ``Laplace`` factory maps keys to subclasses and must never pick it.
+    laplace-torch's ``Laplace`` factory maps keys to subclasses and must never pick it. Only
+    ``H_facs`` (set by that ``fit``), the prior precision and the counts are valid on it: its
+    own ``fit``, ``load_state_dict`` and ``posterior_precision`` need ``H``.
     """
     from laplace.baselaplace import KronLaplace
 
