@@ -16,23 +16,20 @@ import torch
 from torch import nn
 
 
-def clone_module(model: nn.Module, share_weights: bool = False,
-                 shared: Iterable[nn.Parameter] = ()) -> nn.Module:
+def clone_module(model: nn.Module, shared: Iterable[nn.Parameter] = ()) -> nn.Module:
     """A deep copy of ``model`` (never its Trainer), mode and dtypes kept, that shares nothing
-    with it unless asked to.
+    with it but the storage of the parameters in ``shared``.
 
-    ``share_weights``: the copy's parameters are new ``Parameter`` objects (their own
-    ``requires_grad`` and ``.grad``) over ``model``'s parameter storage, for a copy that only
-    reads its weights (buffers are still copied: a module may update them in a forward pass).
-    ``shared``: only these parameters are made so, the rest copied (weights the caller replaces
-    in the copy at once need no copy of their own).
+    Each of those becomes a new ``Parameter`` (its own ``requires_grad`` and ``.grad``) over
+    ``model``'s storage: for a copy that only reads those weights, or replaces them at once
+    (buffers are always copied: a module may update them in a forward pass).
     """
     memo: dict[int, object] = {}
     for attr in ("_trainer", "_fabric"):  # a LightningModule must not drag its Trainer along
         ref = model.__dict__.get(attr)
         if ref is not None:
             memo[id(ref)] = None
-    for p in model.parameters() if share_weights else shared:
+    for p in shared:
         memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
     return copy.deepcopy(model, memo)
 
@@ -40,7 +37,7 @@ def clone_module(model: nn.Module, share_weights: bool = False,
 def clone_fp32(model: nn.Module, share_weights: bool = False) -> nn.Module:
     """An fp32 deep copy in eval mode that shares nothing with ``model`` (nor its Trainer);
     ``share_weights``: its fp32 parameters read ``model``'s storage (:func:`clone_module`)."""
-    return clone_module(model, share_weights).float().eval()
+    return clone_module(model, model.parameters() if share_weights else ()).float().eval()
 
 
 def fp32_logits_copy(model: nn.Module, share_weights: bool = False

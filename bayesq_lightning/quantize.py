@@ -217,8 +217,8 @@ def quantize_model(
     layers = _layer_results(named, blocks, options, candidates, choice)
     # dtypes kept as they are (e.g. fp32 norms in a bf16 model); the float weights of the
     # layers replaced next are not copied (BERT-base: 0.34 GB less at the peak)
-    shared = [] if inplace else _replaced_weights(model, [n for n, _ in named], tied)
-    qmodel = model if inplace else clone_module(model, shared=shared)                  # 8
+    qmodel = model if inplace else clone_module(                                       # 8
+        model, _replaced_weights(model, [n for n, _ in named], tied))
     replace_quantized_layers(qmodel, layers, tied=tied)
     if tied or skipped:
         info.update(tied=dict(tied), skipped=dict(skipped))
