@@ -27,7 +27,8 @@ from itertools import pairwise
 
 import numpy as np
 
-SOLVERS = ("greedy", "dp")
+from .choices import SOLVERS
+
 MAX_DP_CELLS = 200_000_000  # blocks x capacity cells of the exact DP (one byte each for argmin)
 
 

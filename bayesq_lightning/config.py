@@ -6,11 +6,19 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from .allocate import SOLVERS
-from .methods import DESIGNS, METHODS, METHODS_TABLE, SCORES
-from .posterior import BACKENDS, STRUCTURES
-from .quantizers import QUANTIZERS, SUPPORTED_BITS, check_bits
-from .tables import TABLES
+from .choices import (
+    BACKENDS,
+    METHODS,
+    POSTERIOR_METHODS,
+    QUANTIZERS,
+    RANGE_OBJECTIVES,
+    SCORES,
+    SOLVERS,
+    STRUCTURES,
+    SUPPORTED_BITS,
+    TABLES,
+    check_bits,
+)
 
 
 def _choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -173,7 +181,7 @@ class BayesQConfig:
         _choice("tables", self.tables, TABLES)
         _choice("solver", self.solver, SOLVERS)
         _choice("backend", self.backend, BACKENDS)
-        _choice("range_objective", self.range_objective, DESIGNS)
+        _choice("range_objective", self.range_objective, RANGE_OBJECTIVES)
         _choice("score", self.score, SCORES)
         for name in ("damp", "posterior_temperature"):
             value = getattr(self, name)
@@ -231,7 +239,7 @@ class BayesQConfig:
         if self.rank is not None and self.structure != "lowrank":
             raise ValueError(f"rank={self.rank} applies to structure='lowrank' only "
                              f"(structure={self.structure!r}); drop it or switch structure")
-        if self.tables == "mc" and not METHODS_TABLE[self.method].supports_mc_tables:
+        if self.tables == "mc" and self.method not in POSTERIOR_METHODS:
             raise ValueError(
                 f"tables='mc' samples the posterior, which method={self.method!r} does not fit; "
                 "use tables='closed_form' for this method"

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .quantizers.uniform import RANGE_OBJECTIVES
+from .choices import METHODS, POSTERIOR_METHODS
 from .rounding import output_error, row_output_errors
 
 if TYPE_CHECKING:
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
     from .posterior import LayerPosterior
 
 
-SCORES = ("curvature", "posterior_precision")
-DESIGNS = ("auto", "minmax", *RANGE_OBJECTIVES)  # BayesQConfig.range_objective
 
 
 @dataclass(frozen=True)
@@ -170,4 +168,6 @@ METHODS_TABLE: dict[str, Method] = {
         Method("mse", False, None, False, False, _mse),  # unit weights: reads no data
     )
 }
-METHODS = tuple(METHODS_TABLE)
+if tuple(METHODS_TABLE) != METHODS or POSTERIOR_METHODS != tuple(
+        m.name for m in METHODS_TABLE.values() if m.supports_mc_tables):
+    raise ImportError("choices.METHODS / POSTERIOR_METHODS disagree with METHODS_TABLE")

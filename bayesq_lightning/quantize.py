@@ -37,6 +37,7 @@ from .artifact.modules import replace_quantized_layers
 from .batches import calibration_samples, clone_module
 from .config import BayesQConfig
 from .hf import attach_hf_config
+from .input_stats import layer_input_hessians
 from .layers import (
     check_finite,
     check_pin_patterns,
@@ -55,7 +56,7 @@ from .quantizers import (
     storage_bits,
 )
 from .result import BlockResult, LayerResult, QuantizationResult
-from .rounding import feedback_round_blocks, layer_input_hessians
+from .rounding import feedback_round_blocks
 from .row_sample import full_block_bits, sample_rows
 from .tables import mc_tables
 
@@ -431,12 +432,12 @@ def _design(block: Block, bits: int, quantizer: str, objective: str,
         precision, objective = None, "deployed"
     if quantizer == "uniform":
         grid = design_uniform(block.w, bits, precision=precision,
-                              group_size=cfg.group_size, objective=objective,
+                              group_size=cfg.group_size, range_objective=objective,
                               round_mean=round_mean, weight=block.weight)
         return BlockResult(block.rows, bits, "uniform", cfg.group_size, grid.codes,
                            grid.scale, grid.zero)
     grid = design_nonuniform(block.w, bits, precision=precision,
-                             per_row=cfg.per_row_codebook, objective=objective,
+                             per_row=cfg.per_row_codebook, range_objective=objective,
                              round_mean=round_mean, weight=block.weight)
     return BlockResult(block.rows, bits, "nonuniform", None, grid.codes, codebook=grid.codebook)
 

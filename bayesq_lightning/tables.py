@@ -19,7 +19,6 @@ from .progress import progress as show_progress
 from .quantizers import dequantize
 from .result import BlockResult
 
-TABLES = ("closed_form", "mc")  # closed form: the score of each method; mc: this module
 
 @dataclass
 class MCTables:

@@ -5,12 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bayesq_lightning import BayesQConfig
-from bayesq_lightning.allocate import SOLVERS
-from bayesq_lightning.config import METHODS
+from bayesq_lightning.choices import BACKENDS, METHODS, QUANTIZERS, SOLVERS, STRUCTURES, TABLES
 from bayesq_lightning.methods import METHODS_TABLE
-from bayesq_lightning.posterior import BACKENDS, STRUCTURES
-from bayesq_lightning.quantizers import QUANTIZERS
-from bayesq_lightning.tables import TABLES
 
 
 @pytest.mark.parametrize(

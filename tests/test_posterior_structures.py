@@ -477,7 +477,7 @@ def test_auto_backend_follows_the_class_count(structure, classes, stochastic):
 def test_kfac_batches_fit_g_on_a_prefix_and_a_on_every_batch():
     """G from the first batches' backward passes, A from every batch's inputs (GPTQ's streamed
     statistics, the same row mean K-FAC's own input factor is)."""
-    from bayesq_lightning.rounding import layer_input_hessians
+    from bayesq_lightning.input_stats import layer_input_hessians
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
@@ -510,7 +510,7 @@ def test_kfac_batches_fit_g_on_a_prefix_and_a_on_every_batch():
 def test_uneven_shards_stream_input_factors_together():
     """One process has more batches than kfac_batches, the other not: both stream (the reduce
     calls pair up), G sums the first batch of each shard and A averages every batch's rows."""
-    from bayesq_lightning.rounding import layer_input_hessians
+    from bayesq_lightning.input_stats import layer_input_hessians
 
     model, x, y = _gap_problem(n=12)
     b = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 12, 4)]

@@ -156,7 +156,7 @@ class GroupedNet(torch.nn.Module):
 
 def _output_error(res, model, name, loader):
     """Mean squared output error of layer `name` on the calibration inputs."""
-    from bayesq_lightning.rounding import layer_input_hessians
+    from bayesq_lightning.input_stats import layer_input_hessians
 
     H = layer_input_hessians(model, list(loader)[:4], [name])[name]
     w = dict(model.named_modules())[name].weight.detach().flatten(1)

@@ -100,7 +100,7 @@ def test_range_search_never_worse_than_min_max():
 
     searched, minmax = design_uniform(w, 3, precision=lam), design_uniform(w, 3)
     assert risk(searched) < 0.8 * risk(minmax)
-    expected = design_uniform(w, 3, precision=lam, objective="expected")
+    expected = design_uniform(w, 3, precision=lam, range_objective="expected")
     assert risk(expected) <= risk(minmax) + 1e-6
 
 
@@ -359,14 +359,14 @@ def test_nonuniform_deployed_objective_is_weighted_kmeans_on_the_means():
     g = torch.Generator().manual_seed(3)
     mu = torch.randn(4, 64, generator=g) * 0.05
     lam = torch.full_like(mu, 1.0)  # sigma = 1: a posterior far wider than the weights
-    expected = design_nonuniform(mu, 2, precision=lam, objective="expected")
-    deployed = design_nonuniform(mu, 2, precision=lam, objective="deployed")
+    expected = design_nonuniform(mu, 2, precision=lam, range_objective="expected")
+    deployed = design_nonuniform(mu, 2, precision=lam, range_objective="deployed")
     plain = design_nonuniform(mu, 2)
     torch.testing.assert_close(deployed.codebook, plain.codebook)  # equal weights: k-means
     assert deployed.codebook.float().abs().max() <= mu.abs().max() + 1e-3
     assert expected.codebook.float().abs().max() > 10 * mu.abs().max()  # mixture of N(mu, 1)
     with pytest.raises(ValueError, match="objective"):
-        design_nonuniform(mu, 2, precision=lam, objective="nope")
+        design_nonuniform(mu, 2, precision=lam, range_objective="nope")
 
 
 def test_tiny_range_rows_get_their_ideal_fp16_step():

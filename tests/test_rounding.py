@@ -7,15 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bayesq_lightning.input_stats import InputStats, input_hessian, layer_input_hessians
 from bayesq_lightning.quantizers import dequantize, design_uniform, expand_groups, round_uniform
 from bayesq_lightning.result import BlockResult
 from bayesq_lightning.rounding import (
-    InputStats,
     error_feedback_round,
     feedback_round_block,
     gptq_gamma,
-    input_hessian,
-    layer_input_hessians,
     output_error,
     uniform_column_quantizer,
 )

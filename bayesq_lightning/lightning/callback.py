@@ -35,9 +35,10 @@ from ..artifact import replace_quantized_layers, save_quantized
 from ..artifact.export import jsonable
 from ..artifact.modules import set_submodule
 from ..batches import calibration_samples, clone_module
+from ..choices import METHODS
 from ..config import BayesQConfig
 from ..hf import attach_hf_config
-from ..methods import METHODS, METHODS_TABLE
+from ..methods import METHODS_TABLE
 from ..metrics import evaluate
 from ..quantize import quantize_model
 from ..result import QuantizationResult

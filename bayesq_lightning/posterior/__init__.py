@@ -6,6 +6,7 @@
 through one laplace-torch scaffold (:mod:`.fit`).
 """
 
+from ..choices import BACKENDS, STRUCTURES
 from .base import (
     KronLayerPosterior,
     LayerPosterior,
@@ -13,8 +14,8 @@ from .base import (
     Posterior,
     clear_score_cache,
 )
-from .factory import STRUCTURES, fit_posterior
-from .fit import BACKENDS, Reduce
+from .factory import fit_posterior
+from .fit import Reduce
 from .lowrank import DEFAULT_RANK
 
 __all__ = [

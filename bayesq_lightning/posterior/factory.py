@@ -7,16 +7,16 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from ..batches import largest_input
+from ..choices import BACKENDS, STRUCTURES
 from ..layers import QUANTIZABLE
 from .base import Posterior
 from .diag import fit_diag
-from .fit import BACKENDS, Reduce
+from .fit import Reduce
 from .kron import fit_kron
 from .lowrank import fit_lowrank
 
 FITS: dict[str, Callable[..., Posterior]] = {"diag": fit_diag, "kron": fit_kron,
                                              "lowrank": fit_lowrank}
-STRUCTURES = tuple(FITS)
 
 
 def fit_posterior(

@@ -31,7 +31,6 @@ from ..batches import batch_size_of, forward_checked, fp32_logits_copy, inputs_t
 from ..layers import QUANTIZABLE, untie_parameters
 from .marglik import Spectrum, marglik_prior_precision
 
-BACKENDS = ("auto", "asdl", "asdl_stochastic", "curvlinops")
 AUTO_EXACT_MAX_CLASSES = 10
 """``backend="auto"``: the exact GGN up to this many classes, the Monte-Carlo GGN above.
 

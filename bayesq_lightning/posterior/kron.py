@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..input_stats import InputStats, finish_input_hessians, stream_input_stats
 from ..layers import QUANTIZABLE
-from ..rounding import InputStats, finish_input_hessians, stream_input_stats
 from .base import KronLayerPosterior, LayerPosterior, Posterior
 from .diag import diag_core
 from .fit import (
@@ -69,8 +69,8 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     number of batches (per process; if any process has more, all stream), the K-FAC fit runs on
     the first ``kfac_batches`` and ``A`` is the mean of :math:`x x^\top` over the input rows of
     *every* batch, summed with GPTQ's statistics code
-    (:class:`~bayesq_lightning.rounding.InputStats`): the later batches streamed first
-    (:func:`~bayesq_lightning.rounding.stream_input_stats`), the fit's own batches from its own
+    (:class:`~bayesq_lightning.input_stats.InputStats`): the later batches streamed first
+    (:func:`~bayesq_lightning.input_stats.stream_input_stats`), the fit's own batches from its own
     forward passes, so every batch passes the network once and more calibration data costs
     forward passes only; :math:`s` and ``Posterior.n_calib`` count the samples of the K-FAC fit,
     which ``G`` sums (``info["input_factor_batches"]`` the batches ``A`` averages). A module

@@ -1,10 +1,9 @@
 """Scalar quantizers: the codec (codes <-> weights, storage cost), uniform grids, codebooks."""
 
+from ..choices import QUANTIZERS, SUPPORTED_BITS, check_bits
 from .codec import (
     META_BITS,
-    SUPPORTED_BITS,
     block_storage_bits,
-    check_bits,
     dequantize,
     expand_groups,
     round_levels,
@@ -13,8 +12,6 @@ from .codec import (
 )
 from .nonuniform import NonuniformGrid, design_nonuniform, expected_sq_error_levels, lloyd_max
 from .uniform import UniformGrid, design_uniform, expected_sq_error_uniform
-
-QUANTIZERS = ("uniform", "nonuniform", "auto")
 
 __all__ = [
     "META_BITS",

@@ -11,18 +11,9 @@ import torch
 
 from ..result import BlockResult
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 META_BITS = 16  # every scale, zero point and codebook level is stored as fp16
 
 
-def check_bits(bits: int) -> int:
-    """Validate one bit-width against what packing supports."""
-    if isinstance(bits, bool) or int(bits) != bits or int(bits) not in SUPPORTED_BITS:
-        raise ValueError(
-            f"unsupported bit-width {bits!r}: packed storage supports {SUPPORTED_BITS}; "
-            f"choose allowed_bits from that set"
-        )
-    return int(bits)
 
 
 def expand_groups(t: torch.Tensor, n_cols: int, group_size: int | None) -> torch.Tensor:

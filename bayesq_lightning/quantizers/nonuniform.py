@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .codec import check_bits
+from ..choices import SEARCHED_RANGES, check_bits
 from .normal import INV_SQRT2PI, SQRT2, Phi, cell_terms, phi
-from .uniform import RANGE_OBJECTIVES
 
 _CHUNK = 1 << 20  # weights per pass of the cell walks: temporaries stay O(_CHUNK), never n x L
 _MASS_FLOOR = 1e-13  # a cell holding less than this fraction of its row's weight is empty
@@ -678,13 +677,13 @@ def design_nonuniform(
     per_row: bool = False,
     max_iter: int = 100,
     tol: float = 1e-6,
-    objective: str = "expected",
+    range_objective: str = "expected",
     round_mean: bool = True,
     weight: torch.Tensor | None = None,
 ) -> NonuniformGrid:
     r"""``2**bits`` fp16 levels per block (or per row) by posterior-weighted Lloyd-Max.
 
-    ``objective="deployed"`` instead weights the point masses ``mu`` by ``precision`` (weighted
+    ``range_objective="deployed"`` instead weights the point masses ``mu`` by ``precision`` (weighted
     k-means: the deployed risk :math:`\sum_i \lambda_i (Q(\mu_i) - \mu_i)^2` that the tables
     score); the default ``"expected"`` is the posterior mixture described next.
 
@@ -719,7 +718,7 @@ def design_nonuniform(
         Maximum number of Lloyd updates.
     tol : float
         Convergence tolerance on level movement relative to the level spread.
-    objective : {"expected", "deployed"}
+    range_objective : {"expected", "deployed"}
         Posterior mixture (Lloyd-Max) or precision-weighted point masses (weighted k-means).
     round_mean : bool
         Round ``mu`` onto the codebook; ``False`` leaves ``codes=None`` (error feedback follows).
@@ -736,13 +735,13 @@ def design_nonuniform(
     bits = check_bits(bits)
     if mu.dim() != 2:
         raise ValueError(f"mu must be (rows, cols), got shape {tuple(mu.shape)}")
-    if objective not in RANGE_OBJECTIVES:
-        raise ValueError(f"objective={objective!r}: use one of {RANGE_OBJECTIVES}")
+    if range_objective not in SEARCHED_RANGES:
+        raise ValueError(f"range_objective={range_objective!r}: use one of {SEARCHED_RANGES}")
     L = 2**bits
     sigma = None
     if precision is not None:
         lam = precision.to(torch.float64).expand(mu.shape).clamp_min(1e-30)
-        sigma = lam.rsqrt() if objective == "expected" else None
+        sigma = lam.rsqrt() if range_objective == "expected" else None
         weight = lam if weight is None else weight.to(torch.float64).expand(mu.shape).clamp_min(
             1e-30)
     else:  # plain k-means on the point values

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..choices import SEARCHED_RANGES
 from .codec import expand_groups, round_levels, round_uniform
 from .normal import Phi, cell_terms
 
 _MAX_CELLS = 40  # exact evaluation up to ~3 steps per sigma; Sheppard beyond
-RANGE_OBJECTIVES = ("deployed", "expected")  # what a grid or codebook design minimises
 
 
 def expected_sq_error_uniform(
@@ -157,7 +157,7 @@ def design_uniform(
     bits: int,
     precision: torch.Tensor | None = None,
     group_size: int | None = None,
-    objective: str = "deployed",
+    range_objective: str = "deployed",
     shrink_grid: int = 24,
     round_mean: bool = True,
     weight: torch.Tensor | None = None,
@@ -167,10 +167,10 @@ def design_uniform(
     For each row and candidate shrink factor ``p`` the grid spans ``[p min(mu), p max(mu)]`` and
     the ``p`` with the smallest whitened cost is kept:
 
-    * ``objective="deployed"``: the weighted error of the stored weights
+    * ``range_objective="deployed"``: the weighted error of the stored weights
       :math:`\sum_i c_i (Q(\mu_i) - \mu_i)^2` (the weights actually stored are ``Q(mu)``; with
       ``c`` the curvature this is the score the tables use);
-    * ``objective="expected"``: the posterior-expected distortion
+    * ``range_objective="expected"``: the posterior-expected distortion
       :math:`\sum_i c_i E_{w_i \sim N(\mu_i, 1/\lambda_i)}[(Q(w_i) - w_i)^2]` (closed form
       above), with :math:`\lambda` the posterior precision.
 
@@ -187,7 +187,7 @@ def design_uniform(
         Posterior precision :math:`\lambda = 1/\sigma^2`, ``(rows, cols)``.
     group_size : int, optional
         Columns per scale/zero; ``None`` for one per row.
-    objective : {"deployed", "expected"}
+    range_objective : {"deployed", "expected"}
         Range-search criterion (see above).
     shrink_grid : int
         Number of shrink factors tried, evenly spaced in ``[0.2, 1]``.
@@ -201,8 +201,8 @@ def design_uniform(
     g_mu = _grouped(mu, group_size)
     lo = torch.nan_to_num(g_mu, nan=math.inf).amin(dim=2).clamp_max(0.0)
     hi = torch.nan_to_num(g_mu, nan=-math.inf).amax(dim=2).clamp_min(0.0)
-    if objective not in RANGE_OBJECTIVES:
-        raise ValueError(f"objective={objective!r}: use one of {RANGE_OBJECTIVES}")
+    if range_objective not in SEARCHED_RANGES:
+        raise ValueError(f"range_objective={range_objective!r}: use one of {SEARCHED_RANGES}")
     if precision is None:
         scale, zero = _grid_from_range(lo, hi, bits)
     else:
@@ -214,7 +214,7 @@ def design_uniform(
         for p in torch.linspace(1.0, 0.2, shrink_grid).tolist():
             s_p, z_p = _grid_from_range(p * lo, p * hi, bits)
             s_e, z_e = s_p.float().unsqueeze(-1), z_p.float().unsqueeze(-1)
-            if objective == "deployed":
+            if range_objective == "deployed":
                 # the levels decoded in their own buffer (integer levels are exact in fp32, so
                 # this is dequantize's arithmetic); 24 shrink factors x several widths made
                 # temporaries the cost
