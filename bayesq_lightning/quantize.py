@@ -1,40 +1,46 @@
 r"""``quantize_model``: the pipeline, one stage after another.
 
 1. **Layers** -- select the Linear/Conv2d layers, refuse NaN/inf weights, resolve bit pins.
-2. **Calibration** -- the first ``calib_batches`` batches (not for ``rtn``).
+2. **Calibration** -- the first ``calib_batches`` batches (not for ``rtn`` or ``mse``).
 3. **Statistics** -- what the method needs (:mod:`~bayesq_lightning.methods`): a posterior
-   (:func:`~bayesq_lightning.posterior.fit_posterior`) or GPTQ's input Hessians.
-4. **Blocks** -- each layer split into ``block_rows`` slices of output channels.
-5. **Candidates and tables** -- one block at a time, its design weights, score and rounding
-   matrix from the method's record; for every allowed width and quantizer: a grid or codebook
+   (:func:`~bayesq_lightning.posterior.fit_posterior`) or GPTQ's input Hessians
+   (:mod:`~bayesq_lightning.input_stats`).
+4. **Blocks** -- each layer split into ``block_rows`` slices of output channels, one
+   :class:`~bayesq_lightning.block_plan.BlockPlan` each.
+5. **Candidates** -- for every allowed width and quantizer of every block: a grid or codebook
    (:mod:`~bayesq_lightning.quantizers`), codes by error feedback where the block has a rounding
-   matrix (:mod:`~bayesq_lightning.rounding`), its score ``D`` and exact cost ``C``
-   (:func:`~bayesq_lightning.quantizers.storage_bits`). A feedback block with more than
-   ``2 * score_rows`` rows does this on a row sample, its ``D`` an estimate
-   (:mod:`~bayesq_lightning.row_sample`).
+   matrix (:mod:`~bayesq_lightning.rounding`), its loss ``D`` and exact cost ``C``
+   (:func:`~bayesq_lightning.quantizers.storage_bits`); on a row sample for large blocks
+   rounded by error feedback (:mod:`~bayesq_lightning.row_sample`).
 6. **Allocation** -- the knapsack under ``bits * n_weights`` (or ``8 * budget_bytes``) stored
-   bits, metadata included (:mod:`~bayesq_lightning.allocate`); then each row-sampled block's
-   chosen width designed and rounded on every row, its grids compared by their exact scores.
-7. **Monte-Carlo refinement** (``tables="mc"``) -- task-aware scores of the blocks nearest the
+   bits, metadata included (:mod:`~bayesq_lightning.allocate`).
+7. **Monte-Carlo refinement** (``tables="mc"``) -- task-aware losses of the blocks nearest the
    allocation boundary (:mod:`~bayesq_lightning.tables`), then allocate again.
-8. **Pack** -- packed ``QuantizedLinear`` / ``QuantizedConv2d`` layers in a copy of the model,
+8. **Rounding** -- each row-sampled block's chosen width rounded on every row.
+9. **Pack** -- packed ``QuantizedLinear`` / ``QuantizedConv2d`` layers in a copy of the model,
    or in the model itself with ``inplace=True``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from .allocate import InfeasibleBudgetError, Option, allocate, boundary_blocks
+from .allocate import Option, boundary_blocks
 from .artifact.modules import replace_quantized_layers
 from .batches import calibration_samples, clone_module
+from .block_plan import (
+    BlockPlan,
+    add_candidates,
+    allocate_plans,
+    budget_bits,
+    plan_blocks,
+    round_chosen,
+)
 from .config import BayesQConfig
 from .hf import attach_hf_config
 from .input_stats import layer_input_hessians
@@ -45,62 +51,19 @@ from .layers import (
     split_tied,
     unsupported_layers,
 )
-from .methods import METHODS_TABLE, BlockContext, Method
-from .posterior import Posterior, Reduce, clear_score_cache, fit_posterior
-from .progress import progress as show_progress
-from .quantizers import (
-    block_storage_bits,
-    dequantize,
-    design_nonuniform,
-    design_uniform,
-    storage_bits,
-)
-from .result import BlockResult, LayerResult, QuantizationResult
-from .rounding import feedback_round_blocks
-from .row_sample import full_block_bits, sample_rows
+from .methods import METHODS_TABLE, Method
+from .posterior import Posterior, Reduce, fit_posterior
+from .quantizers import storage_bits
+from .result import LayerResult, QuantizationResult
 from .tables import mc_tables
 
 
-@dataclass
-class Block:
-    """One allocation unit: rows ``rows`` of layer ``layer`` and what its method gives it.
-
-    The method's inputs (the fields after ``ctx``) are formed by :func:`_with_inputs` when the
-    block's candidates are, one block at a time: held for every block at once, the precision
-    and design weights would be two weight-sized fp32 copies of the model (BERT-base: 0.7 GB).
-    """
-
-    layer: str
-    rows: tuple[int, int]
-    w: torch.Tensor  # (rows, cols) fp32 weights (posterior mean)
-    bits: tuple[int, ...]  # allowed widths after the per-layer pins
-    layer_rows: int
-    ctx: BlockContext
-    precision: torch.Tensor | None = None  # posterior precision of the design; None: min-max
-    score: object = None  # dW -> float
-    H: torch.Tensor | None = None  # input-side matrix of error-feedback rounding
-    weight: torch.Tensor | None = None  # design importance per weight; None: the precision
-    row_form: tuple | None = None  # row scales, (dW of rows idx, idx) -> row terms of score
-
-
-def _with_inputs(block: Block, method: Method) -> Block:
-    """``block`` with its method's inputs (a copy, dropped after its candidates)."""
-    inputs = method.block(block.ctx)
-    return dataclasses.replace(block, precision=inputs.precision, score=inputs.score,
-                               H=inputs.H, weight=inputs.weight,
-                               row_form=inputs.row_form)
-
-
-def _rows_of(block: Block, idx: torch.Tensor) -> Block:
-    """The sub-block of ``block``'s rows ``idx`` (block-relative), for its candidates' design
-    and rounding; its ``rows`` keep the block's start (the rounding reads them, not the
-    layer's weights)."""
-    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t[idx]
-
-    r0 = block.rows[0]
-    return dataclasses.replace(block, rows=(r0, r0 + len(idx)), w=block.w[idx],
-                               precision=pick(block.precision), weight=pick(block.weight))
+@contextmanager
+def _timed(info: dict, key: str) -> Iterator[None]:
+    """The seconds a stage takes, into the run's ``info[key]``."""
+    t0 = time.perf_counter()
+    yield
+    info[key] = time.perf_counter() - t0
 
 
 def quantize_model(
@@ -156,74 +119,37 @@ def quantize_model(
 
     named, pins, tied, skipped = _select_layers(model, cfg)                            # 1
     batches, n_calib = _calibration(method, calibration_loader, cfg)                   # 2
-    curv_batches, n_curv = batches, n_calib
-    if curvature_loader is not None:
-        if posterior is not None:
-            raise ValueError("curvature_loader feeds the posterior fit, which a given posterior "
-                             "skips; pass one or the other")
-        if method.posterior_structure(cfg) is None:
-            raise ValueError(f"curvature_loader feeds the posterior fit, which method="
-                             f"{cfg.method!r} does not do; drop it or use bayesq/hawq")
-        curv_batches, n_curv = calibration_samples(curvature_loader, cfg.calib_batches,
-                                                   "curvature loader")
-        info["curvature_data"] = "curvature_loader"
+    curv_batches, n_curv = _curvature_batches(method, cfg, curvature_loader, posterior,
+                                              batches, n_calib, info)
     hessians = None
     if method.input_hessians:                                                          # 3
-        t_h = time.perf_counter()
-        hessians = layer_input_hessians(model, batches, [*pins, *tied], reduce=reduce)
-        for alias, owner in tied.items():  # a shared weight's error reaches both uses' inputs
-            hessians[owner] = hessians[owner] + hessians.pop(alias)
-        info.update(n_calib=n_calib, hessian_seconds=time.perf_counter() - t_h)
+        with _timed(info, "hessian_seconds"):
+            hessians = _input_hessians(model, batches, pins, tied, reduce)
+        info["n_calib"] = n_calib
     posterior = _posterior(model, method, cfg, curv_batches, n_curv, list(pins), posterior,
                            n_data=n_data, reduce=reduce, loader=calibration_loader, info=info)
 
-    t_tables = time.perf_counter()
-    blocks = _blocks(named, pins, cfg, method, posterior, hessians)                    # 4
-    options, candidates, pending = _candidates(blocks, method, cfg, progress)          # 5
-    info["tables_seconds"] = time.perf_counter() - t_tables
-    info["sampled_blocks"] = sum(specs is not None for specs in pending)
-
+    with _timed(info, "tables_seconds"):
+        plans = plan_blocks(named, pins, cfg, posterior, hessians)                     # 4
+        add_candidates(plans, method, cfg, progress)                                   # 5
+    info["sampled_blocks"] = sum(p.sampled for p in plans)
     n_weights = sum(m.weight.numel() for _, m in named)
-    budget = _budget_bits(cfg, n_weights)
-    info["min_bits_per_weight"] = sum(min(o.cost for o in opts) for opts in options) / n_weights
-    t_alloc = time.perf_counter()
-    choice = _allocate(options, budget, cfg, n_weights)                                # 6
-    info["allocation_seconds"] = time.perf_counter() - t_alloc
-
+    budget = budget_bits(cfg, n_weights)
+    info["min_bits_per_weight"] = sum(min(o.cost for o in p.options) for p in plans) / n_weights
+    with _timed(info, "allocation_seconds"):
+        allocate_plans(plans, budget, cfg, n_weights)                                  # 6
     if cfg.tables == "mc":                                                             # 7
-        t_mc = time.perf_counter()
-        refine = list(range(len(blocks)))
-        if cfg.mc_refine_top_k is not None:
-            refine = boundary_blocks(options, choice, cfg.mc_refine_top_k)
-        mc = mc_tables(
-            model, batches, posterior, [(blocks[i].layer, blocks[i].rows) for i in refine],
-            [candidates[i] for i in refine], n_data=posterior.n_data, samples=cfg.mc_samples,
-            seed=cfg.seed, prior=cfg.score == "posterior_precision",
-            temperature=cfg.posterior_temperature, reduce=reduce, progress=progress,
-        )
-        for i, losses in zip(refine, mc.losses, strict=True):
-            options[i] = [Option(o.cost, max(loss, 0.0), o.bits, o.tag)
-                          for o, loss in zip(options[i], losses, strict=True)]
-        choice = _allocate(options, budget, cfg, n_weights)
-        info.update(mc_blocks=len(refine), mc_forward_passes=mc.forward_passes,
-                    mc_seconds=time.perf_counter() - t_mc,
-                    mc_stderr={f"{blocks[i].layer}[{blocks[i].rows[0]}:{blocks[i].rows[1]}]":
-                               se[choice[i]] for i, se in zip(refine, mc.stderr, strict=True)})
+        with _timed(info, "mc_seconds"):
+            _refine_mc(model, batches, posterior, plans, cfg, budget, n_weights, reduce,
+                       progress, info)
+    with _timed(info, "rounding_seconds"):
+        info["sample_overruled"] = round_chosen(plans, method, cfg, progress)          # 8
 
-    t_round = time.perf_counter()
-    info["sample_overruled"] = _round_chosen(blocks, method, cfg, options, candidates, pending,
-                                             choice, progress)
-    info["rounding_seconds"] = time.perf_counter() - t_round
-
-    layers = _layer_results(named, blocks, options, candidates, choice)
-    # dtypes kept as they are (e.g. fp32 norms in a bf16 model); the float weights of the
-    # layers replaced next are not copied (BERT-base: 0.34 GB less at the peak)
-    qmodel = model if inplace else clone_module(                                       # 8
-        model, _replaced_weights(model, [n for n, _ in named], tied))
-    replace_quantized_layers(qmodel, layers, tied=tied)
+    layers = _layer_results(named, plans)
+    qmodel = _packed_model(model, named, layers, tied, inplace)                        # 9
     if tied or skipped:
         info.update(tied=dict(tied), skipped=dict(skipped))
-    total_bits = sum(opts[j].cost for opts, j in zip(options, choice, strict=True))
+    total_bits = sum(p.options[p.choice].cost for p in plans)
     attach_hf_config(qmodel, [x.name for x in layers], tied,  # save_pretrained-ready
                      {"bits_per_weight": total_bits / n_weights})
     code_bits = sum(storage_bits(b.n_weights, b.bits, 0) for x in layers for b in x.blocks)
@@ -233,6 +159,67 @@ def quantize_model(
         code_bits_per_weight=code_bits / n_weights, budget_bits=budget, info=info,
         posterior=posterior, tied=dict(tied), skipped=dict(skipped),
     )
+
+
+def _curvature_batches(method: Method, cfg: BayesQConfig, loader: Iterable | None,
+                       given: Posterior | None, batches: list, n_calib: int, info: dict
+                       ) -> tuple[list, int]:
+    """The batches the posterior's curvature is fitted on: ``curvature_loader``'s, or the
+    calibration batches."""
+    if loader is None:
+        return batches, n_calib
+    if given is not None:
+        raise ValueError("curvature_loader feeds the posterior fit, which a given posterior "
+                         "skips; pass one or the other")
+    if method.posterior_structure(cfg) is None:
+        raise ValueError(f"curvature_loader feeds the posterior fit, which method="
+                         f"{cfg.method!r} does not do; drop it or use bayesq/hawq")
+    info["curvature_data"] = "curvature_loader"
+    return calibration_samples(loader, cfg.calib_batches, "curvature loader")
+
+
+def _input_hessians(model: nn.Module, batches: list, pins: dict, tied: dict[str, str],
+                    reduce: Reduce | None) -> dict:
+    """GPTQ's ``X X^T / n`` per layer; a tied weight's error reaches both uses' inputs."""
+    hessians = layer_input_hessians(model, batches, [*pins, *tied], reduce=reduce)
+    for alias, owner in tied.items():
+        hessians[owner] = hessians[owner] + hessians.pop(alias)
+    return hessians
+
+
+def _refine_mc(model: nn.Module, batches: list, posterior: Posterior, plans: list[BlockPlan],
+               cfg: BayesQConfig, budget: int, n_weights: int, reduce: Reduce | None,
+               progress: bool, info: dict) -> None:
+    """Stage 7: Monte-Carlo losses of the blocks nearest the allocation boundary (every block
+    without ``mc_refine_top_k``) in place of their closed-form ones, then allocate again."""
+    refine = list(range(len(plans)))
+    if cfg.mc_refine_top_k is not None:
+        refine = boundary_blocks([p.options for p in plans], [p.choice for p in plans],
+                                 cfg.mc_refine_top_k)
+    mc = mc_tables(
+        model, batches, posterior, [(plans[i].layer, plans[i].rows) for i in refine],
+        [plans[i].candidates for i in refine], n_data=posterior.n_data, samples=cfg.mc_samples,
+        seed=cfg.seed, prior=cfg.score == "posterior_precision",
+        temperature=cfg.posterior_temperature, reduce=reduce, progress=progress,
+    )
+    for i, losses in zip(refine, mc.losses, strict=True):
+        plans[i].options = [Option(o.cost, max(loss, 0.0), o.bits, o.tag)
+                            for o, loss in zip(plans[i].options, losses, strict=True)]
+    allocate_plans(plans, budget, cfg, n_weights)
+    info.update(mc_blocks=len(refine), mc_forward_passes=mc.forward_passes,
+                mc_stderr={f"{plans[i].layer}[{plans[i].rows[0]}:{plans[i].rows[1]}]":
+                           se[plans[i].choice] for i, se in zip(refine, mc.stderr, strict=True)})
+
+
+def _packed_model(model: nn.Module, named, layers: list[LayerResult], tied: dict[str, str],
+                  inplace: bool) -> nn.Module:
+    """``model`` (``inplace``) or a copy of it with the packed layers swapped in; the copy keeps
+    dtypes as they are (e.g. fp32 norms in a bf16 model) and does not copy the float weights
+    of the layers it replaces."""
+    qmodel = model if inplace else clone_module(
+        model, _replaced_weights(model, [n for n, _ in named], tied))
+    replace_quantized_layers(qmodel, layers, tied=tied)
+    return qmodel
 
 
 def _replaced_weights(model: nn.Module, names: list[str], tied: dict[str, str]
@@ -315,169 +302,17 @@ def _posterior(model: nn.Module, method: Method, cfg: BayesQConfig, batches: lis
     return posterior
 
 
-def _blocks(named, pins: dict[str, tuple[int, ...]], cfg: BayesQConfig, method: Method,
-            posterior: Posterior | None, hessians: dict | None) -> list[Block]:
-    """Stage 4: every layer split into allocation blocks (their method inputs come in stage 5)."""
-    blocks = []
-    for name, module in named:
-        w = module.weight.detach().float().reshape(module.weight.shape[0], -1).cpu()
-        step = cfg.block_rows or w.shape[0]
-        for r0 in range(0, w.shape[0], step):
-            rows = (r0, min(r0 + step, w.shape[0]))
-            ctx = BlockContext(name, w, rows,
-                               None if posterior is None else posterior.layers[name],
-                               None if hessians is None else hessians[name], cfg.score)
-            blocks.append(Block(name, rows, w[rows[0]:rows[1]], pins[name], w.shape[0], ctx))
-    return blocks
-
-
-Spec = tuple[int, str, str]  # a candidate: (bits, quantizer, design objective)
-
-
-def _candidates(blocks: list[Block], method: Method, cfg: BayesQConfig, progress: bool
-                ) -> tuple[list[list[Option]], list[list[BlockResult]], list[list[Spec] | None]]:
-    """Stage 5: every block's method inputs, candidates (width x quantizer) and (cost, score)
-    options, one block at a time.
-
-    A block that :func:`_score_sample` samples gets its candidates on a row sample only (their
-    options' costs are the whole block's, their scores estimates; ``row_sample``); its entry in
-    the returned specs lists what each candidate is, for :func:`_round_chosen`.
-    """
-    quantizers = ("uniform", "nonuniform") if cfg.quantizer == "auto" else (cfg.quantizer,)
-    options, candidates, pending = [], [], []
-    for b, lean in enumerate(show_progress(blocks, progress, "bayesq candidates")):
-        block = _with_inputs(lean, method)
-        objectives = method.design_objectives(cfg, feedback=block.H is not None)
-        specs = [(bits, quantizer, objective)
-                 for bits in block.bits for quantizer in quantizers for objective in objectives]
-        sample = _score_sample(block, len(specs), cfg, b)
-        part = block if sample is None else _rows_of(block, sample[0])
-        cands = [_design(part, *spec, cfg) for spec in specs]
-        if block.H is not None:  # gptq, bayesq-kron: error feedback, every candidate in one pass
-            cands = feedback_round_blocks(cands, part.w, part.H, part.layer_rows, cfg.damp,
-                                          cfg.act_order)
-        if sample is None:
-            options.append([Option(block_storage_bits(c), candidate_loss(block, c), c.bits,
-                                   c.quantizer) for c in cands])
-        else:
-            (idx, weight), n_rows = sample, block.rows[1] - block.rows[0]
-            terms = block.row_form[1]
-            options.append([Option(full_block_bits(c, n_rows), float((weight * terms(
-                dequantize(c, torch.float64) - part.w.double(), idx)).sum()), c.bits,
-                c.quantizer) for c in cands])
-        candidates.append(cands)
-        pending.append(None if sample is None else specs)
-    clear_score_cache()
-    return options, candidates, pending
-
-
-def _score_sample(block: Block, n_candidates: int, cfg: BayesQConfig, index: int
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The rows ``block`` compares its candidates on and their estimate weights
-    (:func:`~bayesq_lightning.row_sample.sample_rows`: ``cfg.score_rows`` draws, seeded per
-    block), or ``None``: every row (no feedback, one candidate, at most ``2 * score_rows``
-    rows, or Monte-Carlo tables, which need every candidate whole)."""
-    n_rows = block.rows[1] - block.rows[0]
-    if (cfg.score_rows is None or block.row_form is None or n_candidates < 2
-            or n_rows <= 2 * cfg.score_rows or cfg.tables == "mc"):
-        return None
-    w = block.w.double()  # a row's rounding error scales with its range
-    return sample_rows(block.row_form[0] * (w.amax(1) - w.amin(1)) ** 2, cfg.score_rows,
-                       cfg.seed * 1_000_003 + index)
-
-
-def _round_chosen(blocks: list[Block], method: Method, cfg: BayesQConfig,
-                  options: list[list[Option]], candidates: list[list[BlockResult]],
-                  pending: list[list[Spec] | None], choice: list[int], progress: bool) -> int:
-    """Stage 6b: every row-sampled block's chosen width and quantizer designed and rounded on
-    all its rows, each of its grid designs (same cost), and the one with the lower exact score
-    stored (in place of the sample's candidate and estimate).
-
-    The grids are compared exactly because the sample's estimate leaves out K-FAC's cross-row
-    terms, which are what a clipped grid's errors can add (:mod:`~bayesq_lightning.row_sample`).
-    """
-    todo = [b for b, specs in enumerate(pending) if specs is not None]
-    overruled = 0
-    for b in show_progress(todo, progress, "bayesq rounding"):
-        block, (bits, quantizer, _) = _with_inputs(blocks[b], method), pending[b][choice[b]]
-        at = [j for j, spec in enumerate(pending[b]) if spec[:2] == (bits, quantizer)]
-        finals = feedback_round_blocks([_design(block, *pending[b][j], cfg) for j in at],
-                                       block.w, block.H, block.layer_rows, cfg.damp,
-                                       cfg.act_order)
-        losses = [candidate_loss(block, c) for c in finals]
-        k = min(range(len(at)), key=losses.__getitem__)
-        cost = block_storage_bits(finals[k])
-        if cost != options[b][choice[b]].cost:  # the allocation's accounting is the artifact's
-            raise RuntimeError(f"block {b} of {block.layer!r}: the sampled candidate was costed "
-                               f"{options[b][choice[b]].cost} bits, the whole one holds {cost}")
-        overruled += losses[k] < losses[at.index(choice[b])]  # not a tie
-        choice[b] = at[k]
-        options[b][at[k]] = Option(cost, losses[k], bits, quantizer)
-        candidates[b][at[k]] = finals[k]
-    clear_score_cache()
-    return overruled
-
-
-def _design(block: Block, bits: int, quantizer: str, objective: str,
-            cfg: BayesQConfig) -> BlockResult:
-    """The candidate grid or codebook of ``block`` at ``bits``.
-
-    ``objective`` is ``"minmax"`` (no clipping search; plain k-means codebooks), ``"deployed"``
-    or ``"expected"``. The mean's nearest codes are only computed where no error feedback
-    replaces them.
-    """
-    round_mean = block.H is None
-    precision = block.precision
-    if objective == "minmax":  # the weights' own range, no clipping search
-        precision, objective = None, "deployed"
-    if quantizer == "uniform":
-        grid = design_uniform(block.w, bits, precision=precision,
-                              group_size=cfg.group_size, range_objective=objective,
-                              round_mean=round_mean, weight=block.weight)
-        return BlockResult(block.rows, bits, "uniform", cfg.group_size, grid.codes,
-                           grid.scale, grid.zero)
-    grid = design_nonuniform(block.w, bits, precision=precision,
-                             per_row=cfg.per_row_codebook, range_objective=objective,
-                             round_mean=round_mean, weight=block.weight)
-    return BlockResult(block.rows, bits, "nonuniform", None, grid.codes, codebook=grid.codebook)
-
-
-def candidate_loss(block: Block, candidate: BlockResult) -> float:
-    """The block's score of the stored weights' error from the mean."""
-    return block.score(dequantize(candidate, torch.float64) - block.w.double())
-
-
-def _budget_bits(cfg: BayesQConfig, n_weights: int) -> int:
-    if cfg.budget_bytes is not None:
-        return 8 * cfg.budget_bytes
-    return math.floor(cfg.bits * n_weights + 1e-9)
-
-
-def _allocate(options, budget: int, cfg: BayesQConfig, n_weights: int) -> list[int]:
-    """Stage 6: :func:`allocate`, with an infeasible ``budget_bytes`` stated in bytes."""
-    if cfg.budget_bytes is None:
-        return allocate(options, budget, solver=cfg.solver, n_weights=n_weights)
-    try:
-        return allocate(options, budget, solver=cfg.solver)
-    except InfeasibleBudgetError as err:
-        need = -(-err.min_cost // 8)
-        raise InfeasibleBudgetError(
-            f"budget_bytes={cfg.budget_bytes} is infeasible: the cheapest allocation needs "
-            f"{need} bytes (metadata included); raise budget_bytes to at least {need} or allow "
-            "fewer bits", err.min_cost) from None
-
-
-def _layer_results(named, blocks, options, candidates, choice) -> list[LayerResult]:
-    per_layer: dict[str, list[int]] = {}
-    for i, block in enumerate(blocks):
-        per_layer.setdefault(block.layer, []).append(i)
+def _layer_results(named, plans: list[BlockPlan]) -> list[LayerResult]:
+    """Each layer's chosen blocks, expected loss and bytes."""
+    per_layer: dict[str, list[BlockPlan]] = {}
+    for plan in plans:
+        per_layer.setdefault(plan.layer, []).append(plan)
     layers = []
     for name, module in named:
-        idx = per_layer[name]
-        chosen = [options[i][choice[i]] for i in idx]
+        chosen = [p.options[p.choice] for p in per_layer[name]]
         layers.append(LayerResult(
             name, "conv2d" if isinstance(module, nn.Conv2d) else "linear",
-            tuple(module.weight.shape), [candidates[i][choice[i]] for i in idx],
+            tuple(module.weight.shape), [p.chosen for p in per_layer[name]],
             sum(o.loss for o in chosen), sum(o.cost for o in chosen) // 8,
         ))
     return layers

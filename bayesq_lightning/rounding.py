@@ -2,8 +2,7 @@ r"""Sequential rounding with error feedback (OBS/GPTQ style) under an input-side
 
 One code path, two callers: BayesQ-kron rounds under the Kronecker factor ``A``, GPTQ under
 ``H = X X^T / n``, both damped relative to the matrix's scale, ``gamma = damp * mean(diag H)``
-(:func:`gptq_gamma`, ``damp = 0.01`` as in GPTQ). (Damping by the prior precision, as the first
-wave did, made BayesQ's feedback inert: ``delta / mean(diag A)`` was 1.8 to 1300.) Any quantizer plugs in
+(:func:`gptq_gamma`, ``damp = 0.01`` as in GPTQ). Any quantizer plugs in
 through a per-column callback (:func:`block_column_quantizer` for a candidate's grid or codebook);
 :func:`feedback_round_blocks` re-rounds one allocation block's candidates (every width and grid)
 in one stacked pass, per group for grouped convolutions.
@@ -74,22 +73,9 @@ def _upper_cholesky_of_inverse(H: Tensor) -> Tensor:
     return U
 
 
-_FACTORS: dict = {}  # the last (H, key, factors): every candidate of a layer shares them
-
-
-def _rounding_factors(H: Tensor, gamma: float, act_order: bool, dtype: torch.dtype,
-                      device: torch.device) -> tuple[Tensor, Tensor]:
-    """Column order and ``U`` (``U^T U = (H + gamma I)^{-1}``, permuted) of error feedback.
-
-    One factorisation serves every candidate (width, grid) of every block of a layer: the
-    pipeline passes them the same ``H`` object, so the last result is kept with a reference to
-    ``H`` (its identity cannot be reused while cached) and its version counter (an in-place
-    edit invalidates it). The factors are exactly those a fresh computation gives.
-    """
-    key = (H._version, float(gamma), act_order, dtype, device)
-    last = _FACTORS.get("last")
-    if last is not None and last[0] is H and last[1] == key:
-        return last[2]
+def _factorise(H: Tensor, gamma: float, act_order: bool, dtype: torch.dtype,
+               device: torch.device) -> tuple[Tensor, Tensor]:
+    """Column order and ``U`` (``U^T U = (H + gamma I)^{-1}``, permuted) of error feedback."""
     cols = H.shape[0]
     Hd = H.detach().to(device=device, dtype=dtype).clone()
     dead = Hd.diagonal() == 0
@@ -98,9 +84,30 @@ def _rounding_factors(H: Tensor, gamma: float, act_order: bool, dtype: torch.dty
             else torch.arange(cols, device=device))
     Hd = Hd[perm][:, perm]
     Hd.diagonal().add_(gamma)
-    factors = (perm, _upper_cholesky_of_inverse(Hd))
-    _FACTORS["last"] = (H, key, factors)
-    return factors
+    return perm, _upper_cholesky_of_inverse(Hd)
+
+
+class FeedbackFactors:
+    """The factorisation of the matrix error feedback last rounded under, for reuse.
+
+    Every candidate (width, grid) of every block of a layer rounds under the same ``H``, so one
+    factorisation serves them all. The owner (a pipeline stage) passes one of these to each
+    rounding call and drops it when the stage ends. The entry holds ``H`` itself (so another
+    tensor cannot take its identity) and its version counter (an in-place edit invalidates it);
+    the factors are exactly those a fresh computation gives.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[Tensor, tuple, tuple[Tensor, Tensor]] | None = None
+
+    def __call__(self, H: Tensor, gamma: float, act_order: bool, dtype: torch.dtype,
+                 device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (H._version, float(gamma), act_order, dtype, device)
+        if self._last is not None and self._last[0] is H and self._last[1] == key:
+            return self._last[2]
+        factors = _factorise(H, gamma, act_order, dtype, device)
+        self._last = (H, key, factors)
+        return factors
 
 
 def error_feedback_round(
@@ -111,6 +118,7 @@ def error_feedback_round(
     block_size: int = 128,
     act_order: bool = False,
     objective: bool = True,
+    factors: FeedbackFactors | None = None,
 ) -> tuple[Tensor, Tensor, float | None]:
     r"""Quantize ``W`` column by column, feeding each column's error forward through ``Hinv``.
 
@@ -133,6 +141,8 @@ def error_feedback_round(
     objective : bool
         Compute the objective (one ``rows x cols x cols`` float64 product; callers that score
         the codes themselves skip it).
+    factors : FeedbackFactors, optional
+        Reuses the factorisation of ``H`` across calls; default: a fresh one.
 
     Returns
     -------
@@ -156,7 +166,7 @@ def error_feedback_round(
         raise ValueError(f"block_size={block_size} must be >= 1")
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W0 = W.detach().to(dtype)
-    perm, U = _rounding_factors(H, gamma, act_order, dtype, W.device)
+    perm, U = (factors or _factorise)(H, gamma, act_order, dtype, W.device)
     # worked on transposed, (cols, rows): each column is a contiguous row, so the per-column
     # updates stream through memory instead of striding across it
     Wt = W0[:, perm].T.contiguous()
@@ -253,14 +263,9 @@ def group_pieces(rows: tuple[int, int], per: int) -> Iterator[tuple[int, tuple[i
 STACK_ELEMENTS = 1 << 24  # weights rounded in one stacked pass (64 MB of fp32 per copy)
 
 
-def feedback_round_block(cand: BlockResult, W: Tensor, H: Tensor, layer_rows: int,
-                         damp: float = 0.01, act_order: bool = False) -> BlockResult:
-    """:func:`feedback_round_blocks` of one candidate."""
-    return feedback_round_blocks([cand], W, H, layer_rows, damp, act_order)[0]
-
-
 def feedback_round_blocks(cands: Sequence[BlockResult], W: Tensor, H: Tensor, layer_rows: int,
-                          damp: float = 0.01, act_order: bool = False) -> list[BlockResult]:
+                          damp: float = 0.01, act_order: bool = False,
+                          factors: FeedbackFactors | None = None) -> list[BlockResult]:
     """Re-round each candidate's codes with error feedback under ``H`` on its own grid.
 
     The candidates are one block's (rows ``cands[i].rows`` of a layer with ``layer_rows``
@@ -274,6 +279,7 @@ def feedback_round_blocks(cands: Sequence[BlockResult], W: Tensor, H: Tensor, la
     ``H`` is ``(cols, cols)``, or ``(groups, cols, cols)`` for a grouped/depthwise conv, whose
     rows in the block are then rounded under their own group's matrix. Each matrix is damped
     relative to its own scale, ``gamma = damp * mean(diag H)`` (:func:`gptq_gamma`).
+    ``factors`` reuses each matrix's factorisation across calls (:class:`FeedbackFactors`).
     """
     if not cands:
         return []
@@ -297,7 +303,7 @@ def feedback_round_blocks(cands: Sequence[BlockResult], W: Tensor, H: Tensor, la
             Ws = W[a:b].repeat(len(chunk), 1)
             quantizer = _stacked_quantizer([cands[i] for i in chunk], a, b)
             codes, _, _ = error_feedback_round(Ws, Hg, quantizer, gamma, act_order=act_order,
-                                               objective=False)
+                                               objective=False, factors=factors)
             for i, c in zip(chunk, codes.split(b - a), strict=True):
                 pieces[i].append(c)
     return [dataclasses.replace(c, codes=torch.cat(p)) for c, p in zip(cands, pieces, strict=True)]

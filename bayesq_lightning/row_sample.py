@@ -8,7 +8,7 @@ candidates (widths x grids) can therefore be designed, rounded and scored on a s
 rounded on all ``R`` rows and scored exactly: about ``K r + 2 R`` rows of work instead of
 ``K R``, and the candidates held at ``r`` rows instead of ``R``.
 
-**What the sample estimates.** A block's score is a sum over row pairs,
+**What the sample estimates.** A block's loss is a sum over row pairs,
 :math:`D = \sum_{i,j} M_{ij}` (K-FAC: :math:`M_{ij} = G_{ij}\, dW_i A\, dW_j^\top`; GPTQ: only
 :math:`i = j`, :math:`dW_i H dW_i^\top`). The sample estimates its row terms
 :math:`y_i = M_{ii}`: rows are drawn ``r`` times with replacement with probability
@@ -17,19 +17,31 @@ curvature times its grid step squared, the size of its rounding error), and
 :math:`\hat D = \frac{1}{r} \sum_{k=1}^{r} y_{i_k} / p_{i_k}` is unbiased for
 :math:`\sum_i y_i` (Hansen-Hurwitz), with a small variance where :math:`y_i \propto p_i`. The
 cross-row terms of K-FAC are left out of the choice (an unbiased estimate of them from a sample
-was measured far noisier than they are large: on the fine-tuned MiniLM the row terms are a
-median 0.99 of the score, 0.78-1.06 for 90% of the candidates); the chosen width's grids are
-then compared by their exact scores. A shared codebook designed on the sample is an estimate too (per-row grids are
-exact).
+is far noisier than they are large; ``docs/design.md`` gives the measurement); the chosen
+width's grids are then compared by their exact losses. A shared codebook designed on the sample
+is an estimate too (per-row grids are exact).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .quantizers import storage_bits
 from .result import BlockResult
+
+
+@dataclass(frozen=True)
+class RowTerms:
+    """A block's loss split by rows: ``terms(dW of rows idx, idx)`` gives those rows' own terms
+    (no cross-row ones), ``scales`` each row's curvature scale (``(rows,)`` float64), which
+    weighs the row's sampling probability."""
+
+    scales: Tensor
+    terms: Callable[[Tensor, Tensor], Tensor]
 
 
 def sample_rows(size: Tensor, n_draws: int, seed: int) -> tuple[Tensor, Tensor]:

@@ -2,7 +2,7 @@
 
 The demo and ``benchmarks/frontier.py`` both draw the accuracy-vs-bits frontier from here:
 :func:`sweep` quantizes with each method at each budget (a method's posterior is fitted once and
-reused across budgets), :func:`score` evaluates a model keeping its per-example correctness, and
+reused across budgets), :func:`evaluate` evaluates a model keeping its per-example correctness, and
 :func:`paired_differences` turns those into differences to FP32 and to a reference method at the
 same budget, each with its paired bootstrap standard error (the same resampled examples for both
 models of a pair).
@@ -20,7 +20,7 @@ from .metrics import bootstrap_se, metrics_from_logits, predict
 from .quantize import quantize_model
 
 
-def score(model: nn.Module, loader: Iterable) -> dict:
+def evaluate(model: nn.Module, loader: Iterable) -> dict:
     """Accuracy, NLL, ECE, the accuracy's bootstrap SE and ``_correct`` (per example).
 
     Packed layers decode their weight once for the whole pass (``cache_dequantized``): the
@@ -54,7 +54,7 @@ def sweep(
     budget with the (reused) posterior fit counted in full.
     """
     rows = [{"method": "fp32", "bits": 32.0, "bits_per_weight": 32.0,
-             **score(model, test_loader), "prep_s": 0.0}]
+             **evaluate(model, test_loader), "prep_s": 0.0}]
     for name, spec in methods.items():
         fields = dict(spec)
         curvature = fields.pop("curvature_loader", None)
@@ -70,7 +70,7 @@ def sweep(
                 prep += res.info.get("posterior_seconds", 0.0)  # the reused fit, counted in full
             posterior = res.posterior
             row = {"method": name, "bits": bits, "bits_per_weight": res.bits_per_weight,
-                   **score(res.model, test_loader), "prep_s": prep}
+                   **evaluate(res.model, test_loader), "prep_s": prep}
             rows.append(row)
             if log is not None:
                 log(f"{name:>24} @ {bits:.3f}: acc {row['accuracy']:.4f} "

@@ -10,14 +10,13 @@ from torch import nn
 
 from bayesq_lightning import BayesQConfig
 from bayesq_lightning.allocate import Option, allocate
+from bayesq_lightning.block_plan import plan_blocks
 from bayesq_lightning.layers import (
     check_finite,
     check_pin_patterns,
     pinned_bits,
     quantizable_layers,
 )
-from bayesq_lightning.methods import METHODS_TABLE
-from bayesq_lightning.quantize import _blocks
 
 
 def test_model_without_quantizable_layers_is_refused():
@@ -91,7 +90,7 @@ def test_every_allocation_honours_bit_set_pins_and_packing(allowed, pins, pack, 
     except ValueError as err:  # the bit set cannot meet some layer's pins: said so, by name
         assert "no width within its pins" in str(err)
         return
-    blocks = _blocks(named, widths, cfg, METHODS_TABLE["rtn"], None, None)
+    blocks = plan_blocks(named, widths, cfg, None, None)
     g = torch.Generator().manual_seed(len(blocks))
     options = [[Option(8 * (-(-b.w.numel() * k // 8)) + 16 * 2 * b.w.shape[0],
                        float(torch.rand(1, generator=g)) / k, k) for k in b.bits]

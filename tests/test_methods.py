@@ -24,14 +24,14 @@ def test_what_each_method_needs(method, structure, calibration, hessians, mc):
     assert record.input_hessians is hessians
     assert record.supports_mc_tables is mc
     expected = "expected" if method == "bayesq" else "deployed"
-    assert record.design_objectives(BayesQConfig(range_objective="expected"), False) == (
+    assert record.range_objectives(BayesQConfig(range_objective="expected"), False) == (
         expected,)
     # "auto": both the unclipped and the clipped grid where error feedback rounds (the score
     # picks), the deployed error elsewhere
     auto = BayesQConfig()
     if method == "bayesq":
-        assert record.design_objectives(auto, True) == ("minmax", "deployed")
-    assert record.design_objectives(auto, False) == ("deployed",)
+        assert record.range_objectives(auto, True) == ("minmax", "deployed")
+    assert record.range_objectives(auto, False) == ("deployed",)
 
 
 def test_block_scores_by_method():
@@ -43,20 +43,20 @@ def test_block_scores_by_method():
     ctx = BlockContext("fc", w, (2, 4), lp, H)
     bayesq = METHODS_TABLE["bayesq"].block(ctx)
     # the default score is the likelihood curvature (precision minus prior), no prior term
-    assert bayesq.score(dW) == pytest.approx(float(((lam[2:4] - 0.5).double() * dW * dW).sum()))
+    assert bayesq.loss(dW) == pytest.approx(float(((lam[2:4] - 0.5).double() * dW * dW).sum()))
     torch.testing.assert_close(bayesq.weight, lam[2:4] - 0.5)
     torch.testing.assert_close(bayesq.precision, lam[2:4])  # the posterior's spread
     old = METHODS_TABLE["bayesq"].block(BlockContext("fc", w, (2, 4), lp, H,
-                                                     "posterior_precision"))
-    assert old.score(dW) == pytest.approx(float((lam[2:4].double() * dW * dW).sum()))
+                                                     with_prior=True))
+    assert old.loss(dW) == pytest.approx(float((lam[2:4].double() * dW * dW).sum()))
     torch.testing.assert_close(old.weight, lam[2:4])
-    assert METHODS_TABLE["rtn"].block(ctx).score(dW) == pytest.approx(0.06)
+    assert METHODS_TABLE["rtn"].block(ctx).loss(dW) == pytest.approx(0.06)
     assert METHODS_TABLE["mse"].block(ctx).precision.eq(1).all()
     hawq = METHODS_TABLE["hawq"].block(ctx)
     assert hawq.precision is None  # min-max grid
-    assert hawq.score(dW) == pytest.approx(float((lam - 0.5).mean()) * 0.06)
+    assert hawq.loss(dW) == pytest.approx(float((lam - 0.5).mean()) * 0.06)
     gptq = METHODS_TABLE["gptq"].block(ctx)
-    assert gptq.score(dW) == pytest.approx(2.0 * 0.06) and gptq.H is not None
+    assert gptq.loss(dW) == pytest.approx(2.0 * 0.06) and gptq.H is not None
 
 
 def test_mse_reads_no_calibration_data(trained):

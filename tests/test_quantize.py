@@ -447,3 +447,42 @@ def test_only_weights_no_kept_module_holds_are_read_by_the_clone():
     assert _replaced_weights(model, ["1", "2"], {}) == [other.weight]
     emb.register_buffer("alias", other.weight)  # held as another module's buffer: the same
     assert _replaced_weights(model, ["1", "2"], {}) == []
+
+
+@pytest.mark.parametrize("method", ["gptq", "bayesq"])
+def test_no_factor_or_hessian_of_a_run_stays_referenced(monkeypatch, trained, loader, method):
+    """Every cache of a run lives in objects the pipeline drops: after quantize_model returns,
+    the rounding's factorisations, GPTQ's input Hessians and the blocks' inputs are freed."""
+    import gc
+    import weakref
+
+    import bayesq_lightning.block_plan as block_plan
+    import bayesq_lightning.quantize as quantize
+    import bayesq_lightning.rounding as rounding
+
+    refs: list[weakref.ref] = []
+    factorise, hessians, open_ = (rounding._factorise, quantize.layer_input_hessians,
+                                  block_plan.BlockPlan.open)
+
+    def tracked_factorise(*args):
+        perm, U = factorise(*args)
+        refs.append(weakref.ref(U))
+        return perm, U
+
+    def tracked_hessians(*args, **kwargs):
+        out = hessians(*args, **kwargs)
+        refs.extend(weakref.ref(h) for h in out.values())
+        return out
+
+    def tracked_open(self, method):
+        refs.append(weakref.ref(self))
+        return open_(self, method)
+
+    monkeypatch.setattr(rounding, "_factorise", tracked_factorise)
+    monkeypatch.setattr(quantize, "layer_input_hessians", tracked_hessians)
+    monkeypatch.setattr(block_plan.BlockPlan, "open", tracked_open)
+    res = quantize_model(trained, loader, BayesQConfig(method=method, bits=3.0,
+                                                       calib_batches=2), progress=False)
+    gc.collect()
+    assert res.layers and len(refs) > len(res.layers)
+    assert [r for r in refs if r() is not None] == []

@@ -12,7 +12,7 @@ from bayesq_lightning.quantizers import dequantize, design_uniform, expand_group
 from bayesq_lightning.result import BlockResult
 from bayesq_lightning.rounding import (
     error_feedback_round,
-    feedback_round_block,
+    feedback_round_blocks,
     gptq_gamma,
     output_error,
     uniform_column_quantizer,
@@ -219,7 +219,7 @@ def test_grouped_and_depthwise_conv(cin, cout, groups):
     W = conv.weight.detach().flatten(1)
     grid = design_uniform(W, 2)
     cand = BlockResult((0, cout), 2, "uniform", None, grid.codes, grid.scale, grid.zero)
-    codes = feedback_round_block(cand, W, H, cout).codes
+    codes = feedback_round_blocks([cand], W, H, cout)[0].codes
     Q = dequantize(dataclasses.replace(cand, codes=codes))
     obj = output_error(Q - W, H, (0, cout), cout)
     # each group is error_feedback_round on its own rows under its own H
@@ -230,9 +230,9 @@ def test_grouped_and_depthwise_conv(cin, cout, groups):
         c_g, q_g, _ = error_feedback_round(W[rows], H[g], qc, gptq_gamma(H[g]))
         assert torch.equal(codes[rows], c_g) and torch.equal(Q[rows], q_g)
     # a block of rows 1..cout-1 rounds each group's part under that group's H
-    part = feedback_round_block(dataclasses.replace(cand, rows=(1, cout), codes=grid.codes[1:],
-                                                    scale=grid.scale[1:], zero=grid.zero[1:]),
-                                W[1:], H, cout).codes
+    part = feedback_round_blocks([dataclasses.replace(cand, rows=(1, cout), codes=grid.codes[1:],
+                                                      scale=grid.scale[1:], zero=grid.zero[1:])],
+                                 W[1:], H, cout)[0].codes
     qc = uniform_column_quantizer(grid.scale[1:per], grid.zero[1:per], 2)
     assert torch.equal(part[: per - 1], error_feedback_round(W[1:per], H[0], qc,
                                                              gptq_gamma(H[0]))[0])
@@ -317,7 +317,6 @@ def test_one_factorisation_per_layer_for_all_candidates(monkeypatch, trained, lo
     real = rounding._upper_cholesky_of_inverse
     monkeypatch.setattr(rounding, "_upper_cholesky_of_inverse",
                         lambda H: calls.append(H.shape) or real(H))
-    rounding._FACTORS.clear()
     cfg = BayesQConfig(method="gptq", bits=4.0, block_rows=8, calib_batches=2)
     res = quantize_model(trained, loader, cfg, progress=False)
     blocks = sum(len(x.blocks) for x in res.layers)

@@ -14,7 +14,7 @@ from bayesq_lightning.quantizers import block_storage_bits, dequantize
 from bayesq_lightning.quantizers.nonuniform import design_nonuniform
 from bayesq_lightning.quantizers.uniform import design_uniform
 from bayesq_lightning.result import BlockResult
-from bayesq_lightning.rounding import feedback_round_block
+from bayesq_lightning.rounding import feedback_round_blocks
 from bayesq_lightning.row_sample import full_block_bits, sample_rows
 
 
@@ -47,15 +47,16 @@ def test_zero_sizes_draw_uniformly():
 
 
 @pytest.mark.parametrize("prior", [False, True])
-def test_kron_row_terms_sum_to_the_block_form_where_rows_do_not_interact(prior):
+def test_kron_row_terms_sum_to_the_block_loss_where_rows_do_not_interact(prior):
     g = torch.Generator().manual_seed(1)
     G, A = torch.diag(torch.rand(9, generator=g)), _spd(5, g).float()
     lp = KronLayerPosterior("fc", torch.zeros(9, 5), None, 0.3, A=A, G=G)
     rows, dW = (2, 8), torch.randn(6, 5, generator=g, dtype=torch.float64)
-    scale, terms = lp.row_form(rows, prior)
-    assert torch.equal(scale, G.diagonal()[2:8].double())
+    row_terms = lp.row_terms(rows, prior)
+    terms = row_terms.terms
+    assert torch.equal(row_terms.scales, G.diagonal()[2:8].double())
     assert float(terms(dW, torch.arange(6)).sum()) == pytest.approx(
-        lp.block_form(rows, prior)(dW), rel=1e-5)
+        lp.block_loss(rows, prior)(dW), rel=1e-5)
     idx = torch.tensor([1, 4])
     assert torch.allclose(terms(dW[idx], idx), terms(dW, torch.arange(6))[idx])
 
@@ -84,10 +85,10 @@ def test_feedback_rounds_a_row_sample_as_it_rounds_those_rows_of_the_block():
     w, H = torch.randn(50, 16, generator=g), _spd(16, g).float()
     idx = torch.tensor([0, 2, 7, 8, 19, 30, 31, 40, 49])
     grid = design_uniform(w, 2)
-    whole = feedback_round_block(BlockResult((0, 50), 2, "uniform", None, grid.codes,
-                                             grid.scale, grid.zero), w, H, 50)
-    part = feedback_round_block(BlockResult((0, 9), 2, "uniform", None, grid.codes[idx],
-                                            grid.scale[idx], grid.zero[idx]), w[idx], H, 50)
+    whole, = feedback_round_blocks([BlockResult((0, 50), 2, "uniform", None, grid.codes,
+                                                grid.scale, grid.zero)], w, H, 50)
+    part, = feedback_round_blocks([BlockResult((0, 9), 2, "uniform", None, grid.codes[idx],
+                                               grid.scale[idx], grid.zero[idx])], w[idx], H, 50)
     assert torch.equal(part.codes, whole.codes[idx])
 
 

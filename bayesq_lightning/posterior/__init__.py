@@ -12,7 +12,6 @@ from .base import (
     LayerPosterior,
     LowRankLayerPosterior,
     Posterior,
-    clear_score_cache,
 )
 from .factory import fit_posterior
 from .fit import Reduce
@@ -27,6 +26,5 @@ __all__ = [
     "LowRankLayerPosterior",
     "Posterior",
     "Reduce",
-    "clear_score_cache",
     "fit_posterior",
 ]

@@ -13,12 +13,13 @@ Notation
 Every consumer goes through these methods, so none of them switches on the structure or reads
 the factors:
 
-* :meth:`LayerPosterior.quad_form` -- the block's score :math:`\mathrm{vec}(dW)^\top
+* :meth:`LayerPosterior.quad_form` / :meth:`~LayerPosterior.block_loss` -- the block's loss :math:`\mathrm{vec}(dW)^\top
   (sH)_B\, \mathrm{vec}(dW)`, with :math:`(sH)_B` the block's diagonal block of the likelihood
   curvature (optionally plus the prior, i.e. :math:`\Lambda_B`);
 * :meth:`LayerPosterior.design_weights` -- the per-weight weights of the grid design;
-* :meth:`LayerPosterior.rounding_matrix` -- the input-side matrix ``H`` and damping ``gamma`` of
-  error-feedback rounding, or ``None`` where the structure has none (plain rounding);
+* :meth:`LayerPosterior.rounding_matrix` -- the input-side matrix ``H`` of error-feedback
+  rounding, or ``None`` where the structure has none (plain rounding);
+* :meth:`LayerPosterior.row_terms` -- the loss's row terms, for a width chosen on a row sample;
 * :meth:`LayerPosterior.sample` -- weights drawn from the posterior (Monte-Carlo tables, the
   sampling teacher);
 * :meth:`LayerPosterior.output_variance` -- the GLM variance of a Linear layer's outputs (the
@@ -33,6 +34,14 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
+
+from ..row_sample import RowTerms
+
+
+def _formed_from_factors(name: str, value: Tensor | None) -> None:
+    if value is not None:
+        raise TypeError(f"a K-FAC posterior's {name} is formed from its factors G and A; "
+                             "set those instead")
 
 
 def _rows(t: Tensor, rows: tuple[int, int]) -> Tensor:
@@ -78,15 +87,15 @@ class LayerPosterior:
         ``prior=True`` the prior's :math:`\delta \|dW\|^2` is added: the quadratic form of the
         posterior precision :math:`\Lambda_B` (the ``score="posterior_precision"`` ablation).
         """
-        return self.block_form(rows, prior)(dW)
+        return self.block_loss(rows, prior)(dW)
 
-    def block_form(self, rows: tuple[int, int], prior: bool = False) -> Callable[[Tensor], float]:
+    def block_loss(self, rows: tuple[int, int], prior: bool = False) -> Callable[[Tensor], float]:
         """:meth:`quad_form` of rows ``rows`` as a function of ``dW`` (float64).
 
         The pipeline scores every candidate of a block (each width and grid) with one of these,
-        and holds one per block: the factors are converted to float64 per call, not kept.
+        held while the block's candidates are scored and dropped with them.
         """
-        curvature = self._curvature_form(rows)
+        curvature = self._curvature_loss(rows)
         delta = self.prior_precision
 
         def form(dW: Tensor) -> float:
@@ -98,17 +107,15 @@ class LayerPosterior:
 
         return form
 
-    def _curvature_form(self, rows: tuple[int, int]) -> Callable[[Tensor], float]:
-        # the float64 rows per call, not per closure: the pipeline holds a form per block
+    def _curvature_loss(self, rows: tuple[int, int]) -> Callable[[Tensor], float]:
         return lambda dW: float((_rows(self.curvature, rows) * dW * dW).sum())
 
-    def row_form(self, rows: tuple[int, int], prior: bool = False
-                 ) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
-        """The row terms of :meth:`block_form`, for choosing a width on a row sample.
+    def row_terms(self, rows: tuple[int, int], prior: bool = False) -> RowTerms:
+        """The row terms of :meth:`block_loss`, for choosing a width on a row sample.
 
-        Returns each row's curvature scale ``g`` (``(r1 - r0,)``, float64) and a function of
+        Each row's curvature scale ``g`` (``(r1 - r0,)``, float64) and a function of
         ``(dW[idx], idx)`` (``idx`` block-relative rows) giving those rows' own terms of the
-        score, without the cross-row ones (:mod:`~bayesq_lightning.row_sample`). Only
+        loss, without the cross-row ones (:mod:`~bayesq_lightning.row_sample`). Only
         structures with a rounding matrix have one: the pipeline samples blocks rounded by
         error feedback.
         """
@@ -158,9 +165,9 @@ class LayerPosterior:
         return LayerPosterior(self.name, self.mean, c + self.prior_precision, self.prior_precision,
                               note=_tie_note(self, other), curvature=c)
 
-    def rounding_matrix(self, rows: tuple[int, int], damp: float = 0.01
-                        ) -> tuple[Tensor, float] | None:
-        """``(H, gamma)`` for error-feedback rounding of rows ``rows``; ``None``: round to nearest."""
+    def rounding_matrix(self, rows: tuple[int, int]) -> Tensor | None:
+        """The input-side matrix ``H`` of error-feedback rounding of rows ``rows`` (damped by
+        the rounding, relative to its scale); ``None``: round to nearest."""
         return None
 
     def sample(self, n: int = 1, temperature: float = 1.0,
@@ -204,15 +211,6 @@ class LayerPosterior:
         return features.detach().double().cpu()
 
 
-_FACTORS_CPU: dict = {}  # the last scored block's G and A on the CPU (it holds its posterior,
-# so the id in the key cannot be reused while cached)
-
-
-def clear_score_cache() -> None:
-    """Drop the CPU factors kept for the last scored K-FAC block (after the tables)."""
-    _FACTORS_CPU.clear()
-
-
 @dataclass(kw_only=True)
 class KronLayerPosterior(LayerPosterior):
     r"""K-FAC: :math:`\Lambda = G \otimes A + \delta I` over ``W.reshape(out, -1).flatten()``.
@@ -235,9 +233,8 @@ class KronLayerPosterior(LayerPosterior):
         pass  # nothing to fill: the base's check would form the curvature just to discard it
 
     # Both diagonals are formed from the factors on each access instead of being stored: they
-    # would be two dense fp32 tensors the size of the weights per layer (a third of the K-FAC
-    # posterior's memory on BERT-base). Values given to the constructor (a saved state's, a
-    # tie's) are ignored: they can only be these.
+    # would be two dense fp32 tensors the size of the weights per layer. The dataclass's
+    # constructor assigns both fields, so the setters take ``None`` and refuse anything else.
     @property
     def curvature(self) -> Tensor:
         """``outer(diag G, diag A)`` in the weight's shape (fp32, formed per access)."""
@@ -245,7 +242,7 @@ class KronLayerPosterior(LayerPosterior):
 
     @curvature.setter
     def curvature(self, value: Tensor | None) -> None:
-        pass
+        _formed_from_factors("curvature", value)
 
     @property
     def precision(self) -> Tensor:
@@ -254,7 +251,7 @@ class KronLayerPosterior(LayerPosterior):
 
     @precision.setter
     def precision(self, value: Tensor | None) -> None:
-        pass
+        _formed_from_factors("precision", value)
 
     def is_finite(self) -> bool:
         # from the factors' diagonals, without forming the two weight-sized diagonals: both
@@ -268,27 +265,23 @@ class KronLayerPosterior(LayerPosterior):
         g = self.G.diagonal()[rows[0]:rows[1]]
         return (torch.outer(g, self.A.diagonal()) + self.prior_precision).float().cpu()
 
-    def _curvature_form(self, rows: tuple[int, int]) -> Callable[[Tensor], float]:
+    def _curvature_loss(self, rows: tuple[int, int]) -> Callable[[Tensor], float]:
         r0, r1 = rows
+        factors: list[Tensor] = []  # this block's G and A on the CPU, formed at the first call
 
         def form(dW: Tensor) -> float:
-            # the pipeline holds a form per block, so copies of every layer's factors would
-            # double the posterior's memory: one block's are kept at a time (its candidates are
-            # scored one after another; no copy at all for fp32 factors on the CPU)
-            key = (id(self), self.G._version, self.A._version, r0, r1)
-            if _FACTORS_CPU.get("key") != key:
-                _FACTORS_CPU.clear()
-                _FACTORS_CPU.update(key=key, self=self, G=self.G[r0:r1, r0:r1].float().cpu(),
-                                    A=self.A.float().cpu())
-            G, A = _FACTORS_CPU["G"], _FACTORS_CPU["A"]
+            # kept by the loss, so they live as long as the block's inputs (no copy at all for
+            # fp32 factors on the CPU)
+            if not factors:
+                factors.extend((self.G[r0:r1, r0:r1].float().cpu(), self.A.float().cpu()))
+            G, A = factors
             # the two products (the cost: out^2 in + out in^2) in fp32, half the time of
             # float64; the elementwise sum in float64
             return float(((G @ dW.float() @ A).double() * dW).sum())
 
         return form
 
-    def row_form(self, rows: tuple[int, int], prior: bool = False
-                 ) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
+    def row_terms(self, rows: tuple[int, int], prior: bool = False) -> RowTerms:
         r"""Row ``i``'s term :math:`G_{ii}\, dW_i A\, dW_i^\top` (``+ delta |dW_i|^2``)."""
         r0, r1 = rows
         g = self.G.diagonal()[r0:r1].double().cpu()
@@ -299,12 +292,10 @@ class KronLayerPosterior(LayerPosterior):
             t = g[idx] * ((dW32 @ self.A.float().cpu()) * dW32).double().sum(1)
             return t + delta * (dW.double() ** 2).sum(1) if prior else t
 
-        return g, terms
+        return RowTerms(g, terms)
 
-    def rounding_matrix(self, rows: tuple[int, int], damp: float = 0.01
-                        ) -> tuple[Tensor, float]:
-        A = self.A.cpu().float()
-        return A, damp * float(A.diagonal().double().mean())
+    def rounding_matrix(self, rows: tuple[int, int]) -> Tensor:
+        return self.A.cpu().float()
 
     def tied_with(self, other: LayerPosterior) -> LayerPosterior:
         r"""K-FAC of a shared weight: :math:`G_1 \otimes A_1 + G_2 \otimes A_2 \approx
@@ -375,7 +366,7 @@ class LowRankLayerPosterior(LayerPosterior):
             low = (self.U.square() * self.S).sum(1)
             self.curvature = self.residual + low.view_as(self.residual)
 
-    def _curvature_form(self, rows: tuple[int, int]) -> Callable[[Tensor], float]:
+    def _curvature_loss(self, rows: tuple[int, int]) -> Callable[[Tensor], float]:
         r0, r1 = rows
         cols = self.residual[0].numel()
         U = self.U[r0 * cols: r1 * cols].cpu().double()
