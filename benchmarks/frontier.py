@@ -114,8 +114,8 @@ def _finetune(model, loader, epochs: int, lr: float) -> None:
 def minilm_case() -> Case:
     from safetensors.torch import load_file, save_file
 
-    from bayesq_lightning.lightning.data import SentimentDataModule
-    from bayesq_lightning.lightning.models import load_minilm
+    from bayesq_lightning.datasets.minilm import load_minilm
+    from bayesq_lightning.datasets.sentiment import SentimentDataModule
 
     torch.manual_seed(0)
     model, tokenizer = load_minilm(num_labels=2)
