@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from bayesq_lightning import BayesQConfig, quantize_model
-from bayesq_lightning.lightning.data import DigitsDataModule, FashionMNISTDataModule
+from bayesq_lightning.datasets.fashion import FashionMNISTDataModule
+from bayesq_lightning.lightning.data import DigitsDataModule
 from bayesq_lightning.lightning.models import DigitsCNN, SmallResNet
 from bayesq_lightning.metrics import evaluate
 

@@ -19,7 +19,7 @@ median seconds per distillation epoch.
 
 Usage::
 
-    python benchmarks/distill.py                        # both cases (about 25 min on 2 threads)
+    python benchmarks/distill.py                        # both cases (about 15 min on 2 threads)
     python benchmarks/distill.py --cases fashion_resnet --epochs 5
     python benchmarks/distill.py --posterior-temperature 1 --name distill_t1   # untuned teachers
 """

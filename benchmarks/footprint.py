@@ -142,7 +142,7 @@ def _bert(name: str):
     import transformers
 
     if name == "minilm":
-        from bayesq_lightning.lightning.models import load_minilm
+        from bayesq_lightning.datasets.minilm import load_minilm
 
         return load_minilm(num_labels=2)[0].eval()
     torch.manual_seed(0)

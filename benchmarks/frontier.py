@@ -15,9 +15,9 @@ stored bits per weight, metadata included. ``gptq uniform bB`` is plain GPTQ at 
 for every layer, plotted at its achieved bits. Curvature and calibration data come from the
 hold-out (``bayesq kron train-curv`` estimates the curvature on training samples instead).
 ``bayesq kron minmax`` keeps every grid at the weights' range (no clipping candidate);
-``bayesq kron old score`` adds the prior term to the scores (the first wave's score);
+``bayesq kron old score`` adds the prior term to the scores (``score="posterior_precision"``);
 ``bayesq diag`` has no error feedback. The low-rank structure is left out: its per-layer
-Lanczos took 142 s per fit on the Fashion CNN on 16 cores, beyond this benchmark's time budget.
+Lanczos fit is far slower than K-FAC's (``benchmarks/results/structures.csv``).
 
 Accuracy standard errors are bootstrap standard errors over the test examples (1000 resamples,
 :mod:`bayesq_lightning.sweep`);
@@ -27,8 +27,9 @@ method and case and reused across budgets: ``prep_s`` is the fit plus this budge
 
 Usage::
 
+    python benchmarks/frontier.py                       # the table (about 40 min on 2 threads)
     python benchmarks/frontier.py --pilot               # sweep budgets to choose the table's
-    python benchmarks/frontier.py --budgets 2.2 2.3 3 4 # the table (JSON, markdown, PNG)
+    python benchmarks/frontier.py --budgets 2.2 2.3 3 4 # other budgets
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ def _finetune(model, loader, epochs: int, lr: float) -> None:
 def minilm_case() -> Case:
     from safetensors.torch import load_file, save_file
 
-    from bayesq_lightning.lightning.data import SentimentDataModule
-    from bayesq_lightning.lightning.models import load_minilm
+    from bayesq_lightning.datasets.minilm import load_minilm
+    from bayesq_lightning.datasets.sentiment import SentimentDataModule
 
     torch.manual_seed(0)
     model, tokenizer = load_minilm(num_labels=2)

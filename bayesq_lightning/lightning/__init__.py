@@ -1,6 +1,8 @@
-"""The Lightning shells over the core: the callback, datamodules, reference models, the CLI.
+"""The Lightning shells over the core: the callback, distillation, datamodules, reference models,
+the CLI.
 
-Only this subpackage imports ``lightning``.
+The core never imports this subpackage; besides it, only :mod:`bayesq_lightning.datasets` (the
+fixtures that build on its datamodules) imports ``lightning``.
 """
 
 from .callback import BayesQCallback, restore_quantized

