@@ -152,36 +152,36 @@ def add_candidates(plans: list[BlockPlan], method: Method, cfg: BayesQConfig,
             plan.specs = [Spec(bits, quantizer, objective) for bits in plan.bits
                           for quantizer in quantizers for objective in objectives]
             sample = _score_sample(plan, cfg, index)
-            part = _all_rows(plan) if sample is None else _sampled_rows(plan, sample[0])
-            plan.candidates = _rounded(plan, part, plan.specs, cfg, factors)
+            design_rows = _all_rows(plan) if sample is None else _sampled_rows(plan, sample[0])
+            plan.candidates = _rounded(plan, design_rows, plan.specs, cfg, factors)
             plan.sampled = sample is not None
             if sample is None:
                 plan.options = [Option(block_storage_bits(c), plan.loss(c), c.bits, c.quantizer)
                                 for c in plan.candidates]
             else:
-                plan.options = _estimated_options(plan, part, sample)
+                plan.options = _estimated_options(plan, design_rows, sample)
 
 
-def _rounded(plan: BlockPlan, part: Rows, specs: list[Spec], cfg: BayesQConfig,
+def _rounded(plan: BlockPlan, design_rows: Rows, specs: list[Spec], cfg: BayesQConfig,
              factors: FeedbackFactors) -> list[BlockResult]:
-    """The candidates ``specs`` designed on ``part``, re-rounded by error feedback where the
+    """The candidates ``specs`` designed on ``design_rows``, re-rounded by error feedback where the
     block has a rounding matrix (every candidate in one stacked pass)."""
     H = plan.inputs.H
-    candidates = [_design(part, spec, cfg, round_mean=H is None) for spec in specs]
+    candidates = [_design(design_rows, spec, cfg, round_mean=H is None) for spec in specs]
     if H is None:
         return candidates
-    return feedback_round_blocks(candidates, part.w, H, plan.layer_rows, cfg.damp,
+    return feedback_round_blocks(candidates, design_rows.w, H, plan.layer_rows, cfg.damp,
                                  cfg.act_order, factors=factors)
 
 
-def _estimated_options(plan: BlockPlan, part: Rows, sample: tuple[Tensor, Tensor]
+def _estimated_options(plan: BlockPlan, design_rows: Rows, sample: tuple[Tensor, Tensor]
                        ) -> list[Option]:
     """Options of candidates designed on a row sample: the whole block's exact cost, and the
     Hansen-Hurwitz estimate of its loss's row terms."""
     (idx, weight), n_rows = sample, plan.rows[1] - plan.rows[0]
     terms = plan.inputs.row_terms.terms
     return [Option(full_block_bits(c, n_rows),
-                   float((weight * terms(dequantize(c, torch.float64) - part.w.double(),
+                   float((weight * terms(dequantize(c, torch.float64) - design_rows.w.double(),
                                          idx)).sum()), c.bits, c.quantizer)
             for c in plan.candidates]
 
@@ -249,26 +249,26 @@ def round_chosen(plans: list[BlockPlan], method: Method, cfg: BayesQConfig,
     return overruled
 
 
-def _design(part: Rows, spec: Spec, cfg: BayesQConfig, round_mean: bool) -> BlockResult:
-    """The candidate grid or codebook of ``part`` at ``spec``.
+def _design(design_rows: Rows, spec: Spec, cfg: BayesQConfig, round_mean: bool) -> BlockResult:
+    """The candidate grid or codebook of ``design_rows`` at ``spec``.
 
     ``"minmax"`` keeps the weights' own range (no clipping search; plain k-means codebooks).
     The mean's nearest codes are only computed where no error feedback (``round_mean=False``)
     replaces them.
     """
-    precision, objective = part.precision, spec.range_objective
+    precision, objective = design_rows.precision, spec.range_objective
     if objective == "minmax":
         precision, objective = None, "deployed"
     if spec.quantizer == "uniform":
-        grid = design_uniform(part.w, spec.bits, precision=precision,
+        grid = design_uniform(design_rows.w, spec.bits, precision=precision,
                               group_size=cfg.group_size, range_objective=objective,
-                              round_mean=round_mean, weight=part.weight)
-        return BlockResult(part.rows, spec.bits, "uniform", cfg.group_size, grid.codes,
+                              round_mean=round_mean, weight=design_rows.weight)
+        return BlockResult(design_rows.rows, spec.bits, "uniform", cfg.group_size, grid.codes,
                            grid.scale, grid.zero)
-    grid = design_nonuniform(part.w, spec.bits, precision=precision,
+    grid = design_nonuniform(design_rows.w, spec.bits, precision=precision,
                              per_row=cfg.per_row_codebook, range_objective=objective,
-                             round_mean=round_mean, weight=part.weight)
-    return BlockResult(part.rows, spec.bits, "nonuniform", None, grid.codes,
+                             round_mean=round_mean, weight=design_rows.weight)
+    return BlockResult(design_rows.rows, spec.bits, "nonuniform", None, grid.codes,
                        codebook=grid.codebook)
 
 

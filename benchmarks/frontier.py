@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bayesq_lightning import BayesQConfig, quantize_model  # noqa: E402
 from bayesq_lightning.report import plot_frontier  # noqa: E402
-from bayesq_lightning.sweep import cheapest_bits, paired_differences, score, sweep  # noqa: E402
+from bayesq_lightning.sweep import cheapest_bits, evaluate, paired_differences, sweep  # noqa: E402
 
 CACHE = Path(os.environ.get("BAYESQ_BENCH_CACHE", ".cache/bench"))
 SENTIMENT_DIR = CACHE / "sentiment" / "package" / "test" / "fixtures"
@@ -203,7 +203,7 @@ def run_case(case: Case, budgets: Sequence[float], methods: Sequence[str],
         t0 = time.perf_counter()
         res = quantize_model(case.model, case.calib, cfg, n_data=case.n_data, progress=False)
         rows.append({"method": f"gptq uniform b{b}", "bits": float(b), "fixed_width": True,
-                     "bits_per_weight": res.bits_per_weight, **score(res.model, case.test),
+                     "bits_per_weight": res.bits_per_weight, **evaluate(res.model, case.test),
                      "prep_s": time.perf_counter() - t0})
     return [{"case": case.name, **r} for r in paired_differences(rows, "gptq")]
 
