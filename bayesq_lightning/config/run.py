@@ -6,6 +6,7 @@ import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import TypeVar
 
 from ..choices import METHODS, POSTERIOR_METHODS
 from .groups import (
@@ -17,6 +18,8 @@ from .groups import (
     ScoringOptions,
     check_choice,
 )
+
+Group = TypeVar("Group")
 
 
 def _parameter_entries(cls: type) -> str:
@@ -145,7 +148,7 @@ class BayesQConfig:
             if isinstance(value, str):
                 setattr(self, name, (value,))
 
-    def _group(self, group_cls: type):
+    def _group(self, group_cls: type[Group]) -> Group:
         return group_cls(**{f.name: getattr(self, f.name) for f in fields(group_cls)})
 
     @property

@@ -90,8 +90,8 @@ class SortedMixture:
     * tabulated (wide segments, whose windows span many cells): :math:`G_0, G_1` and their
       derivatives up to the third (:math:`G_0^{(1)} = \sum \lambda\phi(z)/\sigma`, ...) are
       computed once, exactly, on a grid of spacing :math:`h = \sigma_{min} /`
-      ``_GRID_PER_SIGMA`` and queried by septic two-point Hermite interpolation (measured error
-      about :math:`2 \cdot 10^{-9}` of the mass), so each weight is evaluated about
+      ``_GRID_PER_SIGMA`` and queried by septic two-point Hermite interpolation (error about
+      :math:`2 \cdot 10^{-9}` of the mass), so each weight is evaluated about
       :math:`12\sigma/h \approx 18\text{--}26` times in all instead of once per threshold in
       its window per query.
 
