@@ -16,7 +16,7 @@ from bayesq_lightning.quantizers import (
     expected_sq_error_uniform,
     lloyd_max,
 )
-from bayesq_lightning.quantizers.nonuniform import _SortedMixture
+from bayesq_lightning.quantizers.mixture import SortedMixture
 from bayesq_lightning.result import BlockResult
 
 D = torch.float64
@@ -206,7 +206,7 @@ def test_lloyd_max_matches_dense_reference_on_wide_and_narrow_posteriors():
     sigma = torch.where(torch.arange(n) % 2 == 0, 1e-3, 0.05) * torch.exp(
         0.3 * torch.randn(n, generator=g, dtype=D))
     lam = sigma**-2
-    mix = _SortedMixture(mu[None], sigma[None], lam[None], n_points=8, n_queries=40)
+    mix = SortedMixture(mu[None], sigma[None], lam[None], n_points=8, n_queries=40)
     assert mix.seg_row.numel() > 0 and mix.grid is not None  # both evaluation paths in use
     init = torch.linspace(-0.2, 0.2, 8, dtype=D)
     res = lloyd_max(mu, 8, sigma=sigma, weight=lam, init=init, max_iter=20, tol=0.0)
@@ -333,7 +333,7 @@ def test_mixture_partial_sums_match_brute_force(tabulated):
     lam = sigma**-2
     points = torch.sort(torch.randn(3, 9, generator=g, dtype=D) * 0.15, dim=1).values
     # the cost model picks the path: one query (exact runs) or very many (tabulated grid)
-    mix = _SortedMixture(mu, sigma, lam, n_points=9, n_queries=10**6 if tabulated else 1)
+    mix = SortedMixture(mu, sigma, lam, n_points=9, n_queries=10**6 if tabulated else 1)
     assert (mix.grid is not None) == tabulated and (mix.seg_row.numel() == 0) == tabulated
     g0, g1 = mix.cdf(points)
     z = (points[:, None, :] - mu[:, :, None]) / sigma[:, :, None]

@@ -1,4 +1,9 @@
-"""Scalar quantizers: the codec (codes <-> weights, storage cost), uniform grids, codebooks."""
+"""Scalar quantizers: the codec (codes <-> weights, storage cost), uniform grids, codebooks.
+
+``codec`` decodes and counts storage; ``uniform`` designs scale/zero grids; ``nonuniform``
+designs fp16 codebooks with ``lloyd`` (Lloyd-Max, weighted k-means) over ``mixture`` (partial
+sums of the posterior mixture); ``normal`` holds the standard-normal pieces both closed forms use.
+"""
 
 from ..choices import QUANTIZERS, SUPPORTED_BITS, check_bits
 from .codec import (
@@ -10,7 +15,8 @@ from .codec import (
     round_uniform,
     storage_bits,
 )
-from .nonuniform import NonuniformGrid, design_nonuniform, expected_sq_error_levels, lloyd_max
+from .lloyd import lloyd_max
+from .nonuniform import NonuniformGrid, design_nonuniform, expected_sq_error_levels
 from .uniform import UniformGrid, design_uniform, expected_sq_error_uniform
 
 __all__ = [

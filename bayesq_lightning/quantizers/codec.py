@@ -14,8 +14,6 @@ from ..result import BlockResult
 META_BITS = 16  # every scale, zero point and codebook level is stored as fp16
 
 
-
-
 def expand_groups(t: torch.Tensor, n_cols: int, group_size: int | None) -> torch.Tensor:
     """Per-(row, group) values ``(rows, n_groups)`` -> per-weight ``(rows, n_cols)``.
 

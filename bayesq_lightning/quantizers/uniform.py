@@ -125,12 +125,14 @@ class UniformGrid:
     codes: torch.Tensor | None
 
 
-def _grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 (scale, zero) of the asymmetric grid whose end levels are ``lo`` and ``hi``."""
     # The grid holds 0 (lo <= 0 <= hi), so zero = -lo / scale <= 2**bits - 1 always fits fp16;
     # only a step below fp16's smallest subnormal (2**-24, all-zero or near-zero rows) would
-    # round to 0, so that is the floor. (The smallest *normal* step, 6.1e-5, made an 8-bit row
-    # with a range of 0.006 2.5x coarser than its ideal step.)
+    # round to 0, so that is the floor (the smallest *normal* step, 2**-14, is coarser than the
+    # ideal step of a narrow 8-bit row).
     scale = ((hi - lo) / (2**bits - 1)).clamp_min(FP16_MIN_STEP).half()
     zero = (-lo / scale.float()).half()
     bad = ~torch.isfinite(scale.float()) | ~torch.isfinite(zero.float())
@@ -216,8 +218,7 @@ def design_uniform(
             s_e, z_e = s_p.float().unsqueeze(-1), z_p.float().unsqueeze(-1)
             if range_objective == "deployed":
                 # the levels decoded in their own buffer (integer levels are exact in fp32, so
-                # this is dequantize's arithmetic); 24 shrink factors x several widths made
-                # temporaries the cost
+                # this is dequantize's arithmetic), in place: one temporary per shrink factor
                 err = round_levels(mu0, s_e, z_e, bits).sub_(z_e).mul_(s_e).sub_(mu0).square_()
             else:
                 err = expected_sq_error_uniform(mu0, lam.clamp_min(1e-30).rsqrt(), s_e, z_e,
