@@ -69,9 +69,11 @@ def packed_alias(module: nn.Module, owner_layer: LayerResult, owner: PackedLayer
 
 
 def packed_replacements(model: nn.Module, layers: Sequence[LayerResult], cache: bool = False,
-                        tied: Mapping[str, str] | None = None) -> dict[str, PackedLayer]:
+                        tied: Mapping[str, str] | None = None,
+                        bits_per_weight: float | None = None
+                        ) -> tuple[dict[str, PackedLayer], PackedLayers]:
     """``{name: packed module}`` for the float layers ``layers`` and ``tied`` aliases of
-    ``model`` (owners first, in order), without changing ``model``."""
+    ``model`` (owners first, in order), and their record; ``model`` is not changed."""
     new = {}
     by_name = {x.name: x for x in layers}
     for name, owner in [*((x.name, None) for x in layers), *(tied or {}).items()]:
@@ -85,7 +87,7 @@ def packed_replacements(model: nn.Module, layers: Sequence[LayerResult], cache: 
             raise KeyError(f"tied layer {name!r} names {owner!r}, which is not quantized")
         else:
             new[name] = packed_alias(module, by_name[owner], new[owner], name, cache)
-    return new
+    return new, PackedLayers.describe(new, [x.name for x in layers], tied, bits_per_weight)
 
 
 def empty_module(skeleton: nn.Module, entry: LayerEntry, where: Path) -> PackedLayer:
@@ -199,7 +201,5 @@ def replace_quantized_layers(
     nn.Module
         ``model`` itself.
     """
-    new = packed_replacements(model, layers, cache, tied)
-    packed = PackedLayers.describe(new, [x.name for x in layers], tied, bits_per_weight)
-    install_packed(model, new, packed)
+    install_packed(model, *packed_replacements(model, layers, cache, tied, bits_per_weight))
     return model

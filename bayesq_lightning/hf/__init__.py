@@ -1,9 +1,10 @@
 """HuggingFace Transformers: ``save_pretrained`` / ``from_pretrained`` of packed models.
 
 ``import bayesq_lightning`` registers the ``"bayesq"`` quantization method with transformers'
-quantizer registry, lazily: transformers is not imported for it (it would slow every import). If ``transformers.quantizers.auto`` is already loaded, registration happens at
-once; otherwise an import hook registers right after transformers loads that module, which it
-does before any ``from_pretrained`` can read a ``quantization_config``.
+quantizer registry, lazily: transformers is not imported for it (it would slow every import).
+If ``transformers.quantizers.auto`` is already loaded, registration happens at once; otherwise
+an import hook registers right after transformers loads that module, which it does before any
+``from_pretrained`` can read a ``quantization_config``.
 
 :func:`install` also listens to the artifact's
 :func:`~bayesq_lightning.artifact.replace.install_packed`, the one step through which packed

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from ..artifact import save_quantized
-from ..artifact.manifest import PackedLayers, jsonable
+from ..artifact.manifest import jsonable
 from ..artifact.replace import install_packed, packed_replacements, swap_in
 from ..batches import calibration_samples, clone_module
 from ..choices import METHODS
@@ -310,14 +310,14 @@ def restore_quantized(model: torch.nn.Module, checkpoint: str | Path | Mapping[s
                                None if posterior is None else posterior_from_state(posterior))
     trial = clone_module(model)  # never drags a Trainer along
     try:
-        new = packed_replacements(trial, result.layers, tied=result.tied)
+        new, packed = packed_replacements(trial, result.layers, tied=result.tied,
+                                          bits_per_weight=result.bits_per_weight)
         swap_in(trial, new)
         trial.load_state_dict(ckpt["state_dict"], strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"the checkpoint does not fit this model ({e}); pass a fresh instance "
                          "of the module that was trained and quantized") from e
-    install_packed(model, new, PackedLayers.describe(
-        new, [x.name for x in result.layers], result.tied, result.bits_per_weight))
+    install_packed(model, new, packed)
     model.load_state_dict(ckpt["state_dict"], strict=True)
     result.model = model
     return result
