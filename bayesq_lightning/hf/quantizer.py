@@ -11,6 +11,11 @@ r"""The ``"bayesq"`` entries of transformers' quantizer registry (imports transf
 
 Every refusal is an :class:`~bayesq_lightning.artifact.ArtifactError` raised before any weight is
 read.
+
+This module is the adapter to transformers: the ``HfQuantizer`` hooks it overrides
+(``_process_model_before_weight_loading`` / ``_process_model_after_weight_loading``) are
+transformers' private protocol, written against transformers 5.25;
+``tests/test_hf_pretrained.py``'s round trips fail loudly if it changes.
 """
 
 from __future__ import annotations
