@@ -3,8 +3,9 @@ r"""Plain-data state of a quantization run: posterior and result as tensors and 
 What a checkpoint carries so that a run can be resumed without refitting
 (``BayesQCallback.state_dict``): the posterior's factors (``A``, ``G`` / ``U``, ``S``,
 ``residual`` / the diagonal) and mean, the allocation and the packed codes with their
-metadata. Only tensors, numbers, strings, lists, tuples and dicts, so a checkpoint holding it
-loads with ``torch.load(..., weights_only=True)``, all on the CPU. The tensors round-trip
+metadata (each block's layout in the artifact manifest's schema,
+:meth:`~bayesq_lightning.artifact.manifest.BlockSpec.layout_json`). Only tensors, numbers,
+strings, lists, tuples and dicts, so a checkpoint holding it loads with ``torch.load(..., weights_only=True)``, all on the CPU. The tensors round-trip
 exactly, so a restored result packs into the same model bit for bit and a restored posterior
 given to ``quantize_model(..., posterior=...)`` reproduces the same codes; ``info`` dicts are
 stored as JSON-like data (tuples come back as lists).
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .artifact.export import jsonable
+from .artifact.manifest import BlockSpec, block_spec, jsonable
 from .artifact.packing import pack_codes, unpack_codes
 from .posterior import KronLayerPosterior, LayerPosterior, LowRankLayerPosterior, Posterior
 from .result import BlockResult, LayerResult, QuantizationResult
@@ -69,8 +70,7 @@ def result_state(result: QuantizationResult) -> dict[str, Any]:
     layers = []
     for x in result.layers:
         blocks = [{
-            "rows": tuple(b.rows), "bits": b.bits, "quantizer": b.quantizer,
-            "group_size": b.group_size, "shape": tuple(b.codes.shape),
+            **block_spec(b).layout_json(),
             "codes": pack_codes(b.codes.reshape(-1).cpu(), b.bits).cpu(),
             **{k: getattr(b, k).cpu() for k in ("scale", "zero", "codebook")
                if getattr(b, k) is not None},
@@ -91,19 +91,18 @@ def result_from_state(state: dict[str, Any], posterior: Posterior | None = None
     """The :class:`~bayesq_lightning.QuantizationResult` saved by :func:`result_state`
     (``model=None``: pack it into a model with ``replace_quantized_layers``)."""
     if state.get("version") != STATE_VERSION:
-        raise StateError(f"the saved quantization state has version {state.get('version')!r} "
-                         f"(None: written before codes were saved), this bayesq-lightning reads "
-                         f"{STATE_VERSION}; quantize again")
+        raise StateError(f"the saved quantization state has version {state.get('version')!r}, "
+                         f"this bayesq-lightning reads {STATE_VERSION}; quantize again")
     try:
         layers = []
         for x in state["layers"]:
             blocks = []
             for b in x["blocks"]:
-                n = b["shape"][0] * b["shape"][1]
-                codes = unpack_codes(b["codes"], b["bits"], n).reshape(tuple(b["shape"]))
-                blocks.append(BlockResult(tuple(b["rows"]), b["bits"], b["quantizer"],
-                                          b["group_size"], codes, b.get("scale"), b.get("zero"),
-                                          b.get("codebook")))
+                meta = {k: b[k] for k in ("scale", "zero", "codebook") if k in b}
+                s = BlockSpec.from_json(b, {k: tuple(t.shape) for k, t in meta.items()})
+                codes = unpack_codes(b["codes"], s.bits, s.n_weights).reshape(s.n_rows, s.cols)
+                blocks.append(BlockResult(s.rows, s.bits, s.quantizer, s.group_size, codes,
+                                          **meta))
             layers.append(LayerResult(x["name"], x["kind"], tuple(x["weight_shape"]), blocks,
                                       x["expected_loss"], x["bytes"]))
         return QuantizationResult(

@@ -8,7 +8,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from bayesq_lightning import BayesQCallback, load_quantized
-from bayesq_lightning.artifact.modules import QuantizedConv2d, QuantizedLinear
+from bayesq_lightning.artifact import QuantizedConv2d, QuantizedLinear
 from bayesq_lightning.metrics import evaluate
 from bayesq_lightning.quantizers import dequantize
 

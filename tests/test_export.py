@@ -15,18 +15,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bayesq_lightning.artifact import export
-from bayesq_lightning.artifact.export import (
+from bayesq_lightning.artifact import (
     ArtifactError,
-    load_quantized,
-    save_quantized,
-    tensors_digest,
-)
-from bayesq_lightning.artifact.modules import (
     QuantizedConv2d,
     QuantizedLinear,
+    export,
+    load_quantized,
     replace_quantized_layers,
+    save_quantized,
 )
+from bayesq_lightning.artifact.export import tensors_digest
 from bayesq_lightning.quantizers import block_storage_bits
 
 

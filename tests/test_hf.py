@@ -18,7 +18,7 @@ from bayesq_lightning import (
     distill_model,
     quantize_model,
 )
-from bayesq_lightning.artifact.modules import QuantizedLinear
+from bayesq_lightning.artifact import QuantizedLinear
 from bayesq_lightning.batches import LogitsModel, takes_kwargs
 from bayesq_lightning.lightning.models import HFSequenceClassifier
 from bayesq_lightning.metrics import evaluate

@@ -10,6 +10,7 @@ from torch import nn
 
 from bayesq_lightning import BayesQConfig, quantize_model, save_quantized, set_kernel
 from bayesq_lightning.artifact import kernels
+from bayesq_lightning.artifact.dispatch import fast_weight
 from bayesq_lightning.artifact.export import TENSORS_FILE
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no CPU weight-only kernels")
@@ -52,7 +53,7 @@ def test_fast_path_agrees_with_the_exact_path(case, rows):
     x = torch.randn(rows, model[0].in_features, generator=torch.Generator().manual_seed(1))
     exact = outputs(model, x, "exact")
     fast = outputs(model, x, "auto")
-    assert model[0].fast_weight()[0] is not None  # the first layer takes a kernel
+    assert fast_weight(model[0])[0] is not None  # the first layer takes a kernel
     assert not torch.equal(fast, exact)  # it really ran (bf16 activations)
     assert rel(fast, exact) < kernels.RTOL
 
@@ -142,9 +143,7 @@ def test_non_contiguous_and_bf16_inputs():
 def test_inference_mode_then_no_grad_and_moves_invalidate():
     model = packed(bits=3)
     x = torch.randn(64, 96)  # the exact path: decodes into the shared buffer
-    from bayesq_lightning.artifact.modules import release_workspace
-
-    release_workspace()
+    model[0].decode_buffer.release()
     with torch.inference_mode():
         a = model(x)
     with torch.no_grad():

@@ -9,12 +9,8 @@ import torch
 from _quant_helpers import dequantized_float_model, rtn_block, rtn_layer, rtn_layers
 from torch import nn
 
-from bayesq_lightning.artifact.modules import (
-    QuantizedConv2d,
-    QuantizedLinear,
-    block_spec,
-    replace_quantized_layers,
-)
+from bayesq_lightning.artifact import QuantizedConv2d, QuantizedLinear, replace_quantized_layers
+from bayesq_lightning.artifact.manifest import block_spec
 from bayesq_lightning.quantizers import block_storage_bits, dequantize
 from bayesq_lightning.result import LayerResult
 

@@ -1,11 +1,23 @@
-"""The packed model and its files: bit packing, packed layers, the safetensors artifact.
+"""The packed model and its files.
+
+* :mod:`.manifest` -- the manifest schema: records of packed layers, blocks and the artifact;
+* :mod:`.packing` -- bit packing of integer codes;
+* :mod:`.storage` -- storage and decoding of a packed weight (the base of the packed layers);
+* :mod:`.modules` -- :class:`QuantizedLinear`, :class:`QuantizedConv2d`;
+* :mod:`.kernels`, :mod:`.dispatch` -- stock integer kernels and :func:`set_kernel`;
+* :mod:`.tuning` -- quantizer parameters trained with the codes frozen (distillation);
+* :mod:`.replace` -- putting packed layers into a model (:func:`replace_quantized_layers`);
+* :mod:`.export` -- the safetensors artifact (:func:`save_quantized`, :func:`load_quantized`).
 
 Depends only on the codec (:mod:`bayesq_lightning.quantizers.codec`) and the result records.
 """
 
-from .export import ArtifactError, load_quantized, save_quantized
-from .modules import QuantizedConv2d, QuantizedLinear, replace_quantized_layers, set_kernel
+from .dispatch import set_kernel
+from .export import load_quantized, save_quantized
+from .manifest import ArtifactError
+from .modules import QuantizedConv2d, QuantizedLinear
 from .packing import pack_codes, packed_nbytes, unpack_codes
+from .replace import replace_quantized_layers
 
 __all__ = [
     "ArtifactError",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import tempfile
 import warnings
@@ -27,31 +26,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..quantizers import storage_bits
 from ..result import QuantizationResult
-from .modules import (
-    FLOAT_TYPES,
-    QUANTIZED_TYPES,
-    BlockSpec,
+from .manifest import (
+    SCHEMA_VERSION,
+    TENSORS_FILE,
+    ArtifactError,
+    Manifest,
+    PackedLayers,
     block_spec,
-    conv_options,
-    module_paths,
-    packed_alias,
-    quantized_from_float,
-    set_submodule,
-    tie_packed,
+    jsonable,
 )
+from .modules import QUANTIZED_TYPES, quantized_from_float
+from .replace import install_packed, module_paths, modules_from_manifest, packed_alias, swap_in
 
-SCHEMA_VERSION = 2  # 2: the manifest moved into the safetensors header
-TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "bayesq.json"
 HEADER_KEY = "bayesq"
 WHICH = ("save the model this result was computed for (pass the QuantizationResult that "
          "produced this model)")
-
-
-class ArtifactError(ValueError):
-    """An artifact that cannot be loaded: corrupt, of another schema, or for another model."""
 
 
 def save_quantized(
@@ -63,7 +54,7 @@ def save_quantized(
     ----------
     model : nn.Module
         The model to store. Layers named in ``result.layers`` may already be packed modules
-        (:class:`~bayesq_lightning.modules.QuantizedLinear` / ``QuantizedConv2d``) or still be
+        (:class:`~bayesq_lightning.artifact.QuantizedLinear` / ``QuantizedConv2d``) or still be
         float layers; float ones are packed from ``result.layers`` without modifying ``model``.
     result : QuantizationResult
         Per-layer blocks, budget and achieved bits, posterior info.
@@ -79,31 +70,29 @@ def save_quantized(
     directory.mkdir(parents=True, exist_ok=True)
     state, packed = _packed_state(model, result)
     tensors, aliases = _dedupe(state)
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "tensors_file": TENSORS_FILE,
-        "tensors_sha256": tensors_digest(tensors),
-        "aliases": aliases,
-        "layers": [layer_entry(name, packed[name]) for name in (x.name for x in result.layers)],
-        "tied": [tied_entry(alias, owner, packed[alias]) for alias, owner in result.tied.items()],
-        "budget_bits": int(result.budget_bits),
-        "n_weights": sum(math.prod(packed[x.name].weight_shape) for x in result.layers),
-        "bits_per_weight": float(result.bits_per_weight),
-        "code_bits_per_weight": float(result.code_bits_per_weight),
-        "posterior": {
+    owners = [x.name for x in result.layers]
+    layers = PackedLayers.describe(packed, owners, result.tied, float(result.bits_per_weight))
+    manifest = Manifest(
+        packed=layers,
+        tensors_sha256=tensors_digest(tensors),
+        aliases=aliases,
+        budget_bits=int(result.budget_bits),
+        n_weights=layers.n_weights,
+        code_bits_per_weight=float(result.code_bits_per_weight),
+        posterior={
             "structure": jsonable(result.info.get("structure")),
             "prior_precision": jsonable(result.info.get("prior_precision")),
         },
-        "method": jsonable(result.info.get("method")),
-        "versions": {
+        method=jsonable(result.info.get("method")),
+        versions={
             "torch": torch.__version__,  # includes the build tag (e.g. +cu130)
             **{
                 name: _version(name)
                 for name in ("laplace-torch", "bayesq-lightning", "safetensors")
             },
         },
-    }
-    text = json.dumps(manifest, indent=1)
+    )
+    text = json.dumps(manifest.to_json(), indent=1)
     # the commit: until this rename the previous model.safetensors (with its own manifest) holds
     _atomic_write(directory / TENSORS_FILE,
                   lambda p: save_file(tensors, str(p), metadata={HEADER_KEY: text}))
@@ -139,28 +128,27 @@ def load_quantized(model_skeleton: nn.Module, directory: str | os.PathLike) -> n
                                     "the export did not finish; re-export the model")
         raise FileNotFoundError(f"no artifact in {directory} (neither {TENSORS_FILE} nor "
                                 f"{MANIFEST_FILE}); export it with save_quantized")
-    manifest, text, state = _read_artifact(tensors_path)
+    data, text, state = _read_artifact(tensors_path)
     if manifest_path.is_file() and manifest_path.read_bytes() != text.encode("utf-8"):
         warnings.warn(f"{manifest_path} does not match the manifest inside {tensors_path} (a save "
                       "interrupted between the two?); loading what the tensor file describes",
                       stacklevel=2)
     try:
-        if tensors_digest(state) != manifest["tensors_sha256"]:
+        manifest = Manifest.from_json(data)
+        if tensors_digest(state) != manifest.tensors_sha256:
             raise ArtifactError(
                 f"{tensors_path} does not match the digest of its manifest: the artifact is "
                 "corrupt or was interrupted; re-export"
             )
-        replacements = packed_modules(model_skeleton, manifest["layers"],
-                                      manifest.get("tied", []), tensors_path)
-        for alias, target in manifest["aliases"].items():
+        replacements = modules_from_manifest(model_skeleton, manifest.packed, tensors_path)
+        for alias, target in manifest.aliases.items():
             state[alias] = state[target]
     except (KeyError, TypeError, IndexError) as e:
         raise ArtifactError(f"the manifest of {tensors_path} is malformed ({e!r}); re-export "
                             "the model") from e
 
     trial = copy.deepcopy(model_skeleton)
-    for name, module in replacements.items():
-        set_submodule(trial, name, module)
+    swap_in(trial, replacements)
     try:
         missing, unexpected = trial.load_state_dict(state, strict=False)
     except RuntimeError as e:
@@ -175,14 +163,9 @@ def load_quantized(model_skeleton: nn.Module, directory: str | os.PathLike) -> n
         )
 
     # Everything fitted on the copy; the same structure cannot fail now.
-    for name in replacements:
-        set_submodule(model_skeleton, name, trial.get_submodule(name))
+    install_packed(model_skeleton, {name: trial.get_submodule(name) for name in replacements},
+                   manifest.packed)
     model_skeleton.load_state_dict(state, strict=True)
-    from ..hf import attach_hf_config  # a transformers skeleton can then save_pretrained
-
-    attach_hf_config(model_skeleton, [e["name"] for e in manifest["layers"]],
-                     {t["name"]: t["owner"] for t in manifest.get("tied", [])},
-                     {"bits_per_weight": manifest.get("bits_per_weight")})
     return model_skeleton
 
 
@@ -323,130 +306,6 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def tied_entry(alias: str, owner: str, module: nn.Module) -> dict[str, Any]:
-    """Manifest entry of a layer sharing ``owner``'s codes: its own bias and conv options."""
-    entry = {"name": alias, "owner": owner, "bias": module.bias is not None}
-    if module.kind == "conv2d":
-        entry["conv"] = conv_options(module)
-    return entry
-
-
-def layer_entry(name: str, module: nn.Module) -> dict[str, Any]:
-    """Manifest entry of one packed layer."""
-    blocks = []
-    for i, s in enumerate(module.specs):
-        n_meta = sum(math.prod(shape) for shape in s.meta_shapes.values())
-        blocks.append(
-            {
-                "rows": list(s.rows),
-                "bits": s.bits,
-                "quantizer": s.quantizer,
-                "group_size": s.group_size,
-                "shape": [s.n_rows, s.cols],
-                "code_bytes": s.code_bytes,
-                "meta_bytes": s.meta_bytes,
-                "storage_bits": storage_bits(s.n_weights, s.bits, n_meta),
-                "tensors": {
-                    "codes": f"{name}.block{i}_codes",
-                    **{m: f"{name}.block{i}_{m}" for m in s.meta_shapes},
-                },
-                "meta_shapes": {m: list(shape) for m, shape in s.meta_shapes.items()},
-            }
-        )
-    entry = {
-        "name": name,
-        "kind": module.kind,
-        "weight_shape": list(module.weight_shape),
-        "bias": module.bias is not None,
-        "code_bytes": sum(b["code_bytes"] for b in blocks),
-        "meta_bytes": sum(b["meta_bytes"] for b in blocks),
-        "blocks": blocks,
-    }
-    if module.kind == "conv2d":
-        entry["conv"] = conv_options(module)
-    return entry
-
-
-def packed_modules(skeleton: nn.Module, layers: list[dict[str, Any]], tied: list[dict[str, Any]],
-                   where: Path) -> dict[str, nn.Module]:
-    """Empty packed modules for manifest ``layers`` and ``tied`` entries (aliases sharing their
-    owner's buffers), each checked against the skeleton (:func:`module_for`)."""
-    new = {entry["name"]: module_for(skeleton, entry, where) for entry in layers}
-    entries = {entry["name"]: entry for entry in layers}
-    for tie in tied:  # the owner's blocks with the alias's own bias and conv options
-        new[tie["name"]] = module_for(skeleton, {**entries[tie["owner"]], **tie}, where)
-        tie_packed(new[tie["name"]], new[tie["owner"]])
-    return new
-
-
-def module_for(skeleton: nn.Module, entry: dict[str, Any], manifest_path: Path) -> nn.Module:
-    """An empty packed module for one manifest layer, checked against the skeleton's layer."""
-    name, kind = entry["name"], entry["kind"]
-    fix = "build the skeleton with the configuration of the saved model"
-    try:
-        current = skeleton.get_submodule(name)
-    except AttributeError as e:
-        raise ArtifactError(
-            f"layer {name!r} of {manifest_path} is not in the skeleton; {fix}"
-        ) from e
-    cls = QUANTIZED_TYPES.get(kind)
-    if cls is None:
-        raise ArtifactError(
-            f"layer {name!r} of {manifest_path} has unknown kind {kind!r}; re-export"
-        )
-    if not isinstance(current, (FLOAT_TYPES[kind], cls)):
-        raise ArtifactError(
-            f"layer {name!r} is {kind} in {manifest_path} but {type(current).__name__} in the "
-            f"skeleton; {fix}"
-        )
-    shape = tuple(entry["weight_shape"])
-    have = tuple(current.weight_shape if isinstance(current, cls) else current.weight.shape)
-    if have != shape:
-        raise ArtifactError(
-            f"layer {name!r} has weight shape {shape} in {manifest_path} but {have} in the "
-            f"skeleton; {fix}"
-        )
-    if (current.bias is not None) != entry["bias"]:
-        raise ArtifactError(
-            f"layer {name!r} {'has' if entry['bias'] else 'lacks'} a bias in {manifest_path} but "
-            f"not in the skeleton; {fix}"
-        )
-    kwargs = {}
-    if kind == "conv2d":
-        kwargs = entry["conv"]
-        if conv_options(current) != kwargs:
-            raise ArtifactError(
-                f"conv layer {name!r} has options {kwargs} in {manifest_path} but "
-                f"{conv_options(current)} in the skeleton; {fix}"
-            )
-    specs = [
-        BlockSpec(
-            rows=tuple(b["rows"]),
-            bits=b["bits"],
-            quantizer=b["quantizer"],
-            group_size=b["group_size"],
-            cols=b["shape"][1],
-            meta_shapes={m: tuple(s) for m, s in b["meta_shapes"].items()},
-        )
-        for b in entry["blocks"]
-    ]
-    ref = next(current.parameters(), None)
-    bias = current.bias
-    try:
-        module = cls(
-            shape,
-            specs,
-            bias=bias is not None,
-            dtype=bias.dtype if bias is not None else torch.float32,
-            device=ref.device if ref is not None else None,
-            **kwargs,
-        )
-    except (ValueError, NotImplementedError) as e:
-        raise ArtifactError(f"layer {name!r} of {manifest_path}: {e}; re-export") from e
-    module.train(current.training)
-    return module
-
-
 def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Write ``path`` through a temporary file in its directory, fsync'ed, then renamed."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -482,18 +341,3 @@ def _version(dist: str) -> str | None:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON data for info values (tensors and numpy values become numbers or lists)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    return str(value)

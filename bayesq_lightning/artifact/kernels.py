@@ -17,14 +17,19 @@ stock PyTorch has two weight-only kernels that read integer weights directly:
   adds ``sum(x) s (128 - z)`` per output. Needs 8-bit per-channel blocks throughout and
   ``in_features`` divisible by 32 (the stock kernel reads out of bounds otherwise).
 
-Both run with bfloat16 activations (with fp32 activations they ran 10-70x slower, measured on
-the development CPU): the results differ from the exact path by bf16 rounding
-of the activations, scales and zeros (:data:`RTOL`). They win only with few rows: the int4
-kernel up to :data:`MAX_ROWS` ``["int4"]`` rows (2.6x faster than fp32 at one row of a
-3072x768 matrix, 1.7x *slower* at 128 rows), int8 up to ``["int8"]``. Everything else --
+Both run with bfloat16 activations (far slower with fp32 ones): the results differ from the
+exact path by bf16 rounding of the activations, scales and zeros (:data:`RTOL`). They win only
+with few rows: the int4 kernel up to :data:`MAX_ROWS` ``["int4"]`` rows, int8 up to
+``["int8"]`` (``benchmarks/footprint.py`` measures the crossover). Everything else --
 codebooks, mixed 8-bit and lower widths, unsupported shapes, other devices, more rows -- decodes
-exactly (:meth:`QuantizedLinear.forward` falls back). The repacked weight lives beside the
-module's buffers, never in its state dict: the artifact keeps its exact packed widths.
+exactly (:func:`~bayesq_lightning.artifact.dispatch.fast_linear` returns ``None``). The repacked
+weight lives beside the module's buffers, never in its state dict: the artifact keeps its exact
+packed widths.
+
+The ``aten._weight_int*`` / ``aten._convert_weight_to_int4pack_for_cpu`` operators are private
+to PyTorch and are used only here; written against torch 2.14. :func:`available` reports a
+build without them, and ``tests/test_kernels.py`` fails loudly when their layout or results
+change.
 """
 
 from __future__ import annotations
@@ -37,10 +42,8 @@ from torch import Tensor
 from ..quantizers import expand_groups
 
 GROUPS = (256, 128, 64, 32)  # the int4 kernel's group sizes, largest first
-MAX_ROWS = {"int4": 16, "int8": 8}  # crossover with an fp32 matmul on 2 threads (see above)
-# relative L2 error of outputs against the exact path (bf16 rounding); tests/test_kernels.py
-# measures 1.4e-3 to 4.2e-3
-RTOL = 1e-2
+MAX_ROWS = {"int4": 16, "int8": 8}  # most activation rows at which a kernel beats fp32
+RTOL = 1e-2  # relative L2 error of outputs against the exact path (bf16 rounding)
 
 
 @dataclass
@@ -81,7 +84,7 @@ def prepare(blocks: list, weight_shape: tuple[int, ...], device: torch.device
     if bits == {8}:
         if any(b.group_size is not None for b in blocks):
             return None, "8-bit groups (the int8 kernel is per output channel)"
-        if k % 32:  # the stock kernel reads past the end otherwise (crashes at K = 72)
+        if k % 32:  # the stock kernel reads past the end otherwise
             return None, f"in_features={k} is not divisible by 32 (int8 kernel)"
         return _int8(blocks), ""
     if 8 in bits:

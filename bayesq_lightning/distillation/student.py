@@ -2,7 +2,7 @@ r"""The student side of distillation: what trains, the loss, the data.
 
 The student is the packed quantized model. Its integer codes never change; trainable are (per
 :class:`~bayesq_lightning.distillation.DistillConfig` ``train``) the quantizer parameters of every packed
-layer as fp32 masters (:meth:`~bayesq_lightning.artifact.modules.QuantizedLinear.start_tuning`),
+layer as fp32 masters (:func:`~bayesq_lightning.artifact.tuning.start_tuning`),
 the packed layers' biases and the affine parameters of normalisation layers. Everything else is
 frozen, and the student stays in eval mode (BatchNorm running statistics fixed, no dropout), so
 processes that see the same gradients stay identical.
@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from ..artifact.modules import QUANTIZED_TYPES
+from ..artifact.tuning import finish_tuning, start_tuning
 from ..batches import batch_size_of, split_batch
 
 TRAINABLE = ("scale", "zero", "codebook", "bias", "norm")
@@ -85,7 +86,7 @@ def start_student(model: nn.Module, train: tuple[str, ...]) -> StudentState:
     meta = tuple(t for t in train if t in ("scale", "zero", "codebook"))
     owners: dict[int, nn.Module] = {}  # first holder of each packed code buffer
     for m in layers.values():
-        masters = m.start_tuning(meta)
+        masters = start_tuning(m, meta)
         owner = owners.setdefault(id(m.block0_codes), m)
         if owner is m:
             state.params += masters
@@ -114,7 +115,7 @@ def finish_student(model: nn.Module, state: StudentState | None = None, result=N
     """
     layers = packed_layers(model)
     for m in layers.values():
-        m.finish_tuning()
+        finish_tuning(m)
     if state is not None:
         for p, flag in state.flags:
             p.requires_grad_(flag)

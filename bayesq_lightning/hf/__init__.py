@@ -1,16 +1,18 @@
 """HuggingFace Transformers: ``save_pretrained`` / ``from_pretrained`` of packed models.
 
 ``import bayesq_lightning`` registers the ``"bayesq"`` quantization method with transformers'
-quantizer registry, lazily: transformers is not imported for it (it would add about 1.4 s to
-every import). If ``transformers.quantizers.auto`` is already loaded, registration happens at
-once; otherwise an import hook registers right after transformers loads that module, which it
-does before any ``from_pretrained`` can read a ``quantization_config``.
+quantizer registry, lazily: transformers is not imported for it (it would slow every import).
+If ``transformers.quantizers.auto`` is already loaded, registration happens at once; otherwise
+an import hook registers right after transformers loads that module, which it does before any
+``from_pretrained`` can read a ``quantization_config``.
 
-A model quantized by :func:`~bayesq_lightning.quantize_model` (or the callback, or loaded with
-:func:`~bayesq_lightning.load_quantized` / ``restore_quantized``) that is, or contains, a
-transformers ``PreTrainedModel`` gets ``config.quantization_config`` describing its packed layers
-(:func:`attach_hf_config`), so ``model.save_pretrained(dir)`` writes a directory that
-``AutoModelFor...from_pretrained(dir)`` rebuilds exactly (see :mod:`.quantizer`).
+:func:`install` also listens to the artifact's
+:func:`~bayesq_lightning.artifact.replace.install_packed`, the one step through which packed
+layers enter a model (``quantize_model``, ``load_quantized``, ``restore_quantized``): every
+transformers ``PreTrainedModel`` in a model that receives packed layers gets
+``config.quantization_config`` describing them (:func:`attach_hf_config`), so
+``model.save_pretrained(dir)`` writes a directory that ``AutoModelFor...from_pretrained(dir)``
+rebuilds exactly (see :mod:`.quantizer`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 from torch import nn
+
+from ..artifact.manifest import PackedLayers
+from ..artifact.replace import on_install
 
 QUANT_METHOD = "bayesq"
 FORMAT_VERSION = 1
@@ -69,7 +72,9 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Register ``"bayesq"`` with transformers now if it is loaded, else when it loads."""
+    """Register ``"bayesq"`` with transformers now if it is loaded, else when it loads; describe
+    packed layers to the transformers models they enter (:func:`attach_hf_config`)."""
+    on_install(attach_hf_config)
     if _TARGET in sys.modules:
         _register_now()
     elif not any(isinstance(f, _Finder) for f in sys.meta_path):
@@ -90,23 +95,13 @@ def _pretrained_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def attach_hf_config(model: nn.Module, layer_names: Sequence[str],
-                     tied: Mapping[str, str] | None = None, info: Mapping[str, Any] | None = None
-                     ) -> None:
-    """Set ``config.quantization_config`` of every transformers model in ``model`` to the
-    ``"bayesq"`` description of its packed layers (names relative to that model)."""
-    from ..artifact.export import layer_entry, tied_entry
-
+def attach_hf_config(model: nn.Module, packed: PackedLayers) -> None:
+    """Set ``config.quantization_config`` of every transformers model in ``model`` that holds
+    some of the packed layers ``packed`` describes (named relative to that model)."""
     for prefix, hf_model in _pretrained_models(model):
-        lead = prefix + "." if prefix else ""
-        inner = [n for n in layer_names if n.startswith(lead)]
-        if not inner:
+        inner = packed.within(prefix)
+        if not inner.layers:
             continue
-        from .quantizer import BayesQHFConfig
+        from .quantizer import BayesQHFConfig  # imports transformers, loaded already here
 
-        hf_model.config.quantization_config = BayesQHFConfig(
-            layers=[layer_entry(n.removeprefix(lead), model.get_submodule(n)) for n in inner],
-            tied=[tied_entry(a.removeprefix(lead), o.removeprefix(lead), model.get_submodule(a))
-                  for a, o in (tied or {}).items() if a.startswith(lead)],
-            bits_per_weight=(info or {}).get("bits_per_weight"),
-        )
+        hf_model.config.quantization_config = BayesQHFConfig(**inner.to_json())

@@ -1,9 +1,9 @@
 r"""The ``"bayesq"`` entries of transformers' quantizer registry (imports transformers).
 
 * :class:`BayesQHFConfig` -- ``config.json``'s ``quantization_config``: ``quant_method``,
-  ``format_version``, ``layers`` (the artifact manifest's per-layer entries: kind, weight shape,
-  bias, conv options, blocks with rows, bits, quantizer, group size, tensor names and metadata
-  shapes) and ``tied`` layers.
+  ``format_version`` and the JSON of a
+  :class:`~bayesq_lightning.artifact.manifest.PackedLayers` (``bits_per_weight``, ``layers``
+  with their blocks, ``tied`` layers), the schema of the artifact's manifest.
 * :class:`BayesQHfQuantizer` -- before the weights load, checks the checkpoint's safetensors
   headers against the config (every packed tensor present with its dtype and shape, no dense
   weight for a packed layer) and swaps the empty model's float layers for empty packed ones;
@@ -11,6 +11,11 @@ r"""The ``"bayesq"`` entries of transformers' quantizer registry (imports transf
 
 Every refusal is an :class:`~bayesq_lightning.artifact.ArtifactError` raised before any weight is
 read.
+
+This module is the adapter to transformers: the ``HfQuantizer`` hooks it overrides
+(``_process_model_before_weight_loading`` / ``_process_model_after_weight_loading``) are
+transformers' private protocol, written against transformers 5.25;
+``tests/test_hf_pretrained.py``'s round trips fail loudly if it changes.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..artifact.export import ArtifactError, packed_modules
-from ..artifact.modules import set_submodule
+from ..artifact.manifest import ArtifactError, PackedLayers
+from ..artifact.replace import modules_from_manifest, swap_in
 from . import FORMAT_VERSION, QUANT_METHOD
 
 _DTYPES = {"codes": "U8"}  # every metadata tensor is fp16 ("F16")
@@ -73,13 +78,13 @@ class BayesQHfQuantizer(HfQuantizer):
                                 "(from_pretrained(directory)); a state_dict cannot be checked "
                                 "against its quantization_config")
         try:
-            _check_tensors(cfg, checkpoint_files, where)
-            new = packed_modules(model, cfg.layers, cfg.tied, where)
+            packed = PackedLayers.from_json(cfg.to_dict())
+            _check_tensors(packed, checkpoint_files, where)
+            new = modules_from_manifest(model, packed, where)
         except (KeyError, TypeError, IndexError) as e:
             raise ArtifactError(f"the bayesq quantization_config in {where} is malformed "
                                 f"({e!r}); re-save the model with save_pretrained") from e
-        for name, module in new.items():
-            set_submodule(model, name, module)
+        swap_in(model, new)  # transformers keeps this config as the model's
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -93,8 +98,8 @@ class BayesQHfQuantizer(HfQuantizer):
         return False
 
 
-def _check_tensors(cfg: BayesQHFConfig, files: list[str], where: Path) -> None:
-    """Every packed tensor of ``cfg`` in the checkpoint's headers, with its dtype and shape."""
+def _check_tensors(packed: PackedLayers, files: list[str], where: Path) -> None:
+    """Every packed tensor of ``packed`` in the checkpoint's headers, with its dtype and shape."""
     header: dict[str, tuple[str, tuple[int, ...]]] = {}
     for f in files:
         if not str(f).endswith(".safetensors"):
@@ -109,20 +114,17 @@ def _check_tensors(cfg: BayesQHFConfig, files: list[str], where: Path) -> None:
             raise ArtifactError(f"{f} cannot be read ({e}): the checkpoint is corrupt or "
                                 "incomplete; re-save it with save_pretrained") from e
     missing, wrong, dense = [], [], []
-    for entry in cfg.layers:
-        if f"{entry['name']}.weight" in header:
-            dense.append(entry["name"])
-        for block in entry["blocks"]:
-            for role, name in block["tensors"].items():
-                dtype = _DTYPES.get(role, "F16")
-                shape = ((block["code_bytes"],) if role == "codes"
-                         else tuple(block["meta_shapes"][role]))
-                if name not in header:
-                    missing.append(name)
-                elif header[name] != (dtype, shape) and not (
-                        header[name][0] == dtype and math.prod(header[name][1]) == 0 == math.prod(
-                            shape)):
-                    wrong.append(f"{name}: {header[name]} instead of {(dtype, shape)}")
+    for layer in packed.layers:
+        if f"{layer.name}.weight" in header:
+            dense.append(layer.name)
+        for name, (role, shape) in layer.tensors().items():
+            dtype = _DTYPES.get(role, "F16")
+            if name not in header:
+                missing.append(name)
+            elif header[name] != (dtype, shape) and not (
+                    header[name][0] == dtype and math.prod(header[name][1]) == 0 == math.prod(
+                        shape)):
+                wrong.append(f"{name}: {header[name]} instead of {(dtype, shape)}")
     if dense:
         raise ArtifactError(f"the checkpoint next to {where} holds dense weights for layers its "
                             f"bayesq quantization_config packs ({dense[:3]}...); the config and "

@@ -27,17 +27,16 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
-from ..artifact import replace_quantized_layers, save_quantized
-from ..artifact.export import jsonable
-from ..artifact.modules import set_submodule
+from ..artifact import save_quantized
+from ..artifact.manifest import jsonable
+from ..artifact.replace import install_packed, packed_replacements, swap_in
 from ..batches import calibration_samples, clone_module
 from ..choices import METHODS
 from ..config import BayesQConfig
-from ..hf import attach_hf_config
 from ..methods import METHODS_TABLE
 from ..metrics import evaluate
 from ..quantize import quantize_model
@@ -269,14 +268,10 @@ class BayesQCallback(Callback):
         :func:`restore_quantized`) and ``report``."""
         if not state_dict:
             return
-        if "result" not in state_dict:  # an earlier version's state: report only
-            rank_zero_warn("this checkpoint's BayesQCallback state predates saved codes and "
-                           "posteriors; only its report is restored (quantize again to resume)")
-            self.report = dict(state_dict.get("report", {}))
-            return
         posterior = state_dict.get("posterior")
         self.result = result_from_state(
-            state_dict["result"], None if posterior is None else posterior_from_state(posterior))
+            state_dict.get("result", {}),
+            None if posterior is None else posterior_from_state(posterior))
         self.report = dict(state_dict.get("report", {}))
 
 
@@ -315,16 +310,15 @@ def restore_quantized(model: torch.nn.Module, checkpoint: str | Path | Mapping[s
                                None if posterior is None else posterior_from_state(posterior))
     trial = clone_module(model)  # never drags a Trainer along
     try:
-        replace_quantized_layers(trial, result.layers, tied=result.tied)
+        new, packed = packed_replacements(trial, result.layers, tied=result.tied,
+                                          bits_per_weight=result.bits_per_weight)
+        swap_in(trial, new)
         trial.load_state_dict(ckpt["state_dict"], strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"the checkpoint does not fit this model ({e}); pass a fresh instance "
                          "of the module that was trained and quantized") from e
-    for name in [x.name for x in result.layers] + list(result.tied):
-        set_submodule(model, name, trial.get_submodule(name))
+    install_packed(model, new, packed)
     model.load_state_dict(ckpt["state_dict"], strict=True)
-    attach_hf_config(model, [x.name for x in result.layers], result.tied,
-                     {"bits_per_weight": result.bits_per_weight})
     result.model = model
     return result
 
