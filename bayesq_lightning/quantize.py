@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .allocate import Option, boundary_blocks
-from .artifact.modules import replace_quantized_layers
+from .artifact import replace_quantized_layers
 from .batches import calibration_samples, clone_module
 from .block_plan import (
     BlockPlan,
@@ -42,7 +42,6 @@ from .block_plan import (
     round_chosen,
 )
 from .config import BayesQConfig
-from .hf import attach_hf_config
 from .input_stats import layer_input_hessians
 from .layers import (
     check_finite,
@@ -146,12 +145,11 @@ def quantize_model(
         info["sample_overruled"] = round_chosen(plans, method, cfg, progress)          # 8
 
     layers = _layer_results(named, plans)
-    qmodel = _packed_model(model, named, layers, tied, inplace)                        # 9
+    total_bits = sum(p.options[p.choice].cost for p in plans)
+    qmodel = _packed_model(model, named, layers, tied, inplace,                        # 9
+                           total_bits / n_weights)
     if tied or skipped:
         info.update(tied=dict(tied), skipped=dict(skipped))
-    total_bits = sum(p.options[p.choice].cost for p in plans)
-    attach_hf_config(qmodel, [x.name for x in layers], tied,  # save_pretrained-ready
-                     {"bits_per_weight": total_bits / n_weights})
     code_bits = sum(storage_bits(b.n_weights, b.bits, 0) for x in layers for b in x.blocks)
     info["seconds"] = time.perf_counter() - t_start
     return QuantizationResult(
@@ -212,13 +210,13 @@ def _refine_mc(model: nn.Module, batches: list, posterior: Posterior, plans: lis
 
 
 def _packed_model(model: nn.Module, named, layers: list[LayerResult], tied: dict[str, str],
-                  inplace: bool) -> nn.Module:
+                  inplace: bool, bits_per_weight: float) -> nn.Module:
     """``model`` (``inplace``) or a copy of it with the packed layers swapped in; the copy keeps
     dtypes as they are (e.g. fp32 norms in a bf16 model) and does not copy the float weights
     of the layers it replaces."""
     qmodel = model if inplace else clone_module(
         model, _replaced_weights(model, [n for n, _ in named], tied))
-    replace_quantized_layers(qmodel, layers, tied=tied)
+    replace_quantized_layers(qmodel, layers, tied=tied, bits_per_weight=bits_per_weight)
     return qmodel
 
 

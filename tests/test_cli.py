@@ -146,7 +146,7 @@ def test_checkpoint_of_another_model_is_refused(fitted, tmp_path):
 
 def test_missing_data_and_model_directories_fail_before_work(tmp_path):
     fashion = _config(tmp_path, **{
-        "data.class_path": "bayesq_lightning.lightning.data.FashionMNISTDataModule",
+        "data.class_path": "bayesq_lightning.datasets.fashion.FashionMNISTDataModule",
         "data.init_args": {"root": str(tmp_path / "no_fashion")}})
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         main(["fit", "--config", str(fashion)])

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..artifact.modules import QUANTIZED_TYPES, set_submodule
+from ..artifact.modules import QUANTIZED_TYPES
+from ..artifact.replace import set_submodule
 from ..batches import LogitsModel, clone_fp32, inputs_to, split_batch
 
 TEACHERS = ("posterior", "fp32")
