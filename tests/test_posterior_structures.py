@@ -580,20 +580,24 @@ def test_kron_marglik_counts_bias_blocks_like_laplace_torch():
 
 
 def test_the_kron_fit_skips_laplace_torchs_zero_factors_and_its_factory_never_picks_it():
-    # the zero factors of every layer (the size of G and A) were allocated and freed at once
+    # the zero factors of every layer (the size of G and A) are never allocated
     from laplace import Laplace
     from laplace.baselaplace import KronLaplace
 
-    from bayesq_lightning.posterior.fit import _unfilled
+    from bayesq_lightning.posterior.adapters.laplace import KronLaplaceWithoutFactors
+    from bayesq_lightning.posterior.fit import Prepared, laplace_fit
 
     model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
-    unfilled = _unfilled("kron")
-    assert issubclass(unfilled, KronLaplace) and unfilled._key != KronLaplace._key
-    assert unfilled(model, "classification").H is None
+    assert issubclass(KronLaplaceWithoutFactors, KronLaplace)
+    assert KronLaplaceWithoutFactors._key != KronLaplace._key
+    assert KronLaplaceWithoutFactors(model, "classification").H is None
     assert type(Laplace(model, "classification", subset_of_weights="all",
                         hessian_structure="kron")) is KronLaplace
+    prep = Prepared(model, [(torch.randn(4, 6), torch.randint(0, 3, (4,)))], None)
     with pytest.raises(ValueError, match="only supported for K-FAC"):
-        _unfilled("diag")
+        laplace_fit(prep, [model[0]], hessian_structure="diag", backend_cls=None,
+                    stochastic=False, prior_precision=1.0, n_data=4, rescale=None,
+                    spectrum=None, abort="", fit=lambda la: None)
 
 
 @pytest.mark.parametrize("classes", [2, 3])
@@ -625,7 +629,7 @@ def test_kfac_backward_asks_for_bias_gradients_not_weights(monkeypatch, fisher):
     """The K-FAC backward passes differentiate each layer's bias where it has one (no weight
     gradient), its weight otherwise: the output factors equal those of differentiating every
     parameter, bit for bit."""
-    from bayesq_lightning.posterior.kron import _kfac_operator_class
+    from bayesq_lightning.posterior.adapters.curvlinops import KFACOperator
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2, bias=False)).eval()
@@ -639,13 +643,13 @@ def test_kfac_backward_asks_for_bias_gradients_not_weights(monkeypatch, fisher):
         op = cls(model, nn.CrossEntropyLoss(reduction="sum"), params, data, fisher_type=fisher,
                  separate_weight_and_bias=True, check_deterministic=False)
         op.compute_kronecker_factors()
-        return op._gradient_covariances
+        return op.output_factors()
 
-    class OnEveryParameter(_kfac_operator_class()):
-        def _backward(self, scalar, retain_graph):
-            real(scalar, self._params, retain_graph=retain_graph)
+    class OnEveryParameter(KFACOperator):
+        def backward_for_factors(self, scalar, retain_graph):
+            real(scalar, params, retain_graph=retain_graph)
 
-    ours = factors(_kfac_operator_class())
+    ours = factors(KFACOperator)
     assert len(asked) == 3 and all(
         len(a) == 2 and a[0] is model[0].bias and a[1] is model[2].weight for a in asked)
     ref = factors(OnEveryParameter)
@@ -655,8 +659,8 @@ def test_kfac_backward_asks_for_bias_gradients_not_weights(monkeypatch, fisher):
 
 
 def test_kron_spectrum_falls_back_to_float64_where_fp32_lapack_fails(monkeypatch):
-    """MKL's fp32 eigensolver can fail to converge on a low-rank factor (ResNet-50's 1000-class
-    G with one thread): the float64 solve takes over and delta is the same."""
+    """MKL's fp32 eigensolver can fail to converge on a low-rank factor (many classes, few
+    samples, depending on the thread count): the float64 solve takes over and delta is the same."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
     batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(2)]
@@ -729,7 +733,7 @@ def test_the_fit_reads_the_models_weights_and_the_means_get_their_own(trained, l
 
 def test_a_check_forward_runs_once_per_input_form():
     # batches like a checked one (another size included) fit as it does: only the first of
-    # each form costs a forward pass before the fit (BERT-base: 0.7 s each, issue 14)
+    # each form costs a forward pass before the fit
     from bayesq_lightning.posterior.fit import Prepared
 
     shapes = []

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .base import LowRankLayerPosterior, Posterior
-from .diag import diag_core
+from .diag import fit_diag_prepared
 from .fit import Prepared, Reduce, check_layers, import_laplace
 
 DEFAULT_RANK = 8
@@ -60,8 +60,8 @@ def fit_lowrank(model: nn.Module, batches: list, layer_names: Sequence[str], *, 
             )
         else:
             ks[n] = rank
-    fit = diag_core(prep, layer_names, n_data=n_data, prior_precision=prior_precision,
-                    backend=backend, reduce=reduce)
+    fit = fit_diag_prepared(prep, layer_names, n_data=n_data, prior_precision=prior_precision,
+                            backend=backend, reduce=reduce)
     factor = n_data / fit.n_total
     layers = {}
     for n in layer_names:
