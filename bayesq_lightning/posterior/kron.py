@@ -75,17 +75,17 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     from laplace.curvature import CurvlinopsGGN
 
     t0 = time.perf_counter()
-    k = len(batches) if kfac_batches is None else min(kfac_batches, len(batches))
-    prep = Prepared(model, batches[:k], batch_size)
+    n_kfac = len(batches) if kfac_batches is None else min(kfac_batches, len(batches))
+    prep = Prepared(model, batches[:n_kfac], batch_size)
     check_layers(prep, layer_names)
     kfac_modules = _kfac_modules(prep)
     backend, choice = prep.backend(backend)
     stochastic = backend_class(backend)[1]
-    stream = k < len(batches)
+    stream = n_kfac < len(batches)
     if reduce is not None:  # all processes stream if one does: the reduce calls pair up
         stream = float(reduce(torch.tensor(float(stream), device=prep.device))) > 0
-    steps = _KronSteps(prep, batches, _streamed_inputs(prep, kfac_modules, batches[k:], stream),
-                       reduce, n_data, prior_precision == "marglik")
+    streamed = _streamed_inputs(prep, kfac_modules, batches[n_kfac:], stream)
+    steps = _KronSteps(prep, batches, streamed, reduce, n_data, prior_precision == "marglik")
     fit = laplace_fit(
         prep, list(kfac_modules.values()), hessian_structure="kron", backend_cls=CurvlinopsGGN,
         stochastic=stochastic, prior_precision=prior_precision, n_data=n_data,
@@ -106,7 +106,7 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
         n_data=n_data, n_calib=fit.n_total, backend=backend_name, labels=prep.labels,
         seconds=time.perf_counter() - t0,
         info={"notes": notes, "kfac_normalisation": "mean(diag G) = 1",
-              "kfac_batches": k, "input_factor_batches": len(batches) if stream else k},
+              "kfac_batches": n_kfac, "input_factor_batches": len(batches) if stream else n_kfac},
     )
 
 
