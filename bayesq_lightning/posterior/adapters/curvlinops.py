@@ -14,7 +14,6 @@ import torch
 from curvlinops import KFACLinearOperator
 from curvlinops.kfac import FisherType
 from torch import nn
-from torch.autograd import grad
 
 if TYPE_CHECKING:
     from ...input_stats import InputStats
@@ -70,7 +69,7 @@ class KFACOperator(KFACLinearOperator):
         """
         targets = [self._params[pos.get("bias", pos.get("weight"))]
                    for pos in self._mapping.values()]
-        grad(scalar, targets, retain_graph=retain_graph)
+        torch.autograd.grad(scalar, targets, retain_graph=retain_graph)
 
     def _hook_accumulate_input_covariance(self, module: nn.Module, inputs: tuple,
                                           module_name: str) -> None:
