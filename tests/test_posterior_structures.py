@@ -755,3 +755,47 @@ def test_a_check_forward_runs_once_per_input_form():
     prep = Prepared(Pooled(), [batch(4, 8), batch(4, 8), batch(3, 8), batch(4, 10),
                                batch(2, 10)], None)
     assert shapes == [(4, 1, 8, 8), (4, 1, 10, 10)] and prep.n_classes == 3 and prep.n_calib == 17
+
+
+def test_kron_factors_combine_and_normalise_by_hand():
+    """Two processes' factors summed as one fit over all samples (A re-weighted by each
+    process's count, each tensor reduced once, a streamed A left alone), then normalised with
+    the bias block's spectrum taken before its weight's G is."""
+    from bayesq_lightning.posterior.kron_factors import KronFactors
+
+    g = torch.Generator().manual_seed(0)
+
+    def spd(n: int) -> torch.Tensor:
+        m = torch.randn(n, n, generator=g)
+        return m @ m.T + torch.eye(n)
+
+    G0, G1, A0, A1, S0, S1 = spd(2), spd(2), spd(3), spd(3), spd(1), spd(1)
+    streamed = spd(4)
+    mine = [[G0.clone(), A0.clone()], None, [S0.clone()], [spd(2), streamed]]
+    mine[1] = [mine[0][0]]  # the bias block holds its weight's G
+    theirs = iter([G1, A1 * 3, S1, None, torch.tensor(3.0)])
+    calls: list[torch.Tensor] = []
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        calls.append(t)
+        other = next(theirs)
+        return t + (other if other is not None else t)  # the streamed block's G: doubled
+
+    factors = KronFactors(mine, 2, combined_inputs=[3])
+    assert factors.weight_of_bias == {1: 0}
+    factors.combine(reduce)
+    assert len(calls) == 5 and factors.n_samples == 5
+    G, A = factors.blocks[0]
+    torch.testing.assert_close(G, G0 + G1)
+    torch.testing.assert_close(A, (2 * A0 + 3 * A1) / 5)
+    assert factors.blocks[1][0] is G and factors.blocks[3][1] is streamed
+    torch.testing.assert_close(factors.blocks[2][0], S0 + S1)
+    c = float(G.diagonal().mean())
+    factors.normalise(10, bias_spectra=True)  # s = 10 / 5
+    torch.testing.assert_close(factors.bias_spectra[1], torch.linalg.eigvalsh(2 * (G0 + G1)))
+    assert float(G.diagonal().mean()) == pytest.approx(1.0)
+    torch.testing.assert_close(factors.blocks[0][1], c * 2 * (2 * A0 + 3 * A1) / 5)
+    torch.testing.assert_close(factors.blocks[2][0], 2 * (S0 + S1))
+    spectrum = factors.spectrum()
+    torch.testing.assert_close(spectrum[0][0], torch.linalg.eigvalsh(G))
+    assert spectrum[1] is factors.bias_spectra[1] and len(spectrum) == 4
