@@ -21,8 +21,11 @@ def _conv_patches(module: nn.Conv2d, x: Tensor) -> Tensor:
     """Input patches ``(N * L, in * kh * kw)`` in the column order of ``weight.flatten(1)``."""
     padding = module.padding
     if isinstance(padding, str) or module.padding_mode != "zeros":
+        # here, not at the top: the posterior package imports this module
+        from .posterior.adapters.torch import conv_input_padding
+
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        x = F.pad(x, conv_input_padding(module), mode=mode)
         padding = 0
     cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
                     stride=module.stride)  # (N, in*kh*kw, L)
@@ -161,7 +164,7 @@ def stream_input_stats(net: nn.Module, device: torch.device, modules: dict[str, 
                        batches: Sequence) -> dict[str, InputStats]:
     """The :class:`InputStats` of the layers ``modules`` over ``batches``, one forward pass of
     ``net`` per batch; more can be added (K-FAC adds its own batches' inputs during its fit,
-    :func:`~bayesq_lightning.posterior.kron.fit_kron`)."""
+    :meth:`~bayesq_lightning.posterior.kron_factors.KronFactors.accumulate`)."""
     stats = {n: InputStats(m) for n, m in modules.items()}
     hooks = [m.register_forward_pre_hook(lambda _m, args, s=stats[n]: s.add(args))
              for n, m in modules.items()]

@@ -580,20 +580,24 @@ def test_kron_marglik_counts_bias_blocks_like_laplace_torch():
 
 
 def test_the_kron_fit_skips_laplace_torchs_zero_factors_and_its_factory_never_picks_it():
-    # the zero factors of every layer (the size of G and A) were allocated and freed at once
+    # the zero factors of every layer (the size of G and A) are never allocated
     from laplace import Laplace
     from laplace.baselaplace import KronLaplace
 
-    from bayesq_lightning.posterior.fit import _unfilled
+    from bayesq_lightning.posterior.adapters.laplace import KronLaplaceWithoutFactors
+    from bayesq_lightning.posterior.fit import Prepared, laplace_fit
 
     model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
-    unfilled = _unfilled("kron")
-    assert issubclass(unfilled, KronLaplace) and unfilled._key != KronLaplace._key
-    assert unfilled(model, "classification").H is None
+    assert issubclass(KronLaplaceWithoutFactors, KronLaplace)
+    assert KronLaplaceWithoutFactors._key != KronLaplace._key
+    assert KronLaplaceWithoutFactors(model, "classification").H is None
     assert type(Laplace(model, "classification", subset_of_weights="all",
                         hessian_structure="kron")) is KronLaplace
+    prep = Prepared(model, [(torch.randn(4, 6), torch.randint(0, 3, (4,)))], None)
     with pytest.raises(ValueError, match="only supported for K-FAC"):
-        _unfilled("diag")
+        laplace_fit(prep, [model[0]], hessian_structure="diag", backend_cls=None,
+                    stochastic=False, prior_precision=1.0, n_data=4, rescale=None,
+                    spectrum=None, abort="", fit=lambda la: None)
 
 
 @pytest.mark.parametrize("classes", [2, 3])
@@ -625,7 +629,7 @@ def test_kfac_backward_asks_for_bias_gradients_not_weights(monkeypatch, fisher):
     """The K-FAC backward passes differentiate each layer's bias where it has one (no weight
     gradient), its weight otherwise: the output factors equal those of differentiating every
     parameter, bit for bit."""
-    from bayesq_lightning.posterior.kron import _kfac_operator_class
+    from bayesq_lightning.posterior.adapters.curvlinops import KFACOperator
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2, bias=False)).eval()
@@ -639,13 +643,13 @@ def test_kfac_backward_asks_for_bias_gradients_not_weights(monkeypatch, fisher):
         op = cls(model, nn.CrossEntropyLoss(reduction="sum"), params, data, fisher_type=fisher,
                  separate_weight_and_bias=True, check_deterministic=False)
         op.compute_kronecker_factors()
-        return op._gradient_covariances
+        return op.output_factors()
 
-    class OnEveryParameter(_kfac_operator_class()):
-        def _backward(self, scalar, retain_graph):
-            real(scalar, self._params, retain_graph=retain_graph)
+    class OnEveryParameter(KFACOperator):
+        def backward_for_factors(self, scalar, retain_graph):
+            real(scalar, params, retain_graph=retain_graph)
 
-    ours = factors(_kfac_operator_class())
+    ours = factors(KFACOperator)
     assert len(asked) == 3 and all(
         len(a) == 2 and a[0] is model[0].bias and a[1] is model[2].weight for a in asked)
     ref = factors(OnEveryParameter)
@@ -655,8 +659,8 @@ def test_kfac_backward_asks_for_bias_gradients_not_weights(monkeypatch, fisher):
 
 
 def test_kron_spectrum_falls_back_to_float64_where_fp32_lapack_fails(monkeypatch):
-    """MKL's fp32 eigensolver can fail to converge on a low-rank factor (ResNet-50's 1000-class
-    G with one thread): the float64 solve takes over and delta is the same."""
+    """MKL's fp32 eigensolver can fail to converge on a low-rank factor (many classes, few
+    samples, depending on the thread count): the float64 solve takes over and delta is the same."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
     batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(2)]
@@ -729,7 +733,7 @@ def test_the_fit_reads_the_models_weights_and_the_means_get_their_own(trained, l
 
 def test_a_check_forward_runs_once_per_input_form():
     # batches like a checked one (another size included) fit as it does: only the first of
-    # each form costs a forward pass before the fit (BERT-base: 0.7 s each, issue 14)
+    # each form costs a forward pass before the fit
     from bayesq_lightning.posterior.fit import Prepared
 
     shapes = []
@@ -751,3 +755,47 @@ def test_a_check_forward_runs_once_per_input_form():
     prep = Prepared(Pooled(), [batch(4, 8), batch(4, 8), batch(3, 8), batch(4, 10),
                                batch(2, 10)], None)
     assert shapes == [(4, 1, 8, 8), (4, 1, 10, 10)] and prep.n_classes == 3 and prep.n_calib == 17
+
+
+def test_kron_factors_combine_and_normalise_by_hand():
+    """Two processes' factors summed as one fit over all samples (A re-weighted by each
+    process's count, each tensor reduced once, a streamed A left alone), then normalised with
+    the bias block's spectrum taken before its weight's G is."""
+    from bayesq_lightning.posterior.kron_factors import KronFactors
+
+    g = torch.Generator().manual_seed(0)
+
+    def spd(n: int) -> torch.Tensor:
+        m = torch.randn(n, n, generator=g)
+        return m @ m.T + torch.eye(n)
+
+    G0, G1, A0, A1, S0, S1 = spd(2), spd(2), spd(3), spd(3), spd(1), spd(1)
+    streamed = spd(4)
+    mine = [[G0.clone(), A0.clone()], None, [S0.clone()], [spd(2), streamed]]
+    mine[1] = [mine[0][0]]  # the bias block holds its weight's G
+    theirs = iter([G1, A1 * 3, S1, None, torch.tensor(3.0)])
+    calls: list[torch.Tensor] = []
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        calls.append(t)
+        other = next(theirs)
+        return t + (other if other is not None else t)  # the streamed block's G: doubled
+
+    factors = KronFactors(mine, 2, combined_inputs=[3])
+    assert factors.weight_of_bias == {1: 0}
+    factors.combine(reduce)
+    assert len(calls) == 5 and factors.n_samples == 5
+    G, A = factors.blocks[0]
+    torch.testing.assert_close(G, G0 + G1)
+    torch.testing.assert_close(A, (2 * A0 + 3 * A1) / 5)
+    assert factors.blocks[1][0] is G and factors.blocks[3][1] is streamed
+    torch.testing.assert_close(factors.blocks[2][0], S0 + S1)
+    c = float(G.diagonal().mean())
+    factors.normalise(10, bias_spectra=True)  # s = 10 / 5
+    torch.testing.assert_close(factors.bias_spectra[1], torch.linalg.eigvalsh(2 * (G0 + G1)))
+    assert float(G.diagonal().mean()) == pytest.approx(1.0)
+    torch.testing.assert_close(factors.blocks[0][1], c * 2 * (2 * A0 + 3 * A1) / 5)
+    torch.testing.assert_close(factors.blocks[2][0], 2 * (S0 + S1))
+    spectrum = factors.spectrum()
+    torch.testing.assert_close(spectrum[0][0], torch.linalg.eigvalsh(G))
+    assert spectrum[1] is factors.bias_spectra[1] and len(spectrum) == 4

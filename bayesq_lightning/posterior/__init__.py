@@ -2,8 +2,9 @@
 
 :func:`fit_posterior` builds one of three structures behind one interface
 (:class:`LayerPosterior`: ``quad_form``, ``rounding_matrix``, ``sample``):
-``"diag"`` (:mod:`.diag`), ``"kron"`` (:mod:`.kron`), ``"lowrank"`` (:mod:`.lowrank`), all
-through one laplace-torch scaffold (:mod:`.fit`).
+``"diag"`` (:mod:`.diag`), ``"kron"`` (:mod:`.kron`, its factors' algebra in
+:mod:`.kron_factors`), ``"lowrank"`` (:mod:`.lowrank`), all through one laplace-torch scaffold
+(:mod:`.fit`). Other packages' private API is used in :mod:`.adapters` only.
 """
 
 from ..choices import BACKENDS, STRUCTURES

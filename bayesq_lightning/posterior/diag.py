@@ -1,8 +1,8 @@
 r"""Diagonal Laplace: :math:`\Lambda = s\,\mathrm{diag}(\mathrm{GGN}) + \delta`, ``s = n_data / n_calib``.
 
 The diagonal fit also serves the low-rank structure (its residual diagonal) and K-FAC's
-fallback for grouped convolutions, so its core (:func:`diag_core`) returns the rescaled
-curvature beside the per-layer posteriors.
+fallback for grouped convolutions, so the fit on a prepared network (:func:`fit_diag_prepared`)
+returns the rescaled curvature beside the per-layer posteriors.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class DiagFit:
     backend: str
 
 
-def diag_core(
+def fit_diag_prepared(
     prep: Prepared,
     layer_names: Sequence[str],
     *,
@@ -95,11 +95,11 @@ def diag_core(
 def fit_diag(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_data: int,
              prior_precision: str | float, backend: str, batch_size: int | None,
              reduce: Reduce | None) -> Posterior:
-    """The diagonal posterior of ``layer_names`` (see :func:`diag_core`)."""
+    """The diagonal posterior of ``layer_names`` (see :func:`fit_diag_prepared`)."""
     t0 = time.perf_counter()
     prep = Prepared(model, batches, batch_size)
-    fit = diag_core(prep, layer_names, n_data=n_data, prior_precision=prior_precision,
-                    backend=backend, reduce=reduce)
+    fit = fit_diag_prepared(prep, layer_names, n_data=n_data, prior_precision=prior_precision,
+                            backend=backend, reduce=reduce)
     return Posterior(
         layers={n: fit.layers[n] for n in layer_names}, structure="diag",
         prior_precision=fit.delta, n_data=n_data, n_calib=fit.n_total, backend=fit.backend,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 
 from torch import nn
 
@@ -15,8 +16,8 @@ from .fit import Reduce
 from .kron import fit_kron
 from .lowrank import fit_lowrank
 
-FITS: dict[str, Callable[..., Posterior]] = {"diag": fit_diag, "kron": fit_kron,
-                                             "lowrank": fit_lowrank}
+FITS: Mapping[str, Callable[..., Posterior]] = MappingProxyType(
+    {"diag": fit_diag, "kron": fit_kron, "lowrank": fit_lowrank})
 
 
 def fit_posterior(

@@ -17,11 +17,11 @@ touched.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -37,8 +37,9 @@ AUTO_EXACT_MAX_CLASSES = 10
 The exact GGN costs one backward pass per class and batch, the Monte-Carlo GGN one (ImageNet's
 1000 classes: 1000x). The empirical Fisher, also one pass, is not offered: its gradients of the
 observed labels vanish on a model that fits its training data."""
-_BACKEND_CLASSES = {"asdl": ("AsdlGGN", False), "asdl_stochastic": ("AsdlGGN", True),
-                    "curvlinops": ("CurvlinopsGGN", False)}
+_BACKEND_CLASSES = MappingProxyType({"asdl": ("AsdlGGN", False),
+                                     "asdl_stochastic": ("AsdlGGN", True),
+                                     "curvlinops": ("CurvlinopsGGN", False)})
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -130,8 +131,7 @@ class Prepared:
         self.net, self.device, self.modules = fp32_logits_copy(model, share_weights=True)
         untie_parameters(self.net)  # a shared weight would reach laplace-torch twice
         # a forward pass on each batch whose input form differs from all checked ones (usually
-        # only the first, BERT-base: 0.7 s each): a batch of another form that misfits is
-        # named before the fit
+        # only the first): a batch of another form that misfits is named before the fit
         checked: set[tuple] = set()
         for i, batch in enumerate(batches):
             form = _input_form(split_batch(batch)[0])
@@ -247,8 +247,13 @@ def laplace_fit(
         if fit is None:
             la = Laplace(prep.net, "classification", subset_of_weights="all",
                          hessian_structure=hessian_structure, **kwargs)
-        else:  # fit() fills H_facs itself
-            la = _unfilled(hessian_structure)(prep.net, "classification", **kwargs)
+        elif hessian_structure == "kron":  # fit() fills H_facs itself: no zero factors
+            from .adapters.laplace import KronLaplaceWithoutFactors
+
+            la = KronLaplaceWithoutFactors(prep.net, "classification", **kwargs)
+        else:
+            raise ValueError("a fit of its own is only supported for K-FAC, not "
+                             f"{hessian_structure!r}")
         try:
             with warnings.catch_warnings():  # ASDL's module hooks: its own deprecation, not ours
                 warnings.filterwarnings("ignore", message="Using a non-full backward hook")
@@ -265,30 +270,6 @@ def laplace_fit(
             la.prior_precision = marglik_prior_precision(spectrum(la), theta_sq, la.n_params)
         delta = float(la.prior_precision.reshape(-1)[0])
     return LaplaceFit(la, names, params, delta, n_total)
-
-
-@functools.cache
-def _unfilled(hessian_structure: str) -> type:
-    """laplace-torch's Laplace class for ``hessian_structure`` without its zero-filled ``H``.
-
-    Its constructor allocates zero factors for every layer (K-FAC: the size of ``G`` and ``A``
-    again) that a ``fit`` of our own never reads. The subclass has a key of its own:
-    laplace-torch's ``Laplace`` factory maps keys to subclasses and must never pick it. Only
-    ``H_facs`` (set by that ``fit``), the prior precision and the counts are valid on it: its
-    own ``fit``, ``load_state_dict`` and ``posterior_precision`` need ``H``.
-    """
-    from laplace.baselaplace import KronLaplace
-
-    if hessian_structure != "kron":
-        raise ValueError(f"a fit of its own is only supported for K-FAC, not {hessian_structure!r}")
-
-    class UnfilledKron(KronLaplace):
-        _key = ("bayesq_lightning", "kron without zero factors")
-
-        def _init_H(self) -> None:
-            self.H = None
-
-    return UnfilledKron
 
 
 def global_count(n_local: int, reduce: Reduce | None, device: torch.device) -> int:

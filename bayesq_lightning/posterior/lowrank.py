@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .base import LowRankLayerPosterior, Posterior
-from .diag import diag_core
+from .diag import fit_diag_prepared
 from .fit import Prepared, Reduce, check_layers, import_laplace
 
 DEFAULT_RANK = 8
@@ -44,13 +44,13 @@ def fit_lowrank(model: nn.Module, batches: list, layer_names: Sequence[str], *, 
     t0 = time.perf_counter()
     prep = Prepared(model, batches, batch_size)
     check_layers(prep, layer_names)
-    ks, notes = {}, []
+    ranks, notes = {}, []
     for n in layer_names:
         size = prep.modules[n].weight.numel()
         if rank is None:
-            ks[n] = min(DEFAULT_RANK, size - 1)
-            if ks[n] < DEFAULT_RANK:
-                notes.append(f"{n}: rank clamped to {ks[n]} ({size} weights)")
+            ranks[n] = min(DEFAULT_RANK, size - 1)
+            if ranks[n] < DEFAULT_RANK:
+                notes.append(f"{n}: rank clamped to {ranks[n]} ({size} weights)")
         elif rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         elif rank >= size:
@@ -59,14 +59,14 @@ def fit_lowrank(model: nn.Module, batches: list, layer_names: Sequence[str], *, 
                 "(eigsh needs k < n); pass a smaller rank, or rank=None to clamp per layer"
             )
         else:
-            ks[n] = rank
-    fit = diag_core(prep, layer_names, n_data=n_data, prior_precision=prior_precision,
-                    backend=backend, reduce=reduce)
+            ranks[n] = rank
+    fit = fit_diag_prepared(prep, layer_names, n_data=n_data, prior_precision=prior_precision,
+                            backend=backend, reduce=reduce)
     factor = n_data / fit.n_total
     layers = {}
     for n in layer_names:
         weight = prep.modules[n].weight
-        U, S = _top_eigenpairs(prep, weight, ks[n], factor, reduce)
+        U, S = _top_eigenpairs(prep, weight, ranks[n], factor, reduce)
         h = fit.curvature[n].reshape(-1)
         low = (U.square() * S).sum(1)
         residual = (h - low).clamp_min(0)
@@ -80,7 +80,7 @@ def fit_lowrank(model: nn.Module, batches: list, layer_names: Sequence[str], *, 
         layers=layers, structure="lowrank", prior_precision=fit.delta, n_data=n_data,
         n_calib=fit.n_total, backend=f"{fit.backend} diagonal + curvlinops GGN eigsh",
         labels=prep.labels, seconds=time.perf_counter() - t0,
-        info={"notes": notes, "rank": ks},
+        info={"notes": notes, "rank": ranks},
     )
 
 

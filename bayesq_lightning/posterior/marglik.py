@@ -22,9 +22,8 @@ likelihood depends on :math:`\delta` only through
 :math:`\varphi(t) = \gamma(e^t) - e^t \|\theta\|^2` decreases strictly, so the maximiser is its
 unique root: Newton's method in :math:`t`, kept inside a bracket by bisection, about ten passes
 over the eigenvalues. laplace-torch's own ``optimize_prior_precision`` takes 100 Adam steps on
-:math:`t` with autograd, each a pass over every eigenvalue: 19 s of a 60 s BERT-small K-FAC run
-(``benchmarks/scale.py --profile``), and still short of the optimum when it lies more than about
-ten units of :math:`t` from its start.
+:math:`t` with autograd, each a pass over every eigenvalue, and is still short of the optimum
+when it lies more than about ten units of :math:`t` from its start.
 """
 
 from __future__ import annotations
