@@ -92,9 +92,9 @@ class FeedbackFactors:
 
     Every candidate (width, grid) of every block of a layer rounds under the same ``H``, so one
     factorisation serves them all. The owner (a pipeline stage) passes one of these to each
-    rounding call and drops it when the stage ends. The entry holds ``H`` itself (so another
-    tensor cannot take its identity) and its version counter (an in-place edit invalidates it);
-    the factors are exactly those a fresh computation gives.
+    rounding call, edits no matrix in place while it does, and drops it when the stage ends.
+    The entry holds ``H`` itself, so another tensor cannot take its identity; the factors are
+    exactly those a fresh computation gives.
     """
 
     def __init__(self) -> None:
@@ -102,7 +102,7 @@ class FeedbackFactors:
 
     def __call__(self, H: Tensor, gamma: float, act_order: bool, dtype: torch.dtype,
                  device: torch.device) -> tuple[Tensor, Tensor]:
-        key = (H._version, float(gamma), act_order, dtype, device)
+        key = (float(gamma), act_order, dtype, device)
         if self._last is not None and self._last[0] is H and self._last[1] == key:
             return self._last[2]
         factors = _factorise(H, gamma, act_order, dtype, device)
