@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "bayesq_lightning"
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80  # a function's lines past its docstring
-NARRATIVE = re.compile(r"\b(this stop|last stop|a later stop|earlier stop|(first|second) wave)\b",
-                       re.IGNORECASE)
+NARRATIVE = re.compile(r"\b(this stop|last stop|a later stop|earlier stop|(first|second) wave"
+                       r"|issue \d+)\b", re.IGNORECASE)
 
 
 def _modules() -> list[Path]:

@@ -426,7 +426,7 @@ def test_curvature_loader_feeds_the_posterior_only(trained, loader):
 
 
 def test_result_model_shares_no_storage_and_leaves_the_model_as_it_was(trained, loader):
-    # the clone reads the replaced layers' float weights instead of copying them (issue 14)
+    # the clone reads the replaced layers' float weights instead of copying them
     before = snapshot(trained)
     res = quantize_model(trained, loader, BayesQConfig(bits=4.0, structure="diag",
                                                        prior_precision=1.0))
