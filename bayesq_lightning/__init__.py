@@ -11,7 +11,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .artifact import load_quantized, save_quantized, set_kernel
-from .config import BayesQConfig
+from .config import (
+    AllocationOptions,
+    BayesQConfig,
+    GridOptions,
+    PosteriorOptions,
+    RoundingOptions,
+    ScoringOptions,
+)
 from .distillation import DistillConfig
 from .hf import install as _install_hf
 from .quantize import quantize_model
@@ -32,13 +39,18 @@ _LIGHTNING_SHELLS = ("BayesQCallback", "PosteriorDistillModule", "distill", "dis
                      "restore_quantized")
 
 __all__ = [
+    "AllocationOptions",
     "BayesQCallback",
     "BayesQConfig",
     "BlockResult",
     "DistillConfig",
+    "GridOptions",
     "LayerResult",
     "PosteriorDistillModule",
+    "PosteriorOptions",
     "QuantizationResult",
+    "RoundingOptions",
+    "ScoringOptions",
     "distill",
     "distill_model",
     "load_quantized",
