@@ -1,4 +1,4 @@
-"""Golden fixtures: fingerprints of quantization runs on a trained digits CNN, and their comparisons.
+r"""Golden fixtures: fingerprints of quantization runs on a trained digits CNN; their comparisons.
 
 The trained weights are stored beside the fingerprints (``tests/golden/digits_cnn.safetensors``)
 so that training noise never enters. Compared by ``tests/test_golden.py``.
@@ -14,7 +14,8 @@ Two comparisons:
 * **strict** (in ``tests/test_golden.py``), where a recording of this environment exists
   (torch build, architecture, instruction set, CPU vendor: another CPU's floating-point kernels
   round differently, e.g. MKL takes other code paths on AMD than on Intel at the same
-  instruction set): every field exact, the expected losses to 1e-5 relative.
+  instruction set): every field exact, the expected losses to 1e-5 relative and the weight
+  errors (which the codes' digest pins) to float64 summation order.
 * **tolerant** (:func:`deviations`), against any recording, from any environment: the
   allocation and the bits per weight exact; every other number :math:`x` within its window
 
