@@ -378,7 +378,7 @@ def test_quad_form_is_the_blocks_diagonal_block_of_the_precision(structure, rows
     if structure == "kron":
         G, A = _spd(out, g), _spd(cols, g)
         lam = torch.outer(G.diagonal(), A.diagonal()) + delta
-        lp = KronLayerPosterior("l", mean, lam.float(), delta, A=A.float(), G=G.float())
+        lp = KronLayerPosterior("l", mean, None, delta, A=A.float(), G=G.float())
     elif structure == "lowrank":
         U = torch.linalg.qr(torch.randn(out * cols, 3, generator=g, dtype=torch.float64))[0]
         S = torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64)
@@ -428,8 +428,7 @@ def test_structured_samples_have_the_posterior_covariance(structure):
     mean = torch.randn(out, cols, generator=g)
     if structure == "kron":
         G, A = _spd(out, g), _spd(cols, g)
-        lp = KronLayerPosterior("l", mean, (torch.outer(G.diagonal(), A.diagonal()) + delta)
-                                .float(), delta, A=A.float(), G=G.float())
+        lp = KronLayerPosterior("l", mean, None, delta, A=A.float(), G=G.float())
     else:
         U = torch.linalg.qr(torch.randn(out * cols, 2, generator=g, dtype=torch.float64))[0]
         S = torch.tensor([3.0, 1.5], dtype=torch.float64)
@@ -797,3 +796,15 @@ def test_kron_factors_combine_and_normalise_by_hand():
     spectrum = factors.spectrum()
     torch.testing.assert_close(spectrum[0][0], torch.linalg.eigvalsh(G))
     assert spectrum[1] is factors.bias_spectra[1] and len(spectrum) == 4
+
+
+def test_kron_diagonals_come_from_the_factors_and_cannot_be_set():
+    from bayesq_lightning.posterior import KronLayerPosterior
+
+    G, A = torch.eye(3) * 2.0, torch.eye(4)
+    lp = KronLayerPosterior("l", torch.zeros(3, 4), None, 0.5, A=A, G=G)
+    torch.testing.assert_close(lp.precision, torch.full((3, 4), 2.5))
+    with pytest.raises(TypeError, match="formed from its factors G and A"):
+        KronLayerPosterior("l", torch.zeros(3, 4), torch.ones(3, 4), 0.5, A=A, G=G)
+    with pytest.raises(TypeError, match="curvature is formed"):
+        lp.curvature = torch.ones(3, 4)

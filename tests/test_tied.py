@@ -169,10 +169,10 @@ def test_tied_posteriors_sum_the_uses_curvature():
     G = spd(3)
     G = G / G.diagonal().mean()
     A1, A2 = spd(4), spd(4)
-    k1 = KronLayerPosterior("a", mean, torch.zeros(3, 4), 0.1, A=A1, G=G)
-    k2 = KronLayerPosterior("b", mean, torch.zeros(3, 4), 0.1, A=A2, G=G)
+    k1 = KronLayerPosterior("a", mean, None, 0.1, A=A1, G=G)
+    k2 = KronLayerPosterior("b", mean, None, 0.1, A=A2, G=G)
     torch.testing.assert_close(_dense(k1.tied_with(k2)), _dense(k1) + _dense(k2))  # same G: exact
-    dead = KronLayerPosterior("b", mean, torch.zeros(3, 4), 0.1, A=A2, G=torch.zeros(3, 3))
+    dead = KronLayerPosterior("b", mean, None, 0.1, A=A2, G=torch.zeros(3, 3))
     torch.testing.assert_close(_dense(k1.tied_with(dead)), _dense(k1))
     mixed = k1.tied_with(LayerPosterior("b", mean, d2 + 0.1, 0.1))  # diag fallback
     torch.testing.assert_close(mixed.curvature.double(), k1.curvature.double() + d2.double())
