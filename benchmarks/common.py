@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from bayesq_lightning.lightning.data import DigitsDataModule
 from bayesq_lightning.lightning.models import DigitsCNN, SmallResNet
 from bayesq_lightning.metrics import evaluate
 
-CACHE = Path(".cache/bench")
+CACHE = Path(os.environ.get("BAYESQ_BENCH_CACHE", ".cache/bench"))  # as frontier.py's
 RESULTS = Path("benchmarks/results")
 
 

@@ -22,9 +22,11 @@ Two comparisons:
   .. math:: |x - x_{ref}| \le \max(\rho\,|x_{ref}|,\ \kappa\,s(x)),
 
   where :math:`s(x)` is the range of :math:`x` over the stored recordings: the difference that
-  a change of machine is measured to make. A layer's weight error is compared only where that
-  layer's expected loss agreed across the recordings to :math:`\rho` (its codes did not move
-  between machines), since the recordings measure no spread of weight errors where they did.
+  a change of machine is measured to make. A layer's expected loss and weight error are
+  compared only where its expected loss agreed across the recordings to :math:`\rho`: where it
+  did not, the layer's codes move with the kernels' rounding, and on an emulated AVX2 machine
+  such a loss moved up to 54 times its spread, so no window derived from the recordings bounds
+  it. The Monte-Carlo cases (:data:`TOLERANT_SKIPPED`) are compared strictly only.
   :data:`RHO` and :data:`KAPPA` say how they are chosen; ``benchmarks/golden_effects.py``
   measures them against the recordings, an emulated foreign machine and small real changes.
 
@@ -98,6 +100,11 @@ KAPPA = 4.0
 # Fields compared exactly in the tolerant comparison: they are discrete, and every recording
 # agrees on them.
 EXACT_FIELDS = ("allocation", "bits_per_weight")
+# Cases left out of the tolerant comparison: their tables estimate each upgrade's loss from two
+# posterior draws (``mc_samples=2``), a difference of near-equal KLs that another machine's
+# rounding can reorder (on an emulated AVX2 machine one block of ``bayesq_kron_mc`` took
+# another width). The non-Monte-Carlo cases cover the same posteriors.
+TOLERANT_SKIPPED = tuple(name for name, fields in CASES.items() if fields.get("tables") == "mc")
 
 
 def environment() -> dict:
@@ -340,10 +347,9 @@ def deviations(got: dict, want: dict, spread: dict[str, float]) -> list[tuple[st
            ("bits_per_weight", abs(got["bits_per_weight"] - want["bits_per_weight"]), 0.0)]
     have, ref = numbers(got), numbers(want)
     for path, r in ref.items():
-        if path.startswith("weight_error"):
-            el = path.replace("weight_error", "expected_loss")
-            if spread.get(el, 0.0) > RHO * abs(ref.get(el, 0.0)):
-                continue  # the layer's codes moved between recorded machines
+        el = path.replace("weight_error", "expected_loss")
+        if el.startswith("expected_loss") and spread.get(el, 0.0) > RHO * abs(ref.get(el, 0.0)):
+            continue  # the layer's codes move with the machine's kernels: nothing bounds them
         window = max(RHO * abs(r), KAPPA * spread.get(path, 0.0))
         out.append((path, abs(have[path] - r) if path in have else math.inf, window))
     return out
