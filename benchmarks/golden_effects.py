@@ -53,7 +53,9 @@ open(sys.argv[1], "w").write(json.dumps(out))
 
 
 def _keys(recs: list[dict]) -> list[str]:
-    return [*recs[0]["cases"], "callback"]
+    """The runs the tolerant comparison checks (every case but ``g.TOLERANT_SKIPPED``)."""
+    return [k for k in [*recs[0]["cases"], "callback"]
+            if k.split("@")[0] not in g.TOLERANT_SKIPPED]
 
 
 def _rel(d: float, ref: float) -> float:
@@ -149,7 +151,9 @@ def write(machines: list[dict], changed: list[dict], env: dict | None,
         "",
         f"Windows: allocation and bits per weight exact; every other value within "
         f"max({g.RHO:g} |x_ref|, {g.KAPPA:g} s(x)), s(x) its range over the recordings "
-        f"({', '.join(r['environment']['cpu_vendor'] for r in recs)}). "
+        f"({', '.join(r['environment']['cpu_vendor'] for r in recs)}); a layer whose expected "
+        f"loss differs between the recordings by more than {g.RHO:g} relative is not compared "
+        f"(its codes move with the kernels), nor are the cases {', '.join(g.TOLERANT_SKIPPED)}. "
         "Written by `benchmarks/golden_effects.py`.",
         "",
         "## Recorded machines (relative difference between the recordings)",
