@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapters.torch import conv_input_padding
 from .batches import batch_inputs, forward_checked, fp32_logits_copy, largest_input
 
 
@@ -21,9 +22,6 @@ def _conv_patches(module: nn.Conv2d, x: Tensor) -> Tensor:
     """Input patches ``(N * L, in * kh * kw)`` in the column order of ``weight.flatten(1)``."""
     padding = module.padding
     if isinstance(padding, str) or module.padding_mode != "zeros":
-        # here, not at the top: the posterior package imports this module
-        from .posterior.adapters.torch import conv_input_padding
-
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, conv_input_padding(module), mode=mode)
         padding = 0

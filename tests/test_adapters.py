@@ -18,9 +18,9 @@ from bayesq_lightning.posterior.fit import import_laplace
 
 import_laplace()
 
-from bayesq_lightning.posterior.adapters import curvlinops as curvlinops_adapter  # noqa: E402
-from bayesq_lightning.posterior.adapters import laplace as laplace_adapter  # noqa: E402
-from bayesq_lightning.posterior.adapters import torch as torch_adapter  # noqa: E402
+from bayesq_lightning.adapters import curvlinops as curvlinops_adapter  # noqa: E402
+from bayesq_lightning.adapters import laplace as laplace_adapter  # noqa: E402
+from bayesq_lightning.adapters import torch as torch_adapter  # noqa: E402
 
 
 def _require(ok: bool, adapter, name: str, what: str) -> None:

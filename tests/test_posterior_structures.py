@@ -581,7 +581,7 @@ def test_the_kron_fit_skips_laplace_torchs_zero_factors_and_its_factory_never_pi
     from laplace import Laplace
     from laplace.baselaplace import KronLaplace
 
-    from bayesq_lightning.posterior.adapters.laplace import KronLaplaceWithoutFactors
+    from bayesq_lightning.adapters.laplace import KronLaplaceWithoutFactors
     from bayesq_lightning.posterior.fit import Prepared, laplace_fit
 
     model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
@@ -626,7 +626,7 @@ def test_kfac_backward_asks_for_bias_gradients_not_weights(monkeypatch, fisher):
     """The K-FAC backward passes differentiate each layer's bias where it has one (no weight
     gradient), its weight otherwise: the output factors equal those of differentiating every
     parameter, bit for bit."""
-    from bayesq_lightning.posterior.adapters.curvlinops import KFACOperator
+    from bayesq_lightning.adapters.curvlinops import KFACOperator
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 2, bias=False)).eval()

@@ -4,7 +4,7 @@
 (:class:`LayerPosterior`: ``quad_form``, ``rounding_matrix``, ``sample``):
 ``"diag"`` (:mod:`.diag`), ``"kron"`` (:mod:`.kron`, its factors' algebra in
 :mod:`.kron_factors`), ``"lowrank"`` (:mod:`.lowrank`), all through one laplace-torch scaffold
-(:mod:`.fit`). Other packages' private API is used in :mod:`.adapters` only.
+(:mod:`.fit`). Other packages' private API is used in :mod:`bayesq_lightning.adapters` only.
 """
 
 from ..choices import BACKENDS, STRUCTURES

@@ -248,7 +248,7 @@ def laplace_fit(
             la = Laplace(prep.net, "classification", subset_of_weights="all",
                          hessian_structure=hessian_structure, **kwargs)
         elif hessian_structure == "kron":  # fit() fills H_facs itself: no zero factors
-            from .adapters.laplace import KronLaplaceWithoutFactors
+            from ..adapters.laplace import KronLaplaceWithoutFactors
 
             la = KronLaplaceWithoutFactors(prep.net, "classification", **kwargs)
         else:

@@ -69,8 +69,8 @@ class KronFactors:
         ``A`` (:func:`~bayesq_lightning.input_stats.finish_input_hessians` over ``batches``,
         summed over processes with ``reduce``) replaces it.
         """
-        from .adapters.curvlinops import KFACOperator
-        from .adapters.laplace import kron_blocks, kron_fisher_type
+        from ..adapters.curvlinops import KFACOperator
+        from ..adapters.laplace import kron_blocks, kron_fisher_type
 
         dicts = isinstance(prep.data[0], Mapping)
         names = {n: name for name, m in la.model.named_modules()
