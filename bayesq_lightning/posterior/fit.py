@@ -17,6 +17,7 @@ touched.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -46,12 +47,16 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 def import_laplace() -> None:
     """Import laplace-torch once, without its dependencies' ``torch.jit.script`` deprecation
-    warnings (not ours to act on; they would print on every first fit)."""
+    warnings (not ours to act on; they would print on every first fit), and without the root
+    logging handler its import-time ``logging.info`` installs (every record would print twice)."""
+    before = list(logging.root.handlers)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")
         import curvlinops  # noqa: F401
         import laplace.curvature  # noqa: F401
         import laplace.utils  # noqa: F401
+    for handler in [h for h in logging.root.handlers if h not in before]:
+        logging.root.removeHandler(handler)
 
 
 def backend_class(backend: str) -> tuple[str, bool]:
