@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 
 def on_terminal() -> bool:
@@ -19,3 +20,19 @@ def progress(items: Iterable, enabled: bool, desc: str) -> Iterable:
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, leave=False)
+
+
+@contextmanager
+def transformers_bars() -> Iterator[None]:
+    """transformers' own bars (``from_pretrained``'s "Loading weights") by the same rule, for the
+    block: off when not on a terminal, then as they were."""
+    from transformers.utils import logging as hf_logging
+
+    hide = hf_logging.is_progress_bar_enabled() and not on_terminal()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()

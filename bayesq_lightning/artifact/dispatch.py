@@ -32,7 +32,7 @@ def fast_linear(layer: PackedLayer, x: torch.Tensor) -> torch.Tensor | None:
 
     The kernel serves a layer on ``kernel="auto"`` that is not being tuned, for inputs of at
     most ``kernels.MAX_ROWS`` rows, and never where autograd needs a graph through ``x`` or the
-    bias.
+    bias (grad mode on and either requires grad).
     """
     if layer.kernel != "auto" or layer.is_tuning:
         return None
@@ -54,25 +54,46 @@ def set_kernel(model: nn.Module, kernel: str = "auto") -> dict[str, str]:
     ``"exact"`` (the default of every packed layer): decode the stored weights, bit for bit.
     The artifact is unaffected either way.
 
+    The kernel has no backward: it runs only where autograd needs no graph through the layer,
+    i.e. under ``torch.no_grad()`` / ``torch.inference_mode()``, or anywhere once no parameter
+    requires grad (``model.requires_grad_(False)``, which :func:`load_quantized` does);
+    ``model.requires_grad_(True)`` brings the exact path back wherever grad mode is on.
+
     Returns
     -------
     dict
-        ``{layer: why it stays exact}`` for the layers ``"auto"`` cannot serve (also warned,
-        once, here).
+        ``{layer: path}`` for every packed layer: ``"int4"`` or ``"int8"`` (the kernel serves
+        it, with at most ``kernels.MAX_ROWS`` rows) or ``"exact: <why>"``. One warning lists the
+        Linear layers the kernel can never serve, and says when parameters requiring grad keep
+        it off outside ``no_grad``.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not one of {KERNELS}")
-    exact = {}
+    paths: dict[str, str] = {}
+    never: dict[str, str] = {}
     for name, module in model.named_modules():
-        if isinstance(module, PackedLayer):
-            module.kernel = kernel
-            if kernel == "exact":
-                module.clear_cache()  # drops the repacked copy
-            elif module.kind == "linear":
-                fast, why = fast_weight(module)
-                if fast is None:
-                    exact[name] = why
-    if exact:
-        warnings.warn(f"kernel='auto': {len(exact)} packed Linear layer(s) keep the exact path: "
-                      f"{dict(list(exact.items())[:5])}", stacklevel=2)
-    return exact
+        if not isinstance(module, PackedLayer):
+            continue
+        module.kernel = kernel
+        if kernel == "exact":
+            module.clear_cache()  # drops the repacked copy
+            paths[name] = "exact: kernel='exact'"
+        elif module.kind != "linear":
+            paths[name] = f"exact: a {module.kind} layer (the kernels serve Linear layers)"
+        else:
+            fast, why = fast_weight(module)
+            paths[name] = fast.kind if fast is not None else f"exact: {why}"
+            if fast is None:
+                never[name] = why
+    notes = []
+    if never:
+        notes.append(f"{len(never)} packed Linear layer(s) keep the exact path: "
+                     f"{dict(list(never.items())[:5])}")
+    served = [n for n, p in paths.items() if not p.startswith("exact")]
+    if served and any(p.requires_grad for p in model.parameters()):
+        notes.append(f"{len(served)} layer(s) take the kernel only under torch.no_grad() or "
+                     "torch.inference_mode() while parameters require grad; "
+                     "model.requires_grad_(False) lets them take it everywhere")
+    if notes:
+        warnings.warn(f"kernel='auto': {'; '.join(notes)}", stacklevel=2)
+    return paths

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..result import QuantizationResult
+from .dispatch import KERNELS, set_kernel
 from .manifest import (
     SCHEMA_VERSION,
     TENSORS_FILE,
@@ -41,8 +42,60 @@ from .replace import install_packed, module_paths, modules_from_manifest, packed
 
 MANIFEST_FILE = "bayesq.json"
 HEADER_KEY = "bayesq"
+OUTPUTS = (TENSORS_FILE, MANIFEST_FILE, "report.json", "allocation.png", "config.yaml")
+"""The files an export directory may hold: the artifact and the report beside it."""
 WHICH = ("save the model this result was computed for (pass the QuantizationResult that "
          "produced this model)")
+
+
+def check_export_dir(directory: str | os.PathLike, overwrite: bool = False,
+                     flag: str = "overwrite=True") -> Path:
+    """Refuse, before any work, an export directory that cannot take a new artifact.
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        Where the artifact is to go; need not exist.
+    overwrite : bool
+        Whether an artifact already there may be replaced.
+    flag : str
+        How the caller spells ``overwrite`` in the messages (``"--overwrite"`` for the command).
+
+    Returns
+    -------
+    Path
+        ``directory``.
+
+    Raises
+    ------
+    FileExistsError
+        ``directory`` holds an artifact and not ``overwrite``; or ``overwrite`` and it holds
+        files that are not an artifact's (:data:`OUTPUTS`), which are never replaced.
+    NotADirectoryError
+        ``directory`` is a file.
+    PermissionError
+        ``directory`` (or the closest existing folder above it) is not writable.
+    """
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"export directory {str(path)!r} is a file; pass a directory")
+    present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    ours = [n for n in present if n in OUTPUTS]
+    others = [n for n in present if n not in OUTPUTS and not n.endswith(".tmp")]
+    if ours and not overwrite:
+        raise FileExistsError(f"{str(path)!r} already holds an artifact ({', '.join(ours)}); "
+                              f"pass {flag} to replace it, or choose another directory")
+    if overwrite and others:
+        raise FileExistsError(f"{str(path)!r} holds files that are not a bayesq artifact "
+                              f"({', '.join(others[:5])}); {flag} replaces only an artifact: "
+                              "choose an empty or new directory")
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write the export directory {str(path)!r} ({str(existing)!r}"
+                              " is not writable); choose a directory you can write")
+    return path
 
 
 def save_quantized(
@@ -100,12 +153,14 @@ def save_quantized(
     return directory
 
 
-def load_quantized(model_skeleton: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_quantized(model_skeleton: nn.Module, directory: str | os.PathLike,
+                   kernel: str = "exact") -> nn.Module:
     """Load an artifact written by :func:`save_quantized` into a float model of the same class.
 
     Everything is checked and loaded into a copy first; only when that succeeded are the packed
     layers swapped into ``model_skeleton`` and its other tensors overwritten, so on any error the
-    skeleton is left as it was.
+    skeleton is left as it was. The model comes back deployed: in eval mode, with
+    ``requires_grad=False`` on every parameter (``model.requires_grad_(True)`` to train it).
 
     Parameters
     ----------
@@ -113,12 +168,19 @@ def load_quantized(model_skeleton: nn.Module, directory: str | os.PathLike) -> n
         A fresh instance of the saved model's architecture (its float values are overwritten).
     directory : str or os.PathLike
         Holds ``bayesq.json`` and ``model.safetensors``.
+    kernel : {"exact", "auto"}
+        How the packed Linear layers multiply (:func:`~bayesq_lightning.set_kernel`):
+        ``"exact"`` decodes the stored weights, bit for bit the model that was saved;
+        ``"auto"`` takes stock PyTorch's CPU integer kernels where they serve (few rows, bf16
+        activations).
 
     Returns
     -------
     nn.Module
         ``model_skeleton``, now holding the packed layers and the stored tensors.
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {KERNELS}")
     directory = Path(directory)
     manifest_path = directory / MANIFEST_FILE
     tensors_path = directory / TENSORS_FILE
@@ -166,6 +228,9 @@ def load_quantized(model_skeleton: nn.Module, directory: str | os.PathLike) -> n
     install_packed(model_skeleton, {name: trial.get_submodule(name) for name in replacements},
                    manifest.packed)
     model_skeleton.load_state_dict(state, strict=True)
+    model_skeleton.eval().requires_grad_(False)
+    if kernel != "exact":
+        set_kernel(model_skeleton, kernel)
     return model_skeleton
 
 

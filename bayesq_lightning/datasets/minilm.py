@@ -30,8 +30,10 @@ def load_minilm(num_labels: int = 2, model_dir: str | None = None):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ..lightning.models import resolve_model_dir
+    from ..progress import transformers_bars
 
     path = resolve_model_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    with transformers_bars():
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     return model, tokenizer

@@ -88,6 +88,9 @@ class BayesQHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        """Deployed, as :func:`~bayesq_lightning.load_quantized` returns it: no parameter
+        requires grad (``model.requires_grad_(True)`` to train); transformers sets eval mode."""
+        model.requires_grad_(False)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..progress import transformers_bars
+
 
 class ImageClassifier(pl.LightningModule):
     """Shared Lightning plumbing: cross-entropy training, validation accuracy, AdamW."""
@@ -153,8 +155,9 @@ class HFSequenceClassifier(pl.LightningModule):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "newly initialized head" is expected here
         try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels)
+            with transformers_bars():  # "Loading weights" only on a terminal
+                self.model = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=num_labels)
         finally:
             hf_logging.set_verbosity(verbosity)
         self.model.train()  # from_pretrained returns eval mode; Lightning switches modes itself
