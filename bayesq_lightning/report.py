@@ -56,25 +56,65 @@ def plot_frontier(rows: Sequence[Mapping], path: str | Path, highlight: str = "b
 
 def plot_allocation(results: Mapping[str, QuantizationResult], path: str | Path,
                     title: str = "") -> Path:
-    """Bits per weight of every layer (metadata included), one bar group per method."""
+    """Bits per weight of every layer (metadata included), each layer as wide as its share of
+    the quantized weights, the budget as a dashed line; one panel per method, on one x axis.
+
+    ``results`` maps a method's name to its result (BayesQ first, then the baselines); the
+    layers and the budget are the first result's.
+    """
     plt = _pyplot()
     first = next(iter(results.values()))
-    names = [x.name for x in first.layers]
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(names)), 3.4))
-    width = 0.8 / len(results)
-    for i, (method, res) in enumerate(results.items()):
-        ax.bar([j + i * width for j in range(len(names))],
-               [x.bits_per_weight for x in res.layers], width, label=method)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30,
-                  ha="right", fontsize=7)
-    ax.set_ylabel("stored bits / weight")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
+    sizes = [x.n_weights for x in first.layers]
+    total = float(sum(sizes))
+    starts = [sum(sizes[:i]) / total for i in range(len(sizes))]
+    widths = [n / total for n in sizes]
+    budget = first.budget_bits / max(first.n_weights, 1)
+    top = max(x.bits_per_weight for r in results.values() for x in r.layers)
+    fig, axes = plt.subplots(len(results), 1, figsize=(8.0, 1.1 + 1.9 * len(results)),
+                             sharex=True, squeeze=False)
+    for ax, (method, res) in zip(axes[:, 0], results.items(), strict=True):
+        bits = {x.name: x.bits_per_weight for x in res.layers}
+        ax.bar(starts, [bits.get(x.name, float("nan")) for x in first.layers], widths,
+               align="edge", edgecolor="white", linewidth=0.6, color="#9ecae1")
+        ax.axhline(budget, color="k", ls="--", lw=1)
+        ax.set_ylim(0, top * 1.08)
+        ax.set_ylabel("bits / weight", fontsize=8)
+        ax.set_title(f"{method}: {res.bits_per_weight:.3f} bits/weight "
+                     f"(budget {budget:.3g}, dashed)", fontsize=9, loc="left")
+        for s, w, x in zip(starts, widths, first.layers, strict=True):
+            if w >= 0.04:  # names of layers too narrow to hold one would overlap
+                ax.text(s + w / 2, 0.04, x.name, transform=ax.get_xaxis_transform(),
+                        rotation=90, ha="center", va="bottom", fontsize=7)
+    axes[-1, 0].set_xlim(0, 1)
+    axes[-1, 0].set_xlabel("share of the quantized weights (each layer as wide as its weights)")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def summary(report: Mapping, paths: Mapping[str, object] = ()) -> str:
+    """The table printed at the end of a command: accuracy, NLL, ECE and bits per weight of
+    FP32, the quantized model, each baseline and the distilled model (those in ``report``), then
+    one line per entry of ``paths`` (``{"checkpoint": ..., "artifact": ..., "report": ...}``)."""
+    bits = report.get("bits_per_weight")
+    rows = [("fp32", report.get("fp32"), 32.0 if "fp32" in report else None),
+            ("quantized", report.get("quantized"), bits)]
+    base_bits = report.get("baseline_bits_per_weight", {})
+    rows += [(m, v, base_bits.get(m)) for m, v in report.get("baselines", {}).items()]
+    rows.append(("distilled", report.get("distilled"), bits))
+    lines = [f"{'model':<12}{'accuracy':>10}{'NLL':>10}{'ECE':>10}{'bits/weight':>13}"]
+    for name, metrics, b in rows:
+        if metrics is None and (name == "distilled" or b is None):
+            continue
+        cells = [f"{metrics[k]:>10.4f}" if metrics else f"{'-':>10}"
+                 for k in ("accuracy", "nll", "ece")]
+        lines.append(f"{name:<12}{''.join(cells)}{'' if b is None else f'{b:>13.3f}'}")
+    width = max(len(k) for k in paths) if paths else 0
+    lines += [f"{k + ':':<{width + 2}}{v}" for k, v in dict(paths).items() if v is not None]
+    return "\n".join(lines)
 
 
 def reliability_bins(probs, labels, n_bins: int = 15) -> list[tuple[float, float, int]]:

@@ -32,9 +32,17 @@ from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from ..artifact import save_quantized
+from ..artifact.export import check_export_dir
 from ..artifact.manifest import jsonable
 from ..artifact.replace import install_packed, packed_replacements, swap_in
-from ..batches import calibration_samples, clone_module
+from ..batches import (
+    LogitsModel,
+    calibration_samples,
+    clone_module,
+    forward_checked,
+    inputs_to,
+    split_batch,
+)
 from ..choices import METHODS
 from ..config import BayesQConfig
 from ..methods import METHODS_TABLE
@@ -58,9 +66,15 @@ class BayesQCallback(Callback):
         eval_batches: cap on validation batches per evaluation (``None``: all).
         export_dir: where rank zero writes the packed artifact (``model.safetensors`` +
             ``bayesq.json``, see :func:`~bayesq_lightning.save_quantized`); ``None``: no export.
+        overwrite: replace an artifact already in ``export_dir``; otherwise fitting is refused
+            before the first training step.
         progress: progress bars during table construction (drawn on a terminal only).
         **fields: :class:`~bayesq_lightning.BayesQConfig` fields overriding ``config``
             (``BayesQCallback(bits=2.5, structure="diag")``).
+
+    Everything the end of training needs is checked when fitting starts, before the first
+    training step: labelled validation batches (unless ``evaluate=False``), calibration batches
+    the model reads, and an export directory it may write.
 
     Raises:
         ValueError: on an invalid configuration, at construction time.
@@ -74,6 +88,7 @@ class BayesQCallback(Callback):
         evaluate: bool = True,
         eval_batches: int | None = None,
         export_dir: str | None = None,
+        overwrite: bool = False,
         progress: bool = True,
         **fields: Any,
     ) -> None:
@@ -97,6 +112,7 @@ class BayesQCallback(Callback):
         self.eval_batches = eval_batches
         self.progress = progress
         self.export_dir = None if export_dir is None else Path(export_dir)
+        self.overwrite = overwrite
         if self.export_dir is not None and self.export_dir.exists() and not self.export_dir.is_dir():
             raise ValueError(f"export_dir={str(export_dir)!r} exists and is not a directory")
         self.result: QuantizationResult | None = None
@@ -158,6 +174,37 @@ class BayesQCallback(Callback):
 
     # ------------------------------------------------------------------ hooks
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.export_dir is not None:
+            check_export_dir(self.export_dir, self.overwrite,
+                             "BayesQCallback(overwrite=True) (--bayesq.overwrite true)")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """What ``on_train_end`` will read, checked now: a failure costs no training."""
+        if self.evaluate:
+            val = self._val_loader(trainer)
+            first = None if val is None else next(iter(val), None)
+            if val is not None and (first is None or split_batch(first)[1] is None):
+                raise ValueError(
+                    "the validation loader yields " + ("no batches" if first is None else
+                                                       "batches without labels") +
+                    ", so BayesQ cannot evaluate the model after quantizing it; give it "
+                    "(inputs, targets) batches or dicts with 'labels', or pass "
+                    "BayesQCallback(evaluate=False) (--bayesq.evaluate false)")
+        one = dataclasses.replace(self.config, calib_batches=1)
+        batch = calibration_data(one, trainer.datamodule, trainer.train_dataloader)[0][0]
+        modes = {m: m.training for m in pl_module.modules()}
+        pl_module.eval()  # BatchNorm statistics and dropout untouched by the probe
+        try:
+            with torch.no_grad():
+                x = split_batch(batch)[0]
+                forward_checked(LogitsModel(pl_module), inputs_to(x, pl_module.device), 0)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reduce = None
         if trainer.world_size > 1:  # curvature and counts are summed over the ranks' shards
@@ -188,19 +235,20 @@ class BayesQCallback(Callback):
         self.eval_loader = eval_loader  # distillation reports on the same data
         cfg = dataclasses.replace(self.config, calib_batches=len(calibration))
         report: dict[str, Any] = {}
+        failed: list[Exception] = []  # an evaluation failure must not lose the quantization
         with torch.inference_mode(False), torch.enable_grad():
             if eval_loader is not None:
-                report["fp32"] = evaluate(pl_module, eval_loader, self.eval_batches)
+                self._evaluate_into(report, {"fp32": pl_module}, eval_loader, failed)
             for method in self.compare:  # from the FP32 weights, before they are replaced
                 base = quantize_model(pl_module, calibration, self._baseline_config(cfg, method),
                                       n_data=n_data, reduce=reduce, progress=False)
                 self.baselines[method] = base
             result = quantize_model(pl_module, calibration, cfg, n_data=n_data, reduce=reduce,
                                     progress=self.progress and global_zero, inplace=True)
-            if eval_loader is not None:
-                report["quantized"] = evaluate(pl_module, eval_loader, self.eval_batches)
-                report["baselines"] = {m: evaluate(r.model, eval_loader, self.eval_batches)
-                                       for m, r in self.baselines.items()}
+            if eval_loader is not None and not failed:
+                report["baselines"] = {}
+                self._evaluate_into(report, {"quantized": pl_module, **{
+                    m: r.model for m, r in self.baselines.items()}}, eval_loader, failed)
         report["info"] = {k: v for k, v in result.info.items() if k != "config"}
         report["bits_per_weight"] = result.bits_per_weight
         report["code_bits_per_weight"] = result.code_bits_per_weight
@@ -208,7 +256,28 @@ class BayesQCallback(Callback):
         self.result, self.report = result, report
         if self.export_dir is not None and global_zero:
             save_quantized(pl_module, result, self.export_dir)
+        if failed:
+            kept = (f"its artifact is saved in {str(self.export_dir)!r}" if self.export_dir
+                    is not None else "no export_dir was set, so nothing was written")
+            raise EvaluationError(
+                f"evaluation failed after quantizing ({type(failed[0]).__name__}: {failed[0]}); "
+                f"the quantized model is kept (the module and callback.result) and {kept}; fix "
+                "the validation data or pass evaluate=False") from failed[0]
         return result
+
+    def _evaluate_into(self, report: dict[str, Any], models: dict[str, torch.nn.Module],
+                       loader, failed: list[Exception]) -> None:
+        """``report[name]`` (``report["baselines"][name]`` past the first two) for each model;
+        the first failure is appended to ``failed`` instead of raised."""
+        try:
+            for name, model in models.items():
+                metrics = evaluate(model, loader, self.eval_batches)
+                if name in ("fp32", "quantized"):
+                    report[name] = metrics
+                else:
+                    report.setdefault("baselines", {})[name] = metrics
+        except Exception as exc:  # any failure: raised once the quantized result is safe
+            failed.append(exc)
 
     @staticmethod
     def _sync_buffers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -273,6 +342,10 @@ class BayesQCallback(Callback):
             state_dict.get("result", {}),
             None if posterior is None else posterior_from_state(posterior))
         self.report = dict(state_dict.get("report", {}))
+
+
+class EvaluationError(ValueError):
+    """Evaluation failed after quantization; the quantized model and its artifact are kept."""
 
 
 def restore_quantized(model: torch.nn.Module, checkpoint: str | Path | Mapping[str, Any]

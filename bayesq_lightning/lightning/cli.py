@@ -19,24 +19,30 @@ themselves. They run no Trainer stage that would save the config, so they write
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..artifact.export import OUTPUTS, check_export_dir
 from ..distillation.config import DistillConfig
-from ..report import plot_allocation
+from ..progress import on_terminal
+from ..report import plot_allocation, summary
 from .callback import BayesQCallback, calibration_data
+from .cli_parser import BayesQParser, parser_kwargs
 from .distill import distill_callback_result
+from .quiet import log_interval, quiet
 
-DESCRIPTION = ("BayesQ: uncertainty-guided mixed-precision quantization of PyTorch Lightning "
-               "models (fit, quantize, distill).")
 DISTILL_DEFAULTS = DistillConfig()  # never modified
-OUTPUTS = ("model.safetensors", "bayesq.json", "report.json", "allocation.png", "config.yaml")
+USER_ERRORS = (ValueError, TypeError, OSError)
+"""Errors the command reports in one line (bad input, missing or existing files)."""
+__all__ = ["OUTPUTS", "BayesQCLI", "BayesQTrainer", "main"]
 
 
 def load_checkpoint_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:
@@ -77,23 +83,26 @@ class BayesQTrainer(pl.Trainer):
                          "`bayesq` config group)")
 
     def quantize(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
-                 ckpt_path: str | None = None, output_dir: str | None = None) -> dict[str, Any]:
-        """Quantize a trained model: evaluate, quantize, evaluate, export, report and plot.
+                 ckpt_path: str | None = None, output_dir: str | None = None,
+                 overwrite: bool = False) -> dict[str, Any]:
+        """Quantize a trained checkpoint: evaluate, quantize, evaluate, export, report, plot.
 
         Args:
             model: the configured model; its weights come from ``ckpt_path``.
             datamodule: provides the calibration hold-out and the evaluation split.
-            ckpt_path: the trained checkpoint (its weights are loaded; required).
-            output_dir: where the artifact, ``report.json``, ``allocation.png`` and
-                ``config.yaml`` go (default: the ``bayesq.export_dir`` option, else
-                ``bayesq_out`` next to the checkpoint).
+            ckpt_path: the trained checkpoint (default: the newest one under
+                trainer.default_root_dir, i.e. the last `bayesq fit` of this config).
+            output_dir: where the artifact, report.json, allocation.png and config.yaml go
+                (default: quantize-<bits>b/ in the checkpoint's version directory).
+            overwrite: replace an artifact already in the output directory (else refused).
         """
-        return self._quantize(model, datamodule, ckpt_path, output_dir, None)
+        return self._quantize(model, datamodule, ckpt_path, output_dir, overwrite, None)
 
     def distill(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
                 ckpt_path: str | None = None, output_dir: str | None = None,
+                overwrite: bool = False,
                 distillation: DistillConfig = DISTILL_DEFAULTS) -> dict[str, Any]:
-        """Quantize a trained model, then distil it toward the posterior predictive.
+        """Quantize a trained checkpoint, then distil it toward the posterior predictive.
 
         Distillation uses only the calibration inputs; the report holds the evaluation split's
         accuracy / NLL / ECE of the FP32, quantized and distilled models and of the teacher.
@@ -101,26 +110,29 @@ class BayesQTrainer(pl.Trainer):
         Args:
             model: the configured model; its weights come from ``ckpt_path``.
             datamodule: provides the calibration hold-out and the evaluation split.
-            ckpt_path: the trained checkpoint (its weights are loaded; required).
-            output_dir: as for ``quantize``; the artifact holds the distilled model.
+            ckpt_path: as for quantize (default: the newest checkpoint of the last fit).
+            output_dir: as for quantize, default distill-<bits>b/ in the checkpoint's version
+                directory; the artifact holds the distilled model.
+            overwrite: replace an artifact already in the output directory (else refused).
             distillation: the distillation options (:class:`~bayesq_lightning.DistillConfig`).
         """
-        return self._quantize(model, datamodule, ckpt_path, output_dir, distillation)
+        return self._quantize(model, datamodule, ckpt_path, output_dir, overwrite, distillation)
 
-    def _quantize(self, model, datamodule, ckpt_path, output_dir, distill_config
+    def _quantize(self, model, datamodule, ckpt_path, output_dir, overwrite, distill_config
                   ) -> dict[str, Any]:
         cb = self._bayesq_callback()
         if self.num_devices * self.num_nodes > 1:
             raise ValueError("bayesq quantize / distill run in one process (devices=1); "
                              "multi-device quantization happens at the end of `bayesq fit`")
-        if ckpt_path is None:
-            raise ValueError("--ckpt_path is required: the checkpoint whose weights to quantize "
-                             "(`bayesq fit` writes one under lightning_logs/)")
         if datamodule is None:
             raise ValueError("a datamodule is required (calibration and evaluation data); set "
                              "`data:` in the config")
-        out = Path(output_dir or cb.export_dir or Path(ckpt_path).parent / "bayesq_out")
-        load_checkpoint_weights(model, ckpt_path)
+        ckpt = Path(ckpt_path) if ckpt_path is not None else latest_checkpoint(
+            Path(self.default_root_dir))
+        kind = "quantize" if distill_config is None else "distill"
+        out = Path(output_dir) if output_dir else default_output_dir(ckpt, kind, cb.config.bits)
+        check_export_dir(out, overwrite or cb.overwrite, "--overwrite")  # before any work
+        load_checkpoint_weights(model, ckpt)
         model.eval()
         t0 = time.perf_counter()
         datamodule.setup("fit")
@@ -129,7 +141,7 @@ class BayesQTrainer(pl.Trainer):
         val = datamodule.val_dataloader() if cb.evaluate else None
         cb.export_dir = out
         result = cb.quantize_module(model, calib, n_data, val)
-        report = {"checkpoint": str(ckpt_path), **cb.report,
+        report = {"checkpoint": str(ckpt), **cb.report,
                   "seconds": {"quantize": time.perf_counter() - t0}}
         if distill_config is not None:
             t1 = time.perf_counter()
@@ -140,29 +152,69 @@ class BayesQTrainer(pl.Trainer):
                                                                      "distill")})
             report["seconds"]["distill"] = time.perf_counter() - t1
             report["seconds_per_epoch"] = rep["seconds_per_epoch"]  # artifact: re-exported
-        report["allocation"] = result.table()
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-        plot_allocation({"bayesq": result}, out / "allocation.png",
-                        title=f"{type(model).__name__}: {result.bits_per_weight:.3f} bits/weight")
+        write_report(out, report, result, cb.baselines, type(model).__name__)
         self.bayesq_output_dir = out
         rank_zero_info("BayesQ allocation\n" + result.table())
-        rank_zero_info(f"BayesQ: wrote {', '.join(OUTPUTS)} to {out}")
-        summary = {k: report[k] for k in ("fp32", "quantized", "distilled") if k in report}
-        rank_zero_info(json.dumps(summary, indent=1))
+        print(summary(report, {"checkpoint": ckpt, "artifact": out,
+                               "report": out / "report.json"}), flush=True)
         return report
+
+
+def latest_checkpoint(root: Path) -> Path:
+    """The newest ``*.ckpt`` in a ``checkpoints`` folder under ``root``, or say where we looked."""
+    found = [p for p in root.glob("**/checkpoints/*.ckpt") if p.is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"no --ckpt_path given and no checkpoint under {str(root)!r} (searched "
+            f"{str(root / '**' / 'checkpoints' / '*.ckpt')!r}); pass --ckpt_path, or run "
+            "`bayesq fit` with this config (its trainer.default_root_dir) first")
+    return max(found, key=lambda p: (p.stat().st_mtime, str(p)))
+
+
+def default_output_dir(ckpt: Path, kind: str, bits: float) -> Path:
+    """``<the checkpoint's version directory>/<kind>-<bits>b``: beside ``checkpoints/``."""
+    version = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return version / f"{kind}-{bits:g}b"
+
+
+def write_report(out: Path, report: dict[str, Any], result, baselines: dict,
+                 model_name: str) -> None:
+    """``report.json`` and ``allocation.png`` (BayesQ beside the baselines) in ``out``."""
+    report["allocation"] = result.table()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    plot_allocation({"bayesq": result, **baselines}, out / "allocation.png",
+                    title=f"{model_name}: {result.bits_per_weight:.3f} bits/weight")
+
+
+class _FitLogInterval(Callback):
+    """Lowers ``log_every_n_steps`` to the training epoch's length (Lightning warns, and logs
+    no training step, when an epoch is shorter than the interval)."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or trainer.datamodule is None:
+            return
+        try:
+            n = len(trainer.datamodule.train_dataloader())
+        except TypeError:  # an iterable loader has no length
+            return
+        limit = trainer.limit_train_batches
+        n = min(n, limit) if isinstance(limit, int) else int(n * limit)
+        trainer.log_every_n_steps = log_interval(n, trainer.log_every_n_steps)
 
 
 class BayesQCLI(LightningCLI):
     """``LightningCLI`` with the ``quantize`` and ``distill`` subcommands and the ``bayesq``
-    callback group."""
+    callback group; plain-text help with the key options first, one-line errors."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_class", BayesQTrainer)
+        kwargs.setdefault("parser_class", BayesQParser)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
+        kwargs.setdefault("parser_kwargs", parser_kwargs())
+        kwargs.setdefault("trainer_defaults", {"enable_progress_bar": on_terminal()})
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -172,6 +224,26 @@ class BayesQCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(BayesQCallback, "bayesq")
+
+    def before_fit(self) -> None:
+        cb = self.trainer._bayesq_callback()
+        if cb.export_dir is None:  # inside this run's version directory: never overwritten
+            cb.export_dir = Path(self.trainer.log_dir) / "bayesq"
+        self.trainer.callbacks.append(_FitLogInterval())
+
+    def after_fit(self) -> None:
+        cb = self.trainer._bayesq_callback()
+        if cb.result is None or not self.trainer.is_global_zero:
+            return
+        ckpt = self.trainer.checkpoint_callback
+        ckpt = (ckpt.last_model_path or ckpt.best_model_path) if ckpt is not None else None
+        paths = {"checkpoint": ckpt or None, "artifact": cb.export_dir, "report": None}
+        if cb.export_dir is not None:
+            report = {"checkpoint": ckpt, **cb.report}
+            write_report(cb.export_dir, report, cb.result, cb.baselines,
+                         type(self.model).__name__)
+            paths["report"] = cb.export_dir / "report.json"
+        print(summary(cb.report, paths), flush=True)
 
     def _save_own_config(self) -> None:
         out = getattr(self.trainer, "bayesq_output_dir", None)
@@ -188,6 +260,25 @@ class BayesQCLI(LightningCLI):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``bayesq`` console script."""
-    kwargs = {} if argv is None else {"args": argv}
-    BayesQCLI(pl.LightningModule, pl.LightningDataModule, **kwargs)
+    """Entry point of the ``bayesq`` console script.
+
+    An expected error (bad input, a missing file, an infeasible budget) prints one line and
+    exits with status 1; ``--traceback`` (anywhere on the command line) shows the traceback.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    trace = "--traceback" in args
+    args = [a for a in args if a != "--traceback"]
+    for i, a in enumerate(args):  # a bare --overwrite means --overwrite true
+        if a == "--overwrite" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            args[i] = "--overwrite=true"
+    if argv is None:  # the console script: LightningCLI reads sys.argv itself
+        sys.argv[1:] = args
+    try:
+        with quiet():
+            BayesQCLI(pl.LightningModule, pl.LightningDataModule,
+                      **({} if argv is None else {"args": args}))
+    except USER_ERRORS as exc:
+        if trace:
+            raise
+        print(f"bayesq: error: {exc} (--traceback shows where)", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

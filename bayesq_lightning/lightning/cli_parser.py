@@ -13,11 +13,13 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import re
 import sys
 from typing import NoReturn
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser
 
 KEY_OPTIONS = ("--config", "--ckpt_path", "--output_dir", "--overwrite", "--bayesq.config.bits",
@@ -79,11 +81,16 @@ class BayesQParser(LightningArgumentParser):
             group.description = plain(group.description)
 
     def format_help(self, *args, **kwargs) -> str:
+        self.prog = self.prog.replace(" [options]", "")  # "bayesq quantize", as it is typed
         self._clean_help()
         text = super().format_help(*args, **kwargs)
         present = [o for o in KEY_OPTIONS if o in self._option_string_actions]
-        if not present or not any(o in present for o in ("--ckpt_path", "--bayesq.config.bits")):
+        if "--bayesq.config.bits" not in present:  # the top-level parser: subcommands only
             return text
+        if "--output_dir" in present:  # quantize / distill: no training
+            present.remove("--trainer.max_epochs")
+        elif "--ckpt_path" in present:  # fit's resumes training: not a key option
+            present.remove("--ckpt_path")
         return _key_options_first(text, present)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
@@ -122,16 +129,72 @@ def _key_options_first(text: str, keys: list[str]) -> str:
     entries = {}
     i = 0
     while i < len(lines):
-        m = re.match(r"^  (-\w, )?(--[\w.\-]+)", lines[i])
-        if m and m.group(2) in keys and m.group(2) not in entries:
+        m = re.match(r"^  (-\w( \S+)?, )?(--[\w.\-]+)", lines[i])
+        if m and m.group(3) in keys and m.group(3) not in entries:
             j = i + 1
             while j < len(lines) and lines[j].startswith(" " * 6):
                 j += 1
-            entries[m.group(2)] = lines[i:j]
+            entries[m.group(3)] = lines[i:j]
             i = j
         else:
             i += 1
-    first_group = next((k for k, line in enumerate(lines) if k and re.match(r"^\S.*:$", line)
-                        and not line.startswith("usage")), len(lines))
+    first_group = next((k for k, line in enumerate(lines)
+                        if line in ("options:", "optional arguments:")), len(lines))
     block = ["key options:"] + [line for k in keys if k in entries for line in entries[k]] + [""]
     return "\n".join(lines[:first_group] + block + lines[first_group:]) + "\n"
+
+
+DESCRIPTION = """BayesQ: uncertainty-guided mixed-precision quantization of Lightning models.
+
+subcommands: fit (train, quantize at the end), quantize (a trained checkpoint), distill
+(quantize, then distil toward the posterior predictive).
+
+example:
+  bayesq fit --config configs/digits_cnn.yaml
+  bayesq quantize --config configs/digits_cnn.yaml --bayesq.config.bits 3.0"""
+
+SUBCOMMANDS = {
+    "fit": """Train the model; at the end of fit BayesQ quantizes it to the budget.
+
+Prints FP32, quantized and baseline accuracy / NLL / ECE, then the checkpoint, artifact and
+report paths, all inside the run's version directory (checkpoints/ and bayesq/ in
+<trainer.default_root_dir>/lightning_logs/version_N/).
+
+example:
+  bayesq fit --config configs/digits_cnn.yaml --bayesq.config.bits 3.0""",
+    "quantize": """Quantize a trained checkpoint at the budget, evaluate it, and export it.
+
+Writes the artifact, report.json, allocation.png and config.yaml to --output_dir (default:
+quantize-<bits>b/ in the checkpoint's version directory) and prints the summary. Without
+--ckpt_path, the newest checkpoint under trainer.default_root_dir (the last `bayesq fit`).
+An existing artifact is replaced only with --overwrite true.
+
+example:
+  bayesq quantize --config configs/digits_cnn.yaml --bayesq.config.bits 3.0""",
+    "distill": """Quantize a trained checkpoint, then distil it toward the posterior predictive.
+
+Distillation trains the quantizers' scales, zeros, biases and norms on the calibration inputs
+alone; the artifact holds the distilled model, in --output_dir (default: distill-<bits>b/ in
+the checkpoint's version directory). An existing artifact is replaced only with --overwrite true.
+
+example:
+  bayesq distill --config configs/digits_cnn.yaml --distillation.epochs 5""",
+}
+USAGE = ("%(prog)s [--config FILE] [--ckpt_path CKPT] [--output_dir DIR] "
+         "[--bayesq.config.bits BITS] [options]")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """Descriptions as written (their examples keep their lines); options as jsonargparse's."""
+
+
+def parser_kwargs() -> dict:
+    """``LightningCLI(parser_kwargs=...)``: the command's and each subcommand's help texts."""
+    kwargs: dict = {"description": DESCRIPTION, "formatter_class": _Formatter}
+    for name in ("validate", "test", "predict"):
+        kwargs[name] = {"formatter_class": _Formatter}
+    for name, text in SUBCOMMANDS.items():
+        usage = USAGE if name != "fit" else USAGE.replace(
+            " [--ckpt_path CKPT] [--output_dir DIR]", "")
+        kwargs[name] = {"description": text, "usage": usage, "formatter_class": _Formatter}
+    return kwargs
