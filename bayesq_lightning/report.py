@@ -54,6 +54,16 @@ def plot_frontier(rows: Sequence[Mapping], path: str | Path, highlight: str = "b
     return path
 
 
+def allocation_geometry(result: QuantizationResult) -> tuple[list[float], list[float], float]:
+    """Where :func:`plot_allocation` draws ``result``'s layers: each one's left edge and width
+    on ``[0, 1]`` (its share of the quantized weights, in layer order), and the budget in bits
+    per weight."""
+    sizes = [x.n_weights for x in result.layers]
+    total = float(sum(sizes))
+    starts = [sum(sizes[:i]) / total for i in range(len(sizes))]
+    return starts, [n / total for n in sizes], result.budget_bits / max(result.n_weights, 1)
+
+
 def plot_allocation(results: Mapping[str, QuantizationResult], path: str | Path,
                     title: str = "") -> Path:
     """Bits per weight of every layer (metadata included), each layer as wide as its share of
@@ -64,11 +74,7 @@ def plot_allocation(results: Mapping[str, QuantizationResult], path: str | Path,
     """
     plt = _pyplot()
     first = next(iter(results.values()))
-    sizes = [x.n_weights for x in first.layers]
-    total = float(sum(sizes))
-    starts = [sum(sizes[:i]) / total for i in range(len(sizes))]
-    widths = [n / total for n in sizes]
-    budget = first.budget_bits / max(first.n_weights, 1)
+    starts, widths, budget = allocation_geometry(first)
     top = max(x.bits_per_weight for r in results.values() for x in r.layers)
     fig, axes = plt.subplots(len(results), 1, figsize=(8.0, 1.1 + 1.9 * len(results)),
                              sharex=True, squeeze=False)

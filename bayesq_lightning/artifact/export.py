@@ -72,7 +72,7 @@ def check_export_dir(directory: str | os.PathLike, overwrite: bool = False,
         ``directory`` holds an artifact and not ``overwrite``; or ``overwrite`` and it holds
         files that are not an artifact's (:data:`OUTPUTS`), which are never replaced.
     NotADirectoryError
-        ``directory`` is a file.
+        ``directory``, or the closest existing path above it, is a file.
     PermissionError
         ``directory`` (or the closest existing folder above it) is not writable.
     """
@@ -92,6 +92,9 @@ def check_export_dir(directory: str | os.PathLike, overwrite: bool = False,
     existing = path
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot create the export directory {str(path)!r}: "
+                                 f"{str(existing)!r} is a file; choose another directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write the export directory {str(path)!r} ({str(existing)!r}"
                               " is not writable); choose a directory you can write")

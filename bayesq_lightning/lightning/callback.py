@@ -20,7 +20,8 @@ are computed with a manual loop (``self.log`` is not allowed in that hook) and w
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
+from ..allocate import InfeasibleBudgetError
 from ..artifact import save_quantized
 from ..artifact.export import check_export_dir
 from ..artifact.manifest import jsonable
@@ -43,7 +45,7 @@ from ..batches import (
     inputs_to,
     split_batch,
 )
-from ..choices import METHODS
+from ..choices import METHODS, SUPPORTED_BITS
 from ..config import BayesQConfig
 from ..methods import METHODS_TABLE
 from ..metrics import evaluate
@@ -236,7 +238,7 @@ class BayesQCallback(Callback):
         cfg = dataclasses.replace(self.config, calib_batches=len(calibration))
         report: dict[str, Any] = {}
         failed: list[Exception] = []  # an evaluation failure must not lose the quantization
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), _budget_hint(cfg):
             if eval_loader is not None:
                 self._evaluate_into(report, {"fp32": pl_module}, eval_loader, failed)
             for method in self.compare:  # from the FP32 weights, before they are replaced
@@ -342,6 +344,19 @@ class BayesQCallback(Callback):
             state_dict.get("result", {}),
             None if posterior is None else posterior_from_state(posterior))
         self.report = dict(state_dict.get("report", {}))
+
+
+@contextmanager
+def _budget_hint(cfg: BayesQConfig) -> Iterator[None]:
+    """An infeasible budget's message without "allow fewer bits" when the narrowest width is
+    allowed already (then only a larger budget helps)."""
+    try:
+        yield
+    except InfeasibleBudgetError as exc:
+        if min(cfg.allowed_bits) > min(SUPPORTED_BITS):
+            raise
+        raise InfeasibleBudgetError(str(exc).replace(" or allow fewer bits", ""),
+                                    exc.min_cost) from None
 
 
 class EvaluationError(ValueError):

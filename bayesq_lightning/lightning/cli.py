@@ -127,8 +127,10 @@ class BayesQTrainer(pl.Trainer):
         if datamodule is None:
             raise ValueError("a datamodule is required (calibration and evaluation data); set "
                              "`data:` in the config")
-        ckpt = Path(ckpt_path) if ckpt_path is not None else latest_checkpoint(
-            Path(self.default_root_dir))
+        root = Path(self.default_root_dir)
+        if ckpt_path is not None and not Path(ckpt_path).is_file():
+            latest_checkpoint(root, given=str(ckpt_path))  # raises, naming where fit saved
+        ckpt = Path(ckpt_path) if ckpt_path is not None else latest_checkpoint(root)
         kind = "quantize" if distill_config is None else "distill"
         out = Path(output_dir) if output_dir else default_output_dir(ckpt, kind, cb.config.bits)
         check_export_dir(out, overwrite or cb.overwrite, "--overwrite")  # before any work
@@ -160,15 +162,30 @@ class BayesQTrainer(pl.Trainer):
         return report
 
 
-def latest_checkpoint(root: Path) -> Path:
-    """The newest ``*.ckpt`` in a ``checkpoints`` folder under ``root``, or say where we looked."""
-    found = [p for p in root.glob("**/checkpoints/*.ckpt") if p.is_file()]
+CHECKPOINTS = ("*/version_*/checkpoints/*.ckpt", "checkpoints/*.ckpt")
+"""Where ``bayesq fit`` saves under ``trainer.default_root_dir`` (with a logger; without one)."""
+
+
+def latest_checkpoint(root: Path, given: str | None = None) -> Path:
+    """The newest checkpoint ``bayesq fit`` saved under ``root`` (:data:`CHECKPOINTS`), or say
+    where we looked; ``given``: the ``--ckpt_path`` that does not exist, named in the error."""
+    found = [p for pattern in CHECKPOINTS for p in root.glob(pattern) if p.is_file()]
+    searched = " and ".join(repr(str(root / p)) for p in CHECKPOINTS)
+    if given is not None:
+        hint = (f"the newest checkpoint of a fit here is {str(max(found, key=_mtime))!r}"
+                if found else f"no checkpoint found in {searched}")
+        raise FileNotFoundError(f"checkpoint {given!r} does not exist ({hint}); pass the .ckpt "
+                                "file written by `bayesq fit`, or leave --ckpt_path out to take "
+                                "the newest")
     if not found:
         raise FileNotFoundError(
-            f"no --ckpt_path given and no checkpoint under {str(root)!r} (searched "
-            f"{str(root / '**' / 'checkpoints' / '*.ckpt')!r}); pass --ckpt_path, or run "
-            "`bayesq fit` with this config (its trainer.default_root_dir) first")
-    return max(found, key=lambda p: (p.stat().st_mtime, str(p)))
+            f"no --ckpt_path given and no checkpoint in {searched}; pass --ckpt_path, or run "
+            "`bayesq fit` with this config (and its trainer.default_root_dir) first")
+    return max(found, key=_mtime)
+
+
+def _mtime(path: Path) -> tuple[float, str]:
+    return path.stat().st_mtime, str(path)
 
 
 def default_output_dir(ckpt: Path, kind: str, bits: float) -> Path:

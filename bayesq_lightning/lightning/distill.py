@@ -19,7 +19,6 @@ strategy reuses the launched processes and their process group.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -48,6 +47,7 @@ from ..distillation.teachers import Teacher, build_teacher, fp32_reference, tune
 from ..metrics import _metric_objects, _update, evaluate
 from ..progress import on_terminal
 from ..result import QuantizationResult
+from .quiet import log_interval, quiet
 
 
 class PosteriorDistillModule(pl.LightningModule):
@@ -228,7 +228,8 @@ def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
               "enable_model_summary": False, "num_sanity_val_steps": 0,
               "limit_val_batches": (0 if eval_loader is None else eval_batches),
               "enable_progress_bar": on_terminal(), **trainer_kwargs}
-    trainer = pl.Trainer(**kwargs)  # bad Trainer arguments fail here, before any change
+    with quiet():  # Lightning's tips and warnings a user cannot act on
+        trainer = pl.Trainer(**kwargs)  # bad Trainer arguments fail here, before any change
     if eval_loader is not None:
         first = next(iter(eval_loader), None)
         if first is None or split_batch(first)[1] is None:
@@ -249,11 +250,12 @@ def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
     holdout = DataLoader(Subset(data, sorted(order[:n_hold].tolist())), batch_size=bs)
     g = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(train_set, batch_size=bs, shuffle=True, generator=g)
+    if "log_every_n_steps" not in trainer_kwargs:  # every epoch logs, however few batches
+        trainer.log_every_n_steps = log_interval(len(loader), trainer.log_every_n_steps)
     module = PosteriorDistillModule(student, teacher, config, n_classes,
                                     holdout=holdout if n_hold else None)
     try:
-        with warnings.catch_warnings():  # the student is in eval mode on purpose
-            warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+        with quiet():  # among them: the student is in eval mode on purpose
             trainer.fit(module, loader, eval_loader)
             if eval_loader is not None:  # the final student, on every process's shard, synced
                 trainer.validate(module, eval_loader, verbose=False)
