@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,25 +138,108 @@ def test_unknown_option_is_refused(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
-def test_checkpoint_of_another_model_is_refused(fitted, tmp_path):
-    cfg, _ = fitted
+def _fails(args: list[str], capsys, code: int = 1) -> str:
+    """The one line ``main(args)`` prints before exiting with ``code``."""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == code
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_checkpoint_of_another_model_is_refused(fitted, tmp_path, capsys):
+    cfg, ckpt = fitted
     wrong = tmp_path / "wrong.ckpt"
     torch.save({"state_dict": DigitsCNN(channels=(4, 8, 16), hidden=16).state_dict()}, wrong)
-    with pytest.raises(ValueError, match="different model"):
-        main(["quantize", "--config", str(cfg), "--ckpt_path", str(wrong)])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        main(["quantize", "--config", str(cfg), "--ckpt_path", str(tmp_path / "none.ckpt")])
+    args = ["quantize", "--config", str(cfg), "--ckpt_path", str(wrong), "--output_dir",
+            str(tmp_path / "out")]
+    line = _fails(args, capsys)
+    assert "different model" in line and "features.3.0.weight" in line  # the key named
+    with pytest.raises(ValueError, match="different model"):  # the flag shows the traceback
+        main([*args, "--traceback"])
+    line = _fails(["quantize", "--config", str(cfg), "--ckpt_path", "model.ckpt"], capsys)
+    assert "'model.ckpt' does not exist" in line and str(ckpt) in line  # where fit saved
+    assert not (tmp_path / "out").exists()
 
 
-def test_missing_data_and_model_directories_fail_before_work(tmp_path):
+def test_quantize_never_overwrites_without_the_flag(fitted, tmp_path, capsys):
+    cfg, ckpt = fitted
+    main(["quantize", "--config", str(cfg)])  # the newest checkpoint, into its version dir
+    out = ckpt.parent.parent / "quantize-3b"
+    assert json.loads((out / "report.json").read_text())["checkpoint"] == str(ckpt)
+    printed = capsys.readouterr().out
+    for text in ("fp32", "quantized", "bits/weight", str(ckpt), str(out / "report.json")):
+        assert text in printed, text
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    line = _fails(["quantize", "--config", str(cfg)], capsys)
+    assert "already holds an artifact" in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+    line = _fails(["distill", "--config", str(cfg), "--output_dir", str(out)], capsys)
+    assert "--overwrite" in line
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    line = _fails(["quantize", "--config", str(cfg), "--output_dir", str(other), "--overwrite"],
+                  capsys)
+    assert "not a bayesq artifact" in line and sorted(os.listdir(other)) == ["notes.txt"]
+
+
+def test_no_checkpoint_names_the_places_searched(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    line = _fails(["quantize", "--config", str(cfg)], capsys)
+    assert "no --ckpt_path given" in line and str(tmp_path / "run") in line
+
+
+def test_help_reads_on_one_screen(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = capsys.readouterr().out
+    assert not re.search(r":[a-z]+:`|``|\\[a-z]+\{", text), "reStructuredText or LaTeX in help"
+    head = "\n".join(text.splitlines()[:40])
+    assert "Quantize a trained checkpoint" in head and "example:" in head
+    for option in ("--config", "--ckpt_path", "--output_dir", "--bayesq.config.bits"):
+        entry = re.search(rf"^  (-c CONFIG, )?{re.escape(option)} \S+\n +\S", head, re.M)
+        assert entry, f"{option} and its description are not in the first 40 lines"
+
+
+@pytest.mark.parametrize(("option", "suggested"), [
+    ("--bayesq.config.bit", "--bayesq.config.bits"),  # an abbreviation is not accepted
+    ("--bayesq.config.bitz", "--bayesq.config.bits"),
+    ("--trainer.max_epoch", "--trainer.max_epochs")])
+def test_unknown_or_abbreviated_option_gets_one_line_and_a_suggestion(option, suggested,
+                                                                      capsys):
+    line = _fails(["fit", option, "3"], capsys, code=2)
+    assert f"did you mean {suggested}?" in line
+    assert "usage" not in capsys.readouterr().err
+
+
+def test_missing_data_and_model_directories_fail_before_work(tmp_path, capsys):
     fashion = _config(tmp_path, **{
         "data.class_path": "bayesq_lightning.datasets.fashion.FashionMNISTDataModule",
         "data.init_args": {"root": str(tmp_path / "no_fashion")}})
-    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
-        main(["fit", "--config", str(fashion)])
+    assert "dataset-fashion-mnist" in _fails(["fit", "--config", str(fashion)], capsys)
     hf = _config(tmp_path, **{
         "model.class_path": "bayesq_lightning.lightning.models.HFSequenceClassifier",
         "model.init_args": {"model_dir": str(tmp_path / "no_model")}})
-    # jsonargparse re-raises the model's error as a ValueError carrying its message
-    with pytest.raises((FileNotFoundError, ValueError), match="no_model' does not exist"):
-        main(["fit", "--config", str(hf)])
+    assert "no_model' does not exist" in _fails(["fit", "--config", str(hf)], capsys)
+
+
+def test_fit_on_the_digits_config_prints_results_and_no_warning(tmp_path):
+    """The console command as a user runs it, output not a terminal."""
+    env = {**os.environ, "PYTHONPATH": str(CONFIGS.parent), "COLUMNS": "100"}
+    run = subprocess.run(
+        [sys.executable, "-c", "from bayesq_lightning.lightning.cli import main; main()", "fit",
+         "--config", str(CONFIGS / "digits_cnn.yaml"), "--trainer.max_epochs", "2",
+         "--trainer.default_root_dir", str(tmp_path), "--bayesq.compare", "[rtn]"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout + run.stderr
+    version = tmp_path / "lightning_logs" / "version_0"
+    ckpt = next((version / "checkpoints").glob("*.ckpt"))
+    for text in ("accuracy", "fp32", "quantized", "rtn", f"checkpoint: {ckpt}",
+                 f"artifact:   {version / 'bayesq'}", f"report:     {version / 'bayesq'}"):
+        assert text in out, text
+    assert not re.search(r"Warning|warn\(|\.py:\d+: |Tip:", out), out
+    assert not list(CONFIGS.parent.glob("lightning_logs"))  # nothing inside the checkout
+    assert (version / "bayesq" / "allocation.png").is_file()

@@ -297,5 +297,15 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as exc:
         if trace:
             raise
-        print(f"bayesq: error: {exc} (--traceback shows where)", file=sys.stderr, flush=True)
+        print(f"bayesq: error: {one_line(exc)} (--traceback shows where)", file=sys.stderr,
+              flush=True)
         raise SystemExit(1) from None
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line; of a jsonargparse type error (a list of every type
+    tried), the reason the value was refused."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    reasons = [line.strip()[2:] for line in lines[1:] if line.strip().startswith("- ")
+               and not line.strip().startswith("- Expected a <class")]
+    return reasons[0] if reasons else " ".join(line.strip() for line in lines)
