@@ -67,7 +67,7 @@ def main() -> None:
     model = DigitsCNN(channels=(8, 16, 32), hidden=32)
     keep = KeepFP32()
     cb = BayesQCallback(bits=args.bits, compare=("rtn", "mse", "gptq"),
-                        export_dir=args.out / "model")
+                        export_dir=args.out / "model", overwrite=True)  # the demo's own output
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[keep, cb],
         logger=pl.loggers.CSVLogger(args.out, name="logs"), enable_checkpointing=False,

@@ -6,10 +6,8 @@ set -euo pipefail
 BAYESQ=${BAYESQ:-.venv/bin/bayesq}
 CONFIG=configs/minilm_sentiment.yaml
 
-$BAYESQ fit --config $CONFIG                                   # fine-tune, quantize at 3.0 bits
-CKPT=$(ls -t artifacts/minilm_sentiment/lightning_logs/version_*/checkpoints/*.ckpt | head -1)
-for BITS in 3.0 4.0; do
-  $BAYESQ quantize --config $CONFIG --ckpt_path "$CKPT" --bayesq.config.bits $BITS \
-      --output_dir artifacts/minilm_sentiment/q$BITS
+$BAYESQ fit --config $CONFIG                 # fine-tune, quantize at 3.0 bits (version_N/bayesq)
+for BITS in 3.0 4.0; do                      # the newest checkpoint: version_N/quantize-<bits>b
+  $BAYESQ quantize --config $CONFIG --bayesq.config.bits $BITS
 done
-$BAYESQ distill --config $CONFIG --ckpt_path "$CKPT" --output_dir artifacts/minilm_sentiment/distilled
+$BAYESQ distill --config $CONFIG             # version_N/distill-3b

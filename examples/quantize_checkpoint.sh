@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Quantize a checkpoint you already have, from the shell (digits CNN; about a minute on 2 cores).
-#   bash examples/quantize_checkpoint.sh
+#   bash examples/quantize_checkpoint.sh            (outputs in a new temporary directory)
 set -euo pipefail
 BAYESQ=${BAYESQ:-.venv/bin/bayesq}
 CONFIG=configs/digits_cnn.yaml
+ROOT=${ROOT:-$(mktemp -d)}  # trainer.default_root_dir: lightning_logs/version_N/ lands here
 
-# 1. an ordinary training run (BayesQ also quantizes at its end; the checkpoint holds FP32 weights)
-$BAYESQ fit --config $CONFIG
-CKPT=$(ls -t artifacts/digits_cnn/lightning_logs/version_*/checkpoints/*.ckpt | head -1)
+# 1. an ordinary training run (BayesQ also quantizes at its end; the checkpoint holds FP32
+#    weights); the summary names the checkpoint, the artifact (version_0/bayesq) and the report
+$BAYESQ fit --config $CONFIG --trainer.default_root_dir "$ROOT"
 
-# 2. quantize that checkpoint at another budget: artifact, report.json, allocation.png, config.yaml
-$BAYESQ quantize --config $CONFIG --ckpt_path "$CKPT" --bayesq.config.bits 3.0 \
-    --output_dir artifacts/digits_cnn/q3
+# 2. that checkpoint (the newest under ROOT) at another budget: artifact, report.json,
+#    allocation.png and config.yaml in version_0/quantize-3b/
+$BAYESQ quantize --config $CONFIG --trainer.default_root_dir "$ROOT" --bayesq.config.bits 3.0
 
-# 3. quantize at 2.5 bits and distil toward the posterior predictive on the calibration inputs
-$BAYESQ distill --config $CONFIG --ckpt_path "$CKPT" --distillation.epochs 5 \
-    --output_dir artifacts/digits_cnn/distilled
+# 3. at the config's 2.5 bits, distilled toward the posterior predictive on the calibration
+#    inputs: version_0/distill-2.5b/ (an explicit --ckpt_path and --output_dir work too)
+$BAYESQ distill --config $CONFIG --trainer.default_root_dir "$ROOT" --distillation.epochs 5
