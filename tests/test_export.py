@@ -102,8 +102,9 @@ def test_cnn_round_trip(tmp_path):
     q = quantized(model, result)
     save_quantized(q, result, tmp_path)
     skeleton = cnn(seed=1)
-    loaded = load_quantized(skeleton, tmp_path)
+    loaded = load_quantized(skeleton.train(), tmp_path)
     assert loaded is skeleton
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert isinstance(loaded.conv2, QuantizedConv2d) and isinstance(loaded.fc, QuantizedLinear)
     with torch.no_grad():
         assert torch.equal(loaded(X), q(X))
@@ -410,3 +411,9 @@ def test_save_rejects_result_of_another_model(tmp_path):
     with pytest.raises(ValueError, match="does not match its LayerResult"):
         save_quantized(q, result, tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_load_refuses_an_unknown_kernel_before_reading(tmp_path):
+    skeleton = cnn(seed=1)
+    with pytest.raises(ValueError, match="kernel='fast' is not one of"):
+        load_quantized(skeleton, tmp_path, kernel="fast")  # no artifact there: checked first

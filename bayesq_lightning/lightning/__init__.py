@@ -5,8 +5,8 @@ The core never imports this subpackage; besides it, only :mod:`bayesq_lightning.
 fixtures that build on its datamodules) imports ``lightning``.
 """
 
-from .callback import BayesQCallback, restore_quantized
+from .callback import BayesQCallback, EvaluationError, restore_quantized
 from .distill import PosteriorDistillModule, distill, distill_model
 
-__all__ = ["BayesQCallback", "PosteriorDistillModule", "distill", "distill_model",
-           "restore_quantized"]
+__all__ = ["BayesQCallback", "EvaluationError", "PosteriorDistillModule", "distill",
+           "distill_model", "restore_quantized"]

@@ -2,18 +2,24 @@ r"""The ``bayesq`` command: ``LightningCLI`` with ``quantize`` and ``distill`` b
 
 .. code-block:: bash
 
-    bayesq fit      --config configs/digits_cnn.yaml                    # train; BayesQ at the end
-    bayesq quantize --config configs/digits_cnn.yaml --ckpt_path m.ckpt # a checkpoint you have
-    bayesq distill  --config configs/digits_cnn.yaml --ckpt_path m.ckpt # quantize, then distil
-    # options: --bayesq.config.bits 2.5, --distillation.epochs 5, ...
+    bayesq fit      --config configs/digits_cnn.yaml                 # train; BayesQ at the end
+    bayesq quantize --config configs/digits_cnn.yaml --bayesq.config.bits 3.0  # the last fit's
+    bayesq distill  --config configs/digits_cnn.yaml --distillation.epochs 5   # checkpoint
 
 The BayesQ options are the ``bayesq`` group (:class:`~bayesq_lightning.BayesQCallback`, with its
 ``config`` a :class:`~bayesq_lightning.BayesQConfig`), attached to the Trainer of every
 subcommand. ``quantize`` and ``distill`` are methods of :class:`BayesQTrainer`, so their options
 come from those methods' signatures (LightningCLI's custom-subcommand pattern). A ``ckpt_path``
 makes LightningCLI read only the checkpoint's hyperparameters; both methods load the weights
-themselves. They run no Trainer stage that would save the config, so they write
-``config.yaml`` next to their outputs.
+themselves (without one, the newest checkpoint under ``trainer.default_root_dir``). They run no
+Trainer stage that would save the config, so they write ``config.yaml`` next to their outputs.
+
+Every output goes to the run's version directory: ``fit`` exports to ``bayesq/``, ``quantize``
+and ``distill`` to ``quantize-<bits>b/`` / ``distill-<bits>b/`` beside the checkpoint's
+``checkpoints/``; an existing artifact is replaced only with ``--overwrite``. Each subcommand
+ends with :func:`~bayesq_lightning.report.summary`. The parser (:mod:`.cli_parser`) gives
+plain-text help and one-line errors; :func:`main` reports expected errors in one line and runs
+the command inside :func:`~bayesq_lightning.lightning.quiet.quiet`.
 """
 
 from __future__ import annotations
