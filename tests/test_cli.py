@@ -225,11 +225,19 @@ def test_missing_data_and_model_directories_fail_before_work(tmp_path, capsys):
     assert "no_model' does not exist" in _fails(["fit", "--config", str(hf)], capsys)
 
 
+SCRIPT = """import logging
+from bayesq_lightning.lightning.cli import main
+main()
+print("root logging handlers:", len(logging.root.handlers))
+"""
+
+
 def test_fit_on_the_digits_config_prints_results_and_no_warning(tmp_path):
-    """The console command as a user runs it, output not a terminal."""
+    """The console command as a user runs it, output not a terminal; importing laplace-torch on
+    the way left the root logger without a handler (through which records would print twice)."""
     env = {**os.environ, "PYTHONPATH": str(CONFIGS.parent), "COLUMNS": "100"}
     run = subprocess.run(
-        [sys.executable, "-c", "from bayesq_lightning.lightning.cli import main; main()", "fit",
+        [sys.executable, "-c", SCRIPT, "fit",
          "--config", str(CONFIGS / "digits_cnn.yaml"), "--trainer.max_epochs", "2",
          "--trainer.default_root_dir", str(tmp_path), "--bayesq.compare", "[rtn]"],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False)
@@ -243,3 +251,4 @@ def test_fit_on_the_digits_config_prints_results_and_no_warning(tmp_path):
     assert not re.search(r"Warning|warn\(|\.py:\d+: |Tip:", out), out
     assert not list(CONFIGS.parent.glob("lightning_logs"))  # nothing inside the checkout
     assert (version / "bayesq" / "allocation.png").is_file()
+    assert "root logging handlers: 0" in run.stdout
