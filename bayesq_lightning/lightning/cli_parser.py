@@ -167,7 +167,7 @@ example:
 Writes the artifact, report.json, allocation.png and config.yaml to --output_dir (default:
 quantize-<bits>b/ in the checkpoint's version directory) and prints the summary. Without
 --ckpt_path, the newest checkpoint under trainer.default_root_dir (the last `bayesq fit`).
-An existing artifact is replaced only with --overwrite true.
+An existing artifact is replaced only with --overwrite.
 
 example:
   bayesq quantize --config configs/digits_cnn.yaml --bayesq.config.bits 3.0""",
@@ -175,7 +175,7 @@ example:
 
 Distillation trains the quantizers' scales, zeros, biases and norms on the calibration inputs
 alone; the artifact holds the distilled model, in --output_dir (default: distill-<bits>b/ in
-the checkpoint's version directory). An existing artifact is replaced only with --overwrite true.
+the checkpoint's version directory). An existing artifact is replaced only with --overwrite.
 
 example:
   bayesq distill --config configs/digits_cnn.yaml --distillation.epochs 5""",
