@@ -25,7 +25,7 @@ def main() -> None:
     trainer.fit(model, datamodule)  # at the end: posterior -> tables -> knapsack -> packed model
 
     distill(trainer, bayesq, DistillConfig(epochs=5))  # BayesQ: a second fit, inputs only
-    save_quantized(model, bayesq.result, "artifacts/example_callback")  # BayesQ
+    save_quantized(model, bayesq.result, "artifacts/example_callback", overwrite=True)  # BayesQ
 
     print(bayesq.result.table())
     for key in ("fp32", "quantized", "distilled"):

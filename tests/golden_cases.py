@@ -229,7 +229,7 @@ def fingerprint(result, model_for_artifact, workdir: Path,
                   for x in result.layers]
     codes = _sha(*[t for x in result.layers for b in x.blocks
                    for t in (b.codes, b.scale, b.zero, b.codebook)])
-    save_quantized(model_for_artifact, result, workdir)
+    save_quantized(model_for_artifact, result, workdir, overwrite=True)  # one dir per case
     manifest = json.loads((workdir / "bayesq.json").read_text())
     fp = {
         "allocation": allocation,

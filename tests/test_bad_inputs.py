@@ -160,13 +160,14 @@ def load(corrupt: Callable[[Path], None] | None = None,
     return make
 
 
-def save_into_existing(model: Callable[[], nn.Module]) -> Callable:
-    """``save_quantized(model(), result of mlp(), tmp_path)`` over an existing artifact."""
+def save_into_existing(model: Callable[[], nn.Module], overwrite: bool = True) -> Callable:
+    """``save_quantized(model(), result of mlp(), tmp_path, overwrite)`` over an existing
+    artifact."""
 
     def make(tmp_path: Path) -> Setup:
         result = _saved(tmp_path)
         net = model()
-        return Setup(net, lambda: save_quantized(net, result, tmp_path))
+        return Setup(net, lambda: save_quantized(net, result, tmp_path, overwrite=overwrite))
 
     return make
 
@@ -397,6 +398,8 @@ CASES = [
     Case("skeleton-of-another-width", load(skeleton=other_width), ArtifactError,
          r"layer 'fc1' has weight shape \(32, 32\) .* but \(24, 32\) in the skeleton; build the "
          r"skeleton with the configuration of the saved model"),
+    Case("save-onto-an-artifact-without-overwrite", save_into_existing(lambda: mlp(seed=1), overwrite=False),
+         FileExistsError, r"already holds an artifact .*; pass overwrite=True to replace it"),
     Case("save-result-onto-another-width", save_into_existing(other_width), ValueError,
          r"layer 'fc1'.*\(32, 32\).*\(24, 32\).*pass the QuantizationResult that produced"),
     Case("save-result-onto-model-with-another-layer-type", save_into_existing(fc2_replaced),
@@ -436,6 +439,22 @@ def test_bad_input(case: Case, tmp_path: Path) -> None:
     if not case.mutates:
         assert_unchanged(setup.model, before)
     assert _files(tmp_path) == files, "files of an existing artifact changed"
+
+
+def test_save_with_overwrite_replaces_an_artifact_only(tmp_path: Path) -> None:
+    """``overwrite=True`` replaces an artifact (the refusal without it is a row of the table),
+    and still refuses a directory holding files that are not an artifact's."""
+    _saved(tmp_path)
+    other = quantize_model(mlp(seed=1), None, BayesQConfig(method="rtn", bits=3.0),
+                           progress=False)
+    save_quantized(other.model, other, tmp_path, overwrite=True)
+    loaded = load_quantized(mlp(seed=2), tmp_path)
+    assert torch.equal(loaded(X), other.model(X))
+    (tmp_path / "notes.txt").write_text("mine")
+    files = _files(tmp_path)
+    with pytest.raises(FileExistsError, match=r"not a bayesq artifact \(notes\.txt\)"):
+        save_quantized(other.model, other, tmp_path, overwrite=True)
+    assert _files(tmp_path) == files
 
 
 def test_lowrank_on_an_op_without_forward_mode_derivative():

@@ -278,7 +278,7 @@ def test_interrupted_save(tmp_path, monkeypatch, point, with_previous):
         save_quantized(old, old_result, tmp_path)
     point(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        save_quantized(new, new_result, tmp_path)
+        save_quantized(new, new_result, tmp_path, overwrite=with_previous)
     monkeypatch.undo()
 
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

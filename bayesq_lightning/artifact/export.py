@@ -102,7 +102,8 @@ def check_export_dir(directory: str | os.PathLike, overwrite: bool = False,
 
 
 def save_quantized(
-    model: nn.Module, result: QuantizationResult, directory: str | os.PathLike
+    model: nn.Module, result: QuantizationResult, directory: str | os.PathLike,
+    overwrite: bool = False,
 ) -> Path:
     """Write the packed model and its manifest to ``directory``.
 
@@ -115,15 +116,32 @@ def save_quantized(
     result : QuantizationResult
         Per-layer blocks, budget and achieved bits, posterior info.
     directory : str or os.PathLike
-        Created if missing; ``model.safetensors`` and ``bayesq.json`` are replaced.
+        Created if missing. Checked before anything is written (:func:`check_export_dir`).
+    overwrite : bool
+        Replace an artifact already in ``directory``; without it that is refused. A directory
+        holding files that are not an artifact's is refused either way.
 
     Returns
     -------
     Path
         ``directory``.
+
+    Raises
+    ------
+    FileExistsError
+        ``directory`` holds an artifact and not ``overwrite`` (nothing is written), or
+        ``overwrite`` and it holds other files.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    return write_artifact(model, result, check_export_dir(directory, overwrite))
+
+
+def write_artifact(model: nn.Module, result: QuantizationResult,
+                   directory: str | os.PathLike) -> Path:
+    """:func:`save_quantized` without the directory check: replaces an artifact there.
+
+    For a caller that replaces the artifact it wrote itself (distillation re-exports the
+    distilled model over the quantized one).
+    """
     state, packed = _packed_state(model, result)
     tensors, aliases = _dedupe(state)
     owners = [x.name for x in result.layers]
@@ -149,6 +167,8 @@ def save_quantized(
         },
     )
     text = json.dumps(manifest.to_json(), indent=1)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     # the commit: until this rename the previous model.safetensors (with its own manifest) holds
     _atomic_write(directory / TENSORS_FILE,
                   lambda p: save_file(tensors, str(p), metadata={HEADER_KEY: text}))

@@ -257,7 +257,7 @@ class BayesQCallback(Callback):
         report["baseline_bits_per_weight"] = {m: r.bits_per_weight for m, r in self.baselines.items()}
         self.result, self.report = result, report
         if self.export_dir is not None and global_zero:
-            save_quantized(pl_module, result, self.export_dir)
+            save_quantized(pl_module, result, self.export_dir, overwrite=self.overwrite)
         if failed:
             kept = (f"its artifact is saved in {str(self.export_dir)!r}" if self.export_dir
                     is not None else "no export_dir was set, so nothing was written")

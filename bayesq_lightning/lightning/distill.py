@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
-from ..artifact import save_quantized
+from ..artifact.export import write_artifact
 from ..batches import LogitsModel, batch_size_of, calibration_samples, inputs_to, split_batch
 from ..distillation.config import DistillConfig
 from ..distillation.student import (
@@ -395,6 +395,6 @@ def distill_callback_result(trainer: pl.Trainer, callback, module: nn.Module,
     callback.report["distill"] = {k: v for k, v in report.items()
                                   if k not in ("distilled", "teacher_metrics", "fp32")}
     if callback.export_dir is not None and trainer.is_global_zero:
-        save_quantized(module, result, callback.export_dir)  # the distilled weights replace
+        write_artifact(module, result, callback.export_dir)  # replaces the callback's own
     return report
 
