@@ -7,7 +7,10 @@ posterior (an override that is never called, a hook that adds its inputs twice).
 
 from __future__ import annotations
 
+import argparse
 import inspect
+import platform
+import sys
 from importlib.metadata import version
 
 import pytest
@@ -18,17 +21,26 @@ from bayesq_lightning.posterior.fit import import_laplace
 
 import_laplace()
 
+from bayesq_lightning.adapters import argparse as argparse_adapter  # noqa: E402
 from bayesq_lightning.adapters import curvlinops as curvlinops_adapter  # noqa: E402
 from bayesq_lightning.adapters import laplace as laplace_adapter  # noqa: E402
 from bayesq_lightning.adapters import torch as torch_adapter  # noqa: E402
 
 
+def _versions(adapter) -> tuple[str, str]:
+    """(installed, written against): a standard-library module's are Python's."""
+    if adapter.PACKAGE in sys.stdlib_module_names:
+        return f"(Python {platform.python_version()})", f"(Python {adapter.VERSION})"
+    return version(adapter.PACKAGE), adapter.VERSION
+
+
 def _require(ok: bool, adapter, name: str, what: str) -> None:
     if not ok:
+        installed, written = _versions(adapter)
         pytest.fail(
-            f"{adapter.PACKAGE} {version(adapter.PACKAGE)} changed the private API "
+            f"{adapter.PACKAGE} {installed} changed the private API "
             f"{name!r}: {what}. {adapter.__name__} was written against {adapter.PACKAGE} "
-            f"{adapter.VERSION}; adapt it (and this check) to the installed version.",
+            f"{written}; adapt it (and this check) to the installed version.",
             pytrace=False)
 
 
@@ -104,6 +116,26 @@ def test_torch_private_api():
         _require(torch.allclose(nn.functional.conv2d(padded, conv.weight, conv.bias), conv(x),
                                 atol=1e-6), adapter, "Conv2d._reversed_padding_repeated_twice",
                  "no longer the F.pad padding of the convolution's input")
+
+
+def test_argparse_private_api():
+    adapter = argparse_adapter
+    parser = argparse.ArgumentParser(description="what it does")
+    group = parser.add_argument_group("budget", "how many bits")
+    action = group.add_argument("--bits", help="bits per weight")
+    for cls, name in adapter.ATTRIBUTES:
+        _require(hasattr(parser, name), adapter, f"{cls}.{name}", "the attribute is gone")
+    _require(action in adapter.actions(parser), adapter, "ArgumentParser._actions",
+             "it no longer holds every action")
+    _require(group in adapter.help_sections(parser), adapter, "ArgumentParser._action_groups",
+             "it no longer holds the argument groups")
+    _require({"-h", "--help", "--bits"} <= set(adapter.option_strings(parser)), adapter,
+             "ArgumentParser._option_string_actions", "its keys are no longer the option strings")
+    action.help, group.title, group.description = "rewritten", "renamed", "described anew"
+    text = parser.format_help()
+    _require(all(s in text for s in ("rewritten", "renamed:", "described anew")), adapter,
+             "ArgumentParser._action_groups",
+             "the help no longer prints the actions' and groups' texts as they are now")
 
 
 def test_the_operator_keeps_its_input_statistics_per_instance():

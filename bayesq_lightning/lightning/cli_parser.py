@@ -22,6 +22,8 @@ from typing import NoReturn
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser
 
+from ..adapters.argparse import actions, help_sections, option_strings
+
 KEY_OPTIONS = ("--config", "--ckpt_path", "--output_dir", "--overwrite", "--bayesq.config.bits",
                "--bayesq.compare", "--distillation.epochs", "--trainer.max_epochs")
 """Listed first, in this order, in a subcommand's help (those the subcommand has)."""
@@ -74,9 +76,9 @@ class BayesQParser(LightningArgumentParser):
 
     def _clean_help(self) -> None:
         self.description = plain(self.description)
-        for action in self._actions:
+        for action in actions(self):
             action.help = plain(action.help)
-        for group in self._action_groups:
+        for group in help_sections(self):
             group.title = plain(group.title)
             group.description = plain(group.description)
 
@@ -84,7 +86,7 @@ class BayesQParser(LightningArgumentParser):
         self.prog = self.prog.replace(" [options]", "")  # "bayesq quantize", as it is typed
         self._clean_help()
         text = super().format_help(*args, **kwargs)
-        present = [o for o in KEY_OPTIONS if o in self._option_string_actions]
+        present = [o for o in KEY_OPTIONS if o in option_strings(self)]
         if "--bayesq.config.bits" not in present:  # the top-level parser: subcommands only
             return text
         if "--output_dir" in present:  # quantize / distill: no training
@@ -112,7 +114,7 @@ def _suggestion(message: str, parser) -> str:
     if found is None:
         return ""
     given = found.group(1).split("=", 1)[0]
-    options = [o for o in parser._option_string_actions if o.startswith("--")]
+    options = [o for o in option_strings(parser) if o.startswith("--")]
     if given in options:
         return ""
     close = difflib.get_close_matches(given, options, n=1, cutoff=0.75)
