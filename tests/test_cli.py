@@ -183,6 +183,24 @@ def test_quantize_never_overwrites_without_the_flag(fitted, tmp_path, capsys):
     line = _fails(["quantize", "--config", str(cfg), "--output_dir", str(other), "--overwrite"],
                   capsys)
     assert "not a bayesq artifact" in line and sorted(os.listdir(other)) == ["notes.txt"]
+    main(["quantize", "--config", str(cfg), "--overwrite", "--bayesq.config.method", "rtn"])
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+    assert json.loads((out / "report.json").read_text())["info"]["method"] == "rtn"
+
+
+@pytest.mark.parametrize(("options", "named", "not_named"), [
+    ((), "--bayesq.config.bits", "allow"),  # 2 bits allowed: only a larger budget helps
+    (("--bayesq.config.allowed_bits", "[4, 8]"), "--bayesq.config.allowed_bits", "`bits`"),
+], ids=["every-width-allowed", "narrow-widths-excluded"])
+def test_an_infeasible_budget_names_the_options_to_type(fitted, tmp_path, capsys, options,
+                                                        named, not_named):
+    cfg, ckpt = fitted
+    out = tmp_path / "q"
+    line = _fails(["quantize", "--config", str(cfg), "--output_dir", str(out),
+                   "--bayesq.config.method", "rtn", "--bayesq.config.bits", "1.0", *options],
+                  capsys)
+    assert "infeasible" in line and "raise --bayesq.config.bits to at least" in line
+    assert named in line and not_named not in line and not out.exists()
 
 
 def test_no_checkpoint_names_the_places_searched(tmp_path, capsys):

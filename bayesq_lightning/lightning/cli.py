@@ -25,6 +25,7 @@ the command inside :func:`~bayesq_lightning.lightning.quiet.quiet`.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..allocate import InfeasibleBudgetError
 from ..artifact.export import OUTPUTS, check_export_dir
 from ..distillation.config import DistillConfig
 from ..progress import on_terminal
@@ -48,6 +50,10 @@ from .quiet import log_interval, quiet
 DISTILL_DEFAULTS = DistillConfig()  # never modified
 USER_ERRORS = (ValueError, TypeError, OSError)
 """Errors the command reports in one line (bad input, missing or existing files)."""
+BUDGET_OPTIONS = {"`bits`": "--bayesq.config.bits",
+                  "budget_bytes": "--bayesq.config.budget_bytes",
+                  "allow fewer bits": "allow narrower widths in --bayesq.config.allowed_bits"}
+"""An infeasible budget's message: the configuration's words, and what the command takes."""
 __all__ = ["OUTPUTS", "BayesQCLI", "BayesQTrainer", "main"]
 
 
@@ -139,7 +145,8 @@ class BayesQTrainer(pl.Trainer):
         ckpt = Path(ckpt_path) if ckpt_path is not None else latest_checkpoint(root)
         kind = "quantize" if distill_config is None else "distill"
         out = Path(output_dir) if output_dir else default_output_dir(ckpt, kind, cb.config.bits)
-        check_export_dir(out, overwrite or cb.overwrite, "--overwrite")  # before any work
+        cb.overwrite = overwrite or cb.overwrite
+        check_export_dir(out, cb.overwrite, "--overwrite")  # before any work
         load_checkpoint_weights(model, ckpt)
         model.eval()
         t0 = time.perf_counter()
@@ -310,8 +317,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line; of a jsonargparse type error (a list of every type
-    tried), the reason the value was refused."""
+    tried), the reason the value was refused; of an infeasible budget, with the options named
+    as the command takes them (:data:`BUDGET_OPTIONS`)."""
     lines = str(exc).strip().splitlines() or [type(exc).__name__]
     reasons = [line.strip()[2:] for line in lines[1:] if line.strip().startswith("- ")
                and not line.strip().startswith("- Expected a <class")]
-    return reasons[0] if reasons else " ".join(line.strip() for line in lines)
+    text = reasons[0] if reasons else " ".join(line.strip() for line in lines)
+    if isinstance(exc, InfeasibleBudgetError):  # name the options as they are typed
+        pattern = "|".join(map(re.escape, BUDGET_OPTIONS))
+        text = re.sub(pattern, lambda m: BUDGET_OPTIONS[m.group(0)], text)
+    return text
