@@ -116,7 +116,8 @@ def save_quantized(
     result : QuantizationResult
         Per-layer blocks, budget and achieved bits, posterior info.
     directory : str or os.PathLike
-        Created if missing. Checked before anything is written (:func:`check_export_dir`).
+        Created if missing; checked by :func:`check_export_dir` (whose errors this raises)
+        before anything is written.
     overwrite : bool
         Replace an artifact already in ``directory``; without it that is refused. A directory
         holding files that are not an artifact's is refused either way.
@@ -125,12 +126,6 @@ def save_quantized(
     -------
     Path
         ``directory``.
-
-    Raises
-    ------
-    FileExistsError
-        ``directory`` holds an artifact and not ``overwrite`` (nothing is written), or
-        ``overwrite`` and it holds other files.
     """
     return write_artifact(model, result, check_export_dir(directory, overwrite))
 
