@@ -6,7 +6,7 @@ each algorithm module checks its own inputs against the same tuples.
 
 from __future__ import annotations
 
-METHODS = ("bayesq", "rtn", "gptq", "hawq", "mse")
+METHODS = ("bayesq", "rtn", "gptq", "hawq", "mse", "adaround")
 POSTERIOR_METHODS = ("bayesq", "hawq")  # the methods that fit a posterior (tables="mc" samples it)
 STRUCTURES = ("diag", "kron", "lowrank")  # posterior covariance
 BACKENDS = ("auto", "asdl", "asdl_stochastic", "curvlinops")  # curvature backend

@@ -115,7 +115,7 @@ FLAT_FIELDS = (
     "calib_batches", "kfac_batches", "n_data", "prior_precision", "include", "exclude", "backend",
     "range_objective", "rank", "group_size", "block_rows", "pack_multiple", "min_bits",
     "max_bits", "per_row_codebook", "mc_samples", "mc_refine_top_k", "score", "damp", "act_order",
-    "score_rows", "posterior_temperature", "seed",
+    "score_rows", "posterior_temperature", "seed", "adaround_iters", "adaround_batch",
 )
 
 

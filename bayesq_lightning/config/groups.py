@@ -292,13 +292,24 @@ class RoundingOptions:
         ``gamma = damp * mean(diag H)``, for ``gptq`` and ``bayesq``-kron alike (GPTQ's 0.01).
     act_order : bool
         Error feedback processes columns by descending ``diag(H)`` (GPTQ's act-order).
+    adaround_iters : int
+        ``method="adaround"``: Adam iterations per layer.
+    adaround_batch : int
+        ``method="adaround"``: input rows each iteration draws (token vectors for a Linear
+        layer, images for a Conv2d); clamped to the calibration set's rows, with a warning.
     """
 
     damp: float = 0.01
     act_order: bool = False
+    adaround_iters: int = 1000
+    adaround_batch: int = 256
 
     def __post_init__(self) -> None:
         _check_positive_finite(self, "damp")
+        for name in ("adaround_iters", "adaround_batch"):
+            if not _int(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer "
+                                 f"(default {type(self).__dataclass_fields__[name].default})")
 
 
 # The keyword each group is passed and read under, in the order the groups are documented.

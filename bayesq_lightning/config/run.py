@@ -87,7 +87,8 @@ class BayesQConfig:
         ``"bayesq"`` (posterior-weighted) or a baseline sharing everything else: ``"rtn"``
         (unweighted MSE tables, min-max ranges), ``"mse"`` (BayesQ's pipeline with unit
         precision: MSE-searched ranges and MSE tables, the posterior ablated), ``"gptq"``,
-        ``"hawq"`` (Hessian trace x quantization error).
+        ``"hawq"`` (Hessian trace x quantization error), ``"adaround"`` (GPTQ's grids and
+        allocation, then learned rounding).
     include : sequence of str, optional
         ``fnmatch`` patterns over layer names: only matching layers are quantized (a string is
         one pattern).
@@ -131,6 +132,8 @@ class BayesQConfig:
     score_rows: int | None = ScoringOptions.score_rows
     posterior_temperature: float = ScoringOptions.posterior_temperature
     seed: int = 0
+    adaround_iters: int = RoundingOptions.adaround_iters
+    adaround_batch: int = RoundingOptions.adaround_batch
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -142,6 +145,11 @@ class BayesQConfig:
             raise ValueError(
                 f"tables='mc' samples the posterior, which method={self.method!r} does not fit; "
                 "use tables='closed_form' for this method"
+            )
+        if self.method == "adaround" and self.quantizer != "uniform":
+            raise ValueError(
+                f"method='adaround' learns rounding on uniform grids; quantizer="
+                f"{self.quantizer!r} is not supported: use quantizer='uniform'"
             )
         for name in ("include", "exclude"):
             value = getattr(self, name)
