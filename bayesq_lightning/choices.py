@@ -11,7 +11,8 @@ POSTERIOR_METHODS = ("bayesq", "hawq")  # the methods that fit a posterior (tabl
 STRUCTURES = ("diag", "kron", "lowrank")  # posterior covariance
 BACKENDS = ("auto", "asdl", "asdl_stochastic", "curvlinops")  # curvature backend
 QUANTIZERS = ("uniform", "nonuniform", "auto")
-TABLES = ("closed_form", "mc")  # closed form: each method's score; mc: Monte-Carlo KL
+TABLES = ("closed_form", "mc", "checked")  # each method's score; Monte-Carlo KL; closed form
+# with measured substitution losses where it is weakest (bayesq_lightning.checks)
 SOLVERS = ("greedy", "dp")
 SCORES = ("curvature", "posterior_precision")
 # What a grid's range (or a codebook) is designed to minimise. "minmax": no search, the

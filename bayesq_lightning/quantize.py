@@ -14,8 +14,10 @@ r"""``quantize_model``: the pipeline, one stage after another.
    rounded by error feedback (:mod:`~bayesq_lightning.row_sample`).
 6. **Allocation** -- the knapsack under ``bits * n_weights`` (or ``8 * budget_bytes``) stored
    bits, metadata included (:mod:`~bayesq_lightning.allocate`).
-7. **Monte-Carlo refinement** (``tables="mc"``) -- task-aware losses of the blocks nearest the
-   allocation boundary (:mod:`~bayesq_lightning.tables`), then allocate again.
+7. **Task-aware refinement** -- ``tables="mc"``: Monte-Carlo losses of the blocks nearest the
+   allocation boundary (:mod:`~bayesq_lightning.tables`); ``tables="checked"``: measured
+   substitution losses where the closed form is weakest (:mod:`~bayesq_lightning.checks`);
+   then allocate again.
 8. **Rounding** -- each row-sampled block's chosen width rounded on every row; for
    ``method="adaround"``, every chosen grid's codes learned layer by layer
    (:mod:`~bayesq_lightning.adaround`).
@@ -44,6 +46,7 @@ from .block_plan import (
     plan_blocks,
     round_chosen,
 )
+from .checks import check_plans
 from .config import BayesQConfig
 from .input_stats import layer_input_hessians
 from .layers import (
@@ -144,6 +147,12 @@ def quantize_model(
         with _timed(info, "mc_seconds"):
             _refine_mc(model, batches, posterior, plans, cfg, budget, n_weights, reduce,
                        progress, info)
+    elif cfg.tables == "checked":
+        with _timed(info, "check_seconds"):
+            info.update(check_plans(
+                model, batches, plans, n_data=posterior.n_data, top_k=cfg.check_top_k,
+                max_inputs=cfg.check_inputs, reduce=reduce, progress=progress,
+                allocate=lambda ps: allocate_plans(ps, budget, cfg, n_weights)))
     with _timed(info, "rounding_seconds"):
         info["sample_overruled"] = round_chosen(plans, method, cfg, progress)          # 8
     if method.learns_rounding:

@@ -60,12 +60,15 @@ METHODS: dict[str, dict] = {
     "rtn": {"method": "rtn"},
     "mse": {"method": "mse"},
     "gptq": {"method": "gptq"},
+    "adaround": {"method": "adaround"},
     "hawq": {"method": "hawq"},
     "bayesq diag": {"structure": "diag"},
     "bayesq kron": {},  # the defaults
     "bayesq kron minmax": {"range_objective": "minmax"},
     "bayesq kron act-order": {"act_order": True},
     "bayesq kron old score": {"score": "posterior_precision"},
+    "bayesq kron mc": {"tables": "mc"},
+    "bayesq kron checked": {"tables": "checked"},
     "bayesq kron train-curv": {"_curvature": "train"},
     "bayesq kron all-rows": {"score_rows": None},  # every candidate on every row
     "gptq all-rows": {"method": "gptq", "score_rows": None},

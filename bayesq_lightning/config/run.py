@@ -134,6 +134,8 @@ class BayesQConfig:
     seed: int = 0
     adaround_iters: int = RoundingOptions.adaround_iters
     adaround_batch: int = RoundingOptions.adaround_batch
+    check_inputs: int | None = ScoringOptions.check_inputs
+    check_top_k: int = ScoringOptions.check_top_k
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -141,10 +143,11 @@ class BayesQConfig:
             group = self._group(group_cls)  # validates the group's fields
             for f in fields(group):  # normalised values (sorted allowed_bits, int budget_bytes)
                 setattr(self, f.name, getattr(group, f.name))
-        if self.tables == "mc" and self.method not in POSTERIOR_METHODS:
+        if self.tables != "closed_form" and self.method not in POSTERIOR_METHODS:
             raise ValueError(
-                f"tables='mc' samples the posterior, which method={self.method!r} does not fit; "
-                "use tables='closed_form' for this method"
+                f"tables={self.tables!r} scores in the units of the posterior's curvature, "
+                f"which method={self.method!r} does not fit; use tables='closed_form' for this "
+                "method"
             )
         if self.method == "adaround" and self.quantizer != "uniform":
             raise ValueError(
