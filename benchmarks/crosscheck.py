@@ -8,7 +8,9 @@ the same 512-image calibration hold-out:
 * ``adaround``: ``BayesQConfig(method="adaround", allowed_bits=(b,), bits=16.0)`` against
   Brevitas' learned round (``brevitas_examples.common.learned_round``, the layer-wise
   ``hard_sigmoid`` AdaRound of its ImageNet PTQ example);
-* ``gptq``: ``BayesQConfig(method="gptq", ...)`` against ``brevitas.graph.gptq.gptq_mode``.
+* ``gptq``: ``BayesQConfig(method="gptq", ...)`` against ``brevitas.graph.gptq.gptq_mode``;
+* ``rtn``: nearest rounding on the same grids (``method="rtn"``; Brevitas' quantizer alone),
+  the anchor that separates the grids from the rounding algorithms.
 
 Brevitas runs in a virtual environment of its own (``--brevitas-python``) as a subprocess of
 this script (``--worker`` mode imports only torch and Brevitas): it receives the model as a
@@ -27,7 +29,12 @@ folded (as ours). Learned round: ``regularised_mse`` loss (round regulariser wei
 beta 20 -> 2 after a 20 % warm-up), Adam on the rounding parameters at our learning rate,
 ``--iters`` iterations of ``--batch`` calibration images per layer (the same on our side),
 fp32 (the example's float16 autocast is off), the last iterate kept (``use_best_model=False``,
-as the example).
+as the example). Two changes make it run as intended: Brevitas 0.13.4 rounds an asymmetric
+quantizer's zero point with the weight quantizer's own rounding, so once that rounding is the
+learned one the zero point turns into ``floor(z) + h(V)`` per weight and the soft weights no
+longer start at ``W`` (:func:`_insert_learned_round` gives the zero point a plain copy); and
+accelerate's device dispatch around each layer is skipped (one CPU; accelerate 1.16's
+``remove_hooks`` fails on Brevitas' quantizer injectors).
 
 Usage (Brevitas in its own venv: ``python3 -m venv /work/brevitas-venv`` then
 ``/work/brevitas-venv/bin/pip install brevitas accelerate "setuptools<81"``)::
@@ -35,8 +42,8 @@ Usage (Brevitas in its own venv: ``python3 -m venv /work/brevitas-venv`` then
     BAYESQ_BENCH_CACHE=/work/main/.cache/bench OMP_NUM_THREADS=1 PYTHONPATH=$PWD \\
         nice -n 10 python benchmarks/crosscheck.py --brevitas-python /work/brevitas-venv/bin/python
 
-Run time: about 20 minutes on one thread of a shared 2-core machine (the default
-``--iters 1000 --batch 32``); the table states each row's seconds.
+Run time: 31 minutes wall (13 minutes of CPU) on one thread of a 2-core machine shared with
+other jobs, at the default ``--iters 1000 --batch 32``; the table states each row's seconds.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from torch import nn
 
 RESULTS = Path("benchmarks/results")
 BITS = (2, 3, 4)
+METHODS = ("rtn", "gptq", "adaround")
 CALIB_BATCH = 128  # the case's calibration loader: 4 batches of 128 images
 
 SETUP = {
@@ -65,6 +73,8 @@ SETUP = {
     "layers": "both: every Conv2d and Linear (first conv and classifier included) at b bits; "
               "BatchNorm not folded; activations, biases and BatchNorm in FP32",
     "calibration": "both: the same 512 hold-out images",
+    "rtn": "both: nearest rounding on the grid above (ours: method='rtn'; Brevitas: the "
+           "quantizer alone)",
     "gptq": "both: damp 0.01 * mean(diag H), no act-order, one scale per row fixed before "
             "rounding; ours: every layer's H from the FP32 model's inputs (one pass); "
             "Brevitas: layers in turn, H from inputs of the model whose earlier layers are "
@@ -77,7 +87,9 @@ SETUP = {
                 "beta 20 -> 2 on a cosine (ours) vs linearly (Brevitas); ours reconstructs "
                 "after a directly following activation module (none in this model: each conv "
                 "feeds a BatchNorm), Brevitas the layer output; layer order: forward (ours) vs "
-                "module registration (Brevitas), the same for this model",
+                "module registration (Brevitas), the same for this model; Brevitas in fp32 "
+                "(its example's float16 autocast off), its zero point kept on plain rounding "
+                "(0.13.4 otherwise rounds it with the learned rounding)",
 }
 
 
@@ -117,17 +129,47 @@ def _brevitas_gptq(model: nn.Module, loader) -> None:
             gptq.update()
 
 
+def _insert_learned_round(model: nn.Module) -> None:
+    """Brevitas' hard-sigmoid learned-round quantizers, each zero point kept integer.
+
+    In Brevitas 0.13.4 the zero point is rounded by the weight quantizer's own ``IntQuant``
+    (``_ScaleShiftZeroPoint.int_quant``), so once its rounding is the learned one the zero point
+    becomes ``floor(z) + h(V)`` per weight and the soft weights no longer start at ``W``. The
+    zero point gets a copy of the ``IntQuant`` from before the insertion (plain rounding).
+    """
+    from brevitas.inject.enum import LearnedRoundImplType
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+    from brevitas_examples.common.learned_round.learned_round_method import (
+        insert_learned_round_quantizers,
+    )
+
+    layers = [m for m in model.modules() if isinstance(m, QuantWeightBiasInputOutputLayer)]
+    plain = [copy.deepcopy(m.weight_quant.tensor_quant.int_quant) for m in layers]
+    insert_learned_round_quantizers(model, LearnedRoundImplType.HARD_SIGMOID)
+    for m, int_quant in zip(layers, plain, strict=True):
+        m.weight_quant.tensor_quant.zero_point_impl.scale_shift_zero_point.int_quant = int_quant
+
+
 def _brevitas_learned_round(model: nn.Module, loader, iters: int, batch: int, lr: float) -> None:
     import functools
 
-    from brevitas_examples.common.learned_round.learned_round_args import (
-        HandlerSpec, LossArgs, OptimizerArgs, TrainerConfig, TrainingArgs)
     from brevitas_examples.common.learned_round import learned_round_trainer as trainer_module
-    from brevitas_examples.common.learned_round.learned_round_method import LearnedRoundArgs
+    from brevitas_examples.common.learned_round.learned_round_args import (
+        LossArgs,
+        OptimizerArgs,
+        TrainerConfig,
+        TrainingArgs,
+    )
     from brevitas_examples.common.learned_round.learned_round_trainer import (
-        LearnedRoundTrainer, get_blocks)
+        LearnedRoundTrainer,
+        get_blocks,
+    )
     from brevitas_examples.imagenet_classification.ptq.learned_round_utils import (
-        CacheVision, is_layer, vision_block_forward, vision_forward)
+        CacheVision,
+        is_layer,
+        vision_block_forward,
+        vision_forward,
+    )
 
     # the ImageNet example's parse_args_to_dataclass, in fp32 and with the schedule's length
     # (the regulariser's max_count, 1000 by default) at --iters
@@ -142,8 +184,8 @@ def _brevitas_learned_round(model: nn.Module, loader, iters: int, batch: int, lr
     # fails on Brevitas' quantizer injectors (getattr raises DependencyError): both skipped
     trainer_module.offload_model = lambda model: model
     trainer_module.remove_hooks = lambda model: None
-    config = TrainerConfig(training_args=training, training_handlers=[HandlerSpec(
-        name="learned_round", config=LearnedRoundArgs(learned_round_param="hard_sigmoid"))])
+    _insert_learned_round(model)  # in place of the example's HandlerSpec("learned_round")
+    config = TrainerConfig(training_args=training)
     LearnedRoundTrainer(config=config).train(
         model=model, model_forward=vision_forward, block_forward=vision_block_forward,
         data_loader=loader, cache=CacheVision(),
@@ -161,10 +203,12 @@ def worker(inp: Path, out: Path, bits: list[int], iters: int, batch: int, lr: fl
     loader = DataLoader(TensorDataset(blob["calib_x"], blob["calib_y"]), CALIB_BATCH)
     results = {"version": brevitas.__version__, "torch": torch.__version__, "runs": {}}
     for b in bits:
-        for method in ("gptq", "adaround"):
+        for method in METHODS:
             model = _brevitas_model(blob["model"], b)
             t0 = time.perf_counter()
-            if method == "gptq":
+            if method == "rtn":
+                pass  # the quantizer alone: nearest rounding on the min-max grid
+            elif method == "gptq":
                 _brevitas_gptq(model, loader)
             else:
                 _brevitas_learned_round(model, loader, iters, batch, lr)
@@ -269,7 +313,7 @@ def main(args: argparse.Namespace) -> None:
     theirs = _run_brevitas(model, calib_x, calib_y, args, LR)
     rows = [_row("fp32", "-", 32, evaluate(model, case.test), 0.0)]
     for b in args.bits:
-        for method in ("gptq", "adaround"):
+        for method in METHODS:
             cfg = BayesQConfig(method=method, allowed_bits=(b,), bits=16.0,
                                adaround_iters=args.iters, adaround_batch=args.batch,
                                **case.config)
