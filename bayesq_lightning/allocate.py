@@ -11,6 +11,9 @@ each block's lower convex hull of ``(C, D)``; the hulls make that rate decrease 
 so up to its first upgrade that does not fit the greedy follows the LP relaxation's optimum,
 which is below the integer optimum OPT. Hence (classical LP argument)
 ``loss(greedy) <= OPT + max_b max_k (D_{b,k} - D_{b,k+1})``, see :func:`greedy_gap_bound`.
+The hulls skip options above a chord, so the greedy can stop with bits to spare; :func:`fill`
+then spends them on the options (hull or not) that lower the loss most and still fit, until no
+change that lowers the loss fits.
 ``solver="dp"`` is exact: dynamic programming over costs divided by their gcd.
 """
 
@@ -164,7 +167,9 @@ def allocate(
                 f"raise `bits` to at least {need:.4f} or allow fewer bits"
             )
         raise InfeasibleBudgetError(msg, min_cost)
-    return _greedy(options, budget) if solver == "greedy" else _dp(options, budget)
+    if solver == "dp":
+        return _dp(options, budget)
+    return fill(options, _greedy(options, budget), budget)
 
 
 def _greedy(options: Sequence[Sequence[Option]], budget: float) -> list[int]:
@@ -191,6 +196,33 @@ def _greedy(options: Sequence[Sequence[Option]], budget: float) -> list[int]:
         pos[b] = k + 1
         push(b)
     return [h[k] for h, k in zip(hulls, pos, strict=True)]
+
+
+def fill(options: Sequence[Sequence[Option]], picks: Sequence[int], budget: float
+         ) -> list[int]:
+    """Spend the bits ``picks`` leaves under ``budget``: repeatedly switch the one block whose
+    option change lowers the total loss most and whose extra cost still fits, until none does.
+
+    Every step lowers the loss and keeps the cost within the budget; on return no single block's
+    option with a lower loss fits the remaining bits.
+    """
+    width = max(map(len, options))
+    cost = np.full((len(options), width), np.inf)
+    loss = np.full((len(options), width), np.inf)
+    for b, block in enumerate(options):
+        cost[b, :len(block)] = [o.cost for o in block]
+        loss[b, :len(block)] = [o.loss for o in block]
+    picks = list(picks)
+    rows = np.arange(len(options))
+    while True:
+        now_cost, now_loss = cost[rows, picks], loss[rows, picks]
+        spare = budget - now_cost.sum()
+        gain = now_loss[:, None] - loss
+        gain[(cost - now_cost[:, None] > spare) | ~(gain > 0)] = -np.inf
+        b, j = np.unravel_index(np.argmax(gain), gain.shape)
+        if not np.isfinite(gain[b, j]):
+            return picks
+        picks[b] = int(j)
 
 
 def _dp(options: Sequence[Sequence[Option]], budget: float) -> list[int]:

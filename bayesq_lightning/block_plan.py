@@ -191,11 +191,11 @@ def _score_sample(plan: BlockPlan, cfg: BayesQConfig, index: int
     """The rows ``plan`` compares its candidates on and their estimate weights
     (:func:`~bayesq_lightning.row_sample.sample_rows`: ``cfg.score_rows`` draws, seeded per
     block), or ``None``: every row (no feedback, one candidate, at most ``2 * score_rows``
-    rows, or Monte-Carlo tables, which need every candidate whole)."""
+    rows, or Monte-Carlo and checked tables, which need every candidate whole)."""
     n_rows = plan.rows[1] - plan.rows[0]
     row_terms = plan.inputs.row_terms
     if (cfg.score_rows is None or row_terms is None or len(plan.specs) < 2
-            or n_rows <= 2 * cfg.score_rows or cfg.tables == "mc"):
+            or n_rows <= 2 * cfg.score_rows or cfg.tables != "closed_form"):
         return None
     w = plan.w.double()  # a row's rounding error scales with its range
     return sample_rows(row_terms.scales * (w.amax(1) - w.amin(1)) ** 2, cfg.score_rows,

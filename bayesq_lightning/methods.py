@@ -15,6 +15,9 @@ rtn       none         none               min-max         :math:`\|\Delta\|^2`
 hawq      calibration  diag               min-max         :math:`\overline{s\,\mathrm{GGN}}\,\|\Delta\|^2`
 gptq      calibration  none (input        min-max         :math:`\mathrm{tr}(\Delta H \Delta^\top)`,
                        Hessians)                          error feedback under ``H = X X^T / n``
+adaround  calibration  none (input        min-max         GPTQ's tables and allocation; then the
+                       Hessians)                          chosen grids' codes learned layer by
+                                                          layer (:mod:`~bayesq_lightning.adaround`)
 ========  ===========  =================  ==============  =========================================
 
 Error feedback always damps relative to the rounding matrix: ``gamma = damp * mean(diag H)``.
@@ -124,6 +127,9 @@ class Method:
         error of the stored weights (``"deployed"``).
     block : callable
         ``BlockContext -> BlockInputs``.
+    learns_rounding : bool
+        After allocation, the chosen grids' codes are learned by AdaRound
+        (:func:`~bayesq_lightning.adaround.adaround_layers`).
     """
 
     name: str
@@ -133,6 +139,7 @@ class Method:
     input_hessians: bool = False
     posterior_design: bool = False
     block: Callable[[BlockContext], BlockInputs]
+    learns_rounding: bool = False
 
     @property
     def supports_mc_tables(self) -> bool:
@@ -167,6 +174,8 @@ METHODS_TABLE: dict[str, Method] = {
         Method(name="hawq", needs_calibration=True, fits_posterior=True, structure="diag",
                block=_hawq),
         Method(name="mse", needs_calibration=False, fits_posterior=False, block=_mse),
+        Method(name="adaround", needs_calibration=True, fits_posterior=False,
+               input_hessians=True, block=_gptq, learns_rounding=True),
     )
 }
 if tuple(METHODS_TABLE) != METHODS or POSTERIOR_METHODS != tuple(

@@ -14,9 +14,13 @@ r"""``quantize_model``: the pipeline, one stage after another.
    rounded by error feedback (:mod:`~bayesq_lightning.row_sample`).
 6. **Allocation** -- the knapsack under ``bits * n_weights`` (or ``8 * budget_bytes``) stored
    bits, metadata included (:mod:`~bayesq_lightning.allocate`).
-7. **Monte-Carlo refinement** (``tables="mc"``) -- task-aware losses of the blocks nearest the
-   allocation boundary (:mod:`~bayesq_lightning.tables`), then allocate again.
-8. **Rounding** -- each row-sampled block's chosen width rounded on every row.
+7. **Task-aware refinement** -- ``tables="mc"``: Monte-Carlo losses of the blocks nearest the
+   allocation boundary (:mod:`~bayesq_lightning.tables`); ``tables="checked"``: measured
+   substitution losses where the closed form is weakest (:mod:`~bayesq_lightning.checks`);
+   then allocate again.
+8. **Rounding** -- each row-sampled block's chosen width rounded on every row; for
+   ``method="adaround"``, every chosen grid's codes learned layer by layer
+   (:mod:`~bayesq_lightning.adaround`).
 9. **Pack** -- packed ``QuantizedLinear`` / ``QuantizedConv2d`` layers in a copy of the model,
    or in the model itself with ``inplace=True``.
 """
@@ -30,6 +34,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .adaround import adaround_layers
 from .allocate import Option, boundary_blocks
 from .artifact import replace_quantized_layers
 from .batches import calibration_samples, clone_module
@@ -41,6 +46,7 @@ from .block_plan import (
     plan_blocks,
     round_chosen,
 )
+from .checks import check_plans
 from .config import BayesQConfig
 from .input_stats import layer_input_hessians
 from .layers import (
@@ -141,8 +147,17 @@ def quantize_model(
         with _timed(info, "mc_seconds"):
             _refine_mc(model, batches, posterior, plans, cfg, budget, n_weights, reduce,
                        progress, info)
+    elif cfg.tables == "checked":
+        with _timed(info, "check_seconds"):
+            info.update(check_plans(
+                model, batches, plans, n_data=posterior.n_data, top_k=cfg.check_top_k,
+                max_inputs=cfg.check_inputs, reduce=reduce, progress=progress,
+                allocate=lambda ps: allocate_plans(ps, budget, cfg, n_weights)))
     with _timed(info, "rounding_seconds"):
         info["sample_overruled"] = round_chosen(plans, method, cfg, progress)          # 8
+    if method.learns_rounding:
+        with _timed(info, "adaround_seconds"):
+            info["adaround"] = _learn_rounding(model, batches, plans, cfg, progress)
 
     layers = _layer_results(named, plans)
     total_bits = sum(p.options[p.choice].cost for p in plans)
@@ -207,6 +222,22 @@ def _refine_mc(model: nn.Module, batches: list, posterior: Posterior, plans: lis
     info.update(mc_blocks=len(refine), mc_forward_passes=mc.forward_passes,
                 mc_stderr={f"{plans[i].layer}[{plans[i].rows[0]}:{plans[i].rows[1]}]":
                            se[plans[i].choice] for i, se in zip(refine, mc.stderr, strict=True)})
+
+
+def _learn_rounding(model: nn.Module, batches: list, plans: list[BlockPlan],
+                    cfg: BayesQConfig, progress: bool) -> dict[str, dict]:
+    """Stage 8 of AdaRound: the chosen grids' codes learned again, layer by layer (same
+    grids, same cost); returns each layer's learning statistics."""
+    per_layer: dict[str, list[BlockPlan]] = {}
+    for plan in plans:
+        per_layer.setdefault(plan.layer, []).append(plan)
+    learned, stats = adaround_layers(
+        model, batches, {name: [p.chosen for p in ps] for name, ps in per_layer.items()},
+        cfg.adaround_iters, cfg.adaround_batch, cfg.seed, progress)
+    for name, ps in per_layer.items():
+        for plan, block in zip(ps, learned[name], strict=True):
+            plan.candidates[plan.choice] = block
+    return stats
 
 
 def _packed_model(model: nn.Module, named, layers: list[LayerResult], tied: dict[str, str],

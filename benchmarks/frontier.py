@@ -60,12 +60,15 @@ METHODS: dict[str, dict] = {
     "rtn": {"method": "rtn"},
     "mse": {"method": "mse"},
     "gptq": {"method": "gptq"},
+    "adaround": {"method": "adaround"},
     "hawq": {"method": "hawq"},
     "bayesq diag": {"structure": "diag"},
     "bayesq kron": {},  # the defaults
     "bayesq kron minmax": {"range_objective": "minmax"},
     "bayesq kron act-order": {"act_order": True},
     "bayesq kron old score": {"score": "posterior_precision"},
+    "bayesq kron mc": {"tables": "mc"},
+    "bayesq kron checked": {"tables": "checked"},
     "bayesq kron train-curv": {"_curvature": "train"},
     "bayesq kron all-rows": {"score_rows": None},  # every candidate on every row
     "gptq all-rows": {"method": "gptq", "score_rows": None},
@@ -165,7 +168,7 @@ def tiny_case() -> Case:
             opt.step()
     model.eval()
     return Case("tiny", model, DataLoader(calib, 64), DataLoader(Subset(train, range(128)), 64),
-                DataLoader(test, 128), len(train), {"calib_batches": 2})
+                DataLoader(test, 128), len(train), {"calib_batches": 2, "adaround_iters": 100})
 
 
 # The table's budgets, from the pilot (``--pilot``): those where mse and GPTQ both lose at least
@@ -186,9 +189,40 @@ def min_feasible_bits(case: Case, allowed=(2, 3, 4, 8)) -> float:
     return cheapest_bits(case.model, allowed)
 
 
+# Distilled rows: each method's model distilled on the calibration inputs with one DistillConfig;
+# the baselines, which fit no posterior, toward the FP32 teacher (distillation is itself a
+# reconstruction).
+DISTILLED = ("gptq", "adaround", "bayesq kron")
+
+
+def distilled_rows(case: Case, budgets: Sequence[float], methods: Sequence[str],
+                   log: Callable = print) -> list[dict]:
+    """``<method> + distill`` at every budget, for the methods of :data:`DISTILLED`."""
+    from bayesq_lightning import DistillConfig, distill_model
+
+    rows = []
+    for name in methods:
+        for bits in budgets:
+            t0 = time.perf_counter()
+            cfg = BayesQConfig(bits=bits, **case.config, **METHODS[name])
+            res = quantize_model(case.model, case.calib, cfg, n_data=case.n_data,
+                                 progress=False)
+            teacher = "posterior" if res.posterior is not None else "fp32"
+            distill_model(case.model, res, case.calib, DistillConfig(teacher=teacher),
+                          enable_progress_bar=False, accelerator="cpu", devices=1, logger=False)
+            row = {"method": f"{name} + distill", "bits": bits,
+                   "bits_per_weight": res.bits_per_weight, **evaluate(res.model, case.test),
+                   "prep_s": time.perf_counter() - t0}
+            rows.append(row)
+            log(f"[{case.name}] {row['method']:>24} @ {bits:.3f}: acc {row['accuracy']:.4f}")
+    return rows
+
+
 def run_case(case: Case, budgets: Sequence[float], methods: Sequence[str],
-             uniform_gptq: Sequence[int] = (2, 3, 4), log: Callable = print) -> list[dict]:
-    """Every method at every budget on one case; rows with metrics and paired SEs."""
+             uniform_gptq: Sequence[int] = (2, 3, 4), log: Callable = print,
+             distilled: Sequence[str] = ()) -> list[dict]:
+    """Every method at every budget on one case; rows with metrics and paired SEs against
+    GPTQ and against the default BayesQ (``bayesq kron``)."""
     torch.manual_seed(0)
     specs = {}
     for name in methods:
@@ -198,6 +232,7 @@ def run_case(case: Case, budgets: Sequence[float], methods: Sequence[str],
         specs[name] = fields
     rows = sweep(case.model, case.calib, case.test, budgets, specs, n_data=case.n_data,
                  config=case.config, log=lambda line: log(f"[{case.name}] {line}"))
+    rows += distilled_rows(case, budgets, distilled, log)
     for b in uniform_gptq:  # plain GPTQ at one width everywhere, at its achieved bits
         cfg = BayesQConfig(bits=16.0, method="gptq", allowed_bits=(b,), **case.config)
         t0 = time.perf_counter()
@@ -205,6 +240,12 @@ def run_case(case: Case, budgets: Sequence[float], methods: Sequence[str],
         rows.append({"method": f"gptq uniform b{b}", "bits": float(b), "fixed_width": True,
                      "bits_per_weight": res.bits_per_weight, **evaluate(res.model, case.test),
                      "prep_s": time.perf_counter() - t0})
+    if "bayesq kron" in methods:  # paired differences against the default too (on copies:
+        # paired_differences drops the per-example records the GPTQ pairing still needs)
+        for r, d in zip(rows, paired_differences([dict(r) for r in rows], "bayesq kron"),
+                        strict=True):
+            if "d_bayesq kron" in d:
+                r["d_bayesq"], r["d_bayesq_se"] = d["d_bayesq kron"], d["d_bayesq kron_se"]
     return [{"case": case.name, **r} for r in paired_differences(rows, "gptq")]
 
 
@@ -217,19 +258,27 @@ COLUMNS = ("method", "bits", "bits_per_weight", "accuracy", "accuracy_se", "d_gp
 def markdown(rows: Sequence[dict], reference: str = "gptq", first: str = "method",
              last: tuple[str, Callable[[dict], str]] = ("prep s", lambda r: f"{r['prep_s']:.1f}"),
              notes: Callable[[str], list[str]] | None = None) -> str:
-    """Markdown tables per case: accuracy ± SE, the paired difference to ``reference`` at the
-    same budget, NLL, ECE and a ``last`` column; ``notes(case)`` adds lines under a table."""
+    """Markdown tables per case: accuracy ± SE, the paired difference to ``reference`` (and to
+    the default BayesQ, where measured) at the same budget, NLL, ECE and a ``last`` column;
+    ``notes(case)`` adds lines under a table."""
+    def paired(r: dict, key: str) -> str:
+        return f"{100 * r[key]:+.2f} ± {100 * r[key + '_se']:.2f} pt" if key in r else ""
+
     out = []
     for case in dict.fromkeys(r["case"] for r in rows):
+        mine = [r for r in rows if r["case"] == case]
+        vs_default = any("d_bayesq" in r for r in mine) and reference != "bayesq"
+        extra = " vs default ± paired SE |" if vs_default else ""
         out += [f"### {case}", "",
                 f"| {first} | budget | bits/w | accuracy ± SE | vs {REFERENCE_NAMES.get(reference, reference)} "
-                f"± paired SE | NLL | ECE | {last[0]} |", "|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if r["case"] == case):
-            key = f"d_{reference}"
-            d = f"{100 * r[key]:+.2f} ± {100 * r[key + '_se']:.2f} pt" if key in r else ""
+                f"± paired SE |{extra} NLL | ECE | {last[0]} |",
+                "|---|---|---|---|---|" + ("---|" if vs_default else "") + "---|---|---|"]
+        for r in mine:
             budget = "" if r["bits"] == 32.0 or r.get("fixed_width") else f"{r['bits']:g}"
+            cell = f" {paired(r, 'd_bayesq')} |" if vs_default else ""
             out.append(f"| {r['method']} | {budget} | {r['bits_per_weight']:.3f} | "
-                       f"{r['accuracy']:.4f} ± {r['accuracy_se']:.4f} | {d} | {r['nll']:.4f} | "
+                       f"{r['accuracy']:.4f} ± {r['accuracy_se']:.4f} | "
+                       f"{paired(r, f'd_{reference}')} |{cell} {r['nll']:.4f} | "
                        f"{r['ece']:.4f} | {last[1](r)} |")
         out += notes(case) if notes is not None else []
         out.append("")
@@ -260,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--name", default=None)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--distilled", nargs="*", default=[], choices=list(DISTILLED),
+                   help="methods whose distilled rows are added (same DistillConfig)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -274,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         else:
             budgets = args.budgets or BUDGETS[name]
             methods = args.methods
-        rows += run_case(case, budgets, methods, uniform_gptq=() if args.pilot else (2, 3, 4))
+        rows += run_case(case, budgets, methods, uniform_gptq=() if args.pilot else (2, 3, 4),
+                         distilled=args.distilled)
     seconds = time.perf_counter() - t0
     name = args.name or ("frontier_pilot" if args.pilot else "frontier")
     write(rows, args.out, name, seconds)

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from bayesq_lightning.allocate import (
     InfeasibleBudgetError,
     Option,
+    _greedy,
     allocate,
+    fill,
     greedy_gap_bound,
     lower_convex_hull,
 )
@@ -65,6 +67,29 @@ def test_dp_is_exact_and_greedy_within_bound(problem):
     assert best <= total(options, greedy, "loss") <= best + bound + 1e-9
     if budget >= sum(max(o.cost for o in bl) for bl in options):  # everything fits: greedy is exact
         assert math.isclose(total(options, greedy, "loss"), best, abs_tol=1e-9)
+
+
+@settings(max_examples=300, deadline=None)
+@given(problems())
+def test_fill_spends_what_fits_and_never_exceeds_the_budget(problem):
+    options, budget = problem
+    picks = allocate(options, budget, solver="greedy")
+    spare = budget - total(options, picks, "cost")
+    assert spare >= 0
+    for block, j in zip(options, picks, strict=True):  # no single better option still fits
+        assert not any(o.loss < block[j].loss and o.cost - block[j].cost <= spare for o in block)
+    hull_only = _greedy(options, budget)
+    assert total(options, picks, "loss") <= total(options, hull_only, "loss")
+    assert fill(options, picks, budget) == picks  # nothing left to do
+
+
+def test_fill_takes_an_option_off_the_hull_that_the_greedy_skips():
+    # block 0's middle option lies above the chord, so the greedy (hull only) stops at the
+    # cheapest; with 3 spare bits the middle option fits and lowers the loss
+    options = [[Option(2, 10.0, 2), Option(5, 9.0, 3), Option(9, 0.0, 4)]]
+    assert allocate(options, 5) == [1]
+    assert allocate(options, 8) == [1]
+    assert allocate(options, 9) == [2]
 
 
 @settings(max_examples=200, deadline=None)

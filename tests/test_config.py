@@ -67,9 +67,20 @@ def test_options_that_would_be_ignored_are_refused():
 
 @pytest.mark.parametrize("method", [m for m, r in METHODS_TABLE.items()
                                     if not r.supports_mc_tables])
-def test_mc_tables_need_a_method_with_a_posterior(method):
-    with pytest.raises(ValueError, match="tables='mc' samples the posterior"):
-        BayesQConfig(method=method, tables="mc")
+@pytest.mark.parametrize("tables", ["mc", "checked"])
+def test_task_aware_tables_need_a_method_with_a_posterior(method, tables):
+    with pytest.raises(ValueError, match=f"tables='{tables}' scores in the units of the post"):
+        BayesQConfig(method=method, tables=tables)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"tables": "checked", "check_inputs": 0}, "check_inputs=0"),
+    ({"tables": "checked", "check_top_k": -1}, "check_top_k=-1"),
+    ({"tables": "checked", "score": "posterior_precision"}, "use score='curvature'"),
+])
+def test_bad_check_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BayesQConfig(**kwargs)
 
 
 @pytest.mark.parametrize(("field", "choices"), [
@@ -115,7 +126,8 @@ FLAT_FIELDS = (
     "calib_batches", "kfac_batches", "n_data", "prior_precision", "include", "exclude", "backend",
     "range_objective", "rank", "group_size", "block_rows", "pack_multiple", "min_bits",
     "max_bits", "per_row_codebook", "mc_samples", "mc_refine_top_k", "score", "damp", "act_order",
-    "score_rows", "posterior_temperature", "seed",
+    "score_rows", "posterior_temperature", "seed", "adaround_iters", "adaround_batch",
+    "check_inputs", "check_top_k",
 )
 
 

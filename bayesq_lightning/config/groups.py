@@ -164,7 +164,10 @@ class ScoringOptions:
     Parameters
     ----------
     tables : str
-        ``"closed_form"`` or ``"mc"`` (task-aware Monte-Carlo KL).
+        ``"closed_form"``, ``"mc"`` (task-aware Monte-Carlo KL) or ``"checked"`` (the closed
+        form, with measured label-free substitution losses where it is least reliable: the
+        narrowest width, the grid choice, the allocation's boundary;
+        :mod:`~bayesq_lightning.checks`).
     score : str
         What the tables and the grid design weigh errors by: ``"curvature"`` (default: the
         likelihood curvature ``s * GGN`` -- twice the second-order increase of the training
@@ -185,7 +188,14 @@ class ScoringOptions:
         and range; the score an unbiased estimate of the block's row terms); after the
         knapsack only the chosen width's grids are designed and rounded on every row and
         scored exactly, the better one kept (:mod:`~bayesq_lightning.row_sample`).
-        ``None``: every candidate on every row. Monte-Carlo tables always use whole candidates.
+        ``None``: every candidate on every row. Monte-Carlo and checked tables always use
+        whole candidates.
+    check_inputs : int, optional
+        ``tables="checked"``: calibration inputs the substitutions are measured on (``None``:
+        all of them).
+    check_top_k : int
+        ``tables="checked"``: blocks nearest the allocation's boundary whose every candidate
+        is measured.
     """
 
     tables: str = "closed_form"
@@ -194,9 +204,19 @@ class ScoringOptions:
     mc_refine_top_k: int | None = None
     posterior_temperature: float = 1.0
     score_rows: int | None = 128
+    check_inputs: int | None = 64
+    check_top_k: int = 8
 
     def __post_init__(self) -> None:
         check_choice("tables", self.tables, TABLES)
+        if self.check_inputs is not None and not _int(self.check_inputs):
+            raise ValueError(f"check_inputs={self.check_inputs!r} must be a positive integer "
+                             "or None (every calibration input)")
+        if not _int(self.check_top_k, 0):
+            raise ValueError(f"check_top_k={self.check_top_k!r} must be an integer >= 0")
+        if self.tables == "checked" and self.score != "curvature":
+            raise ValueError("tables='checked' measures losses in the units of score="
+                             "'curvature'; use score='curvature' with it")
         check_choice("score", self.score, SCORES)
         _check_positive_finite(self, "posterior_temperature")
         if self.score_rows is not None and not _int(self.score_rows, 2):
@@ -292,13 +312,24 @@ class RoundingOptions:
         ``gamma = damp * mean(diag H)``, for ``gptq`` and ``bayesq``-kron alike (GPTQ's 0.01).
     act_order : bool
         Error feedback processes columns by descending ``diag(H)`` (GPTQ's act-order).
+    adaround_iters : int
+        ``method="adaround"``: Adam iterations per layer.
+    adaround_batch : int
+        ``method="adaround"``: input rows each iteration draws (token vectors for a Linear
+        layer, images for a Conv2d); clamped to the calibration set's rows, with a warning.
     """
 
     damp: float = 0.01
     act_order: bool = False
+    adaround_iters: int = 1000
+    adaround_batch: int = 256
 
     def __post_init__(self) -> None:
         _check_positive_finite(self, "damp")
+        for name in ("adaround_iters", "adaround_batch"):
+            if not _int(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer "
+                                 f"(default {type(self).__dataclass_fields__[name].default})")
 
 
 # The keyword each group is passed and read under, in the order the groups are documented.

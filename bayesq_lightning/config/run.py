@@ -87,7 +87,8 @@ class BayesQConfig:
         ``"bayesq"`` (posterior-weighted) or a baseline sharing everything else: ``"rtn"``
         (unweighted MSE tables, min-max ranges), ``"mse"`` (BayesQ's pipeline with unit
         precision: MSE-searched ranges and MSE tables, the posterior ablated), ``"gptq"``,
-        ``"hawq"`` (Hessian trace x quantization error).
+        ``"hawq"`` (Hessian trace x quantization error), ``"adaround"`` (GPTQ's grids and
+        allocation, then learned rounding).
     include : sequence of str, optional
         ``fnmatch`` patterns over layer names: only matching layers are quantized (a string is
         one pattern).
@@ -131,6 +132,10 @@ class BayesQConfig:
     score_rows: int | None = ScoringOptions.score_rows
     posterior_temperature: float = ScoringOptions.posterior_temperature
     seed: int = 0
+    adaround_iters: int = RoundingOptions.adaround_iters
+    adaround_batch: int = RoundingOptions.adaround_batch
+    check_inputs: int | None = ScoringOptions.check_inputs
+    check_top_k: int = ScoringOptions.check_top_k
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -138,10 +143,16 @@ class BayesQConfig:
             group = self._group(group_cls)  # validates the group's fields
             for f in fields(group):  # normalised values (sorted allowed_bits, int budget_bytes)
                 setattr(self, f.name, getattr(group, f.name))
-        if self.tables == "mc" and self.method not in POSTERIOR_METHODS:
+        if self.tables != "closed_form" and self.method not in POSTERIOR_METHODS:
             raise ValueError(
-                f"tables='mc' samples the posterior, which method={self.method!r} does not fit; "
-                "use tables='closed_form' for this method"
+                f"tables={self.tables!r} scores in the units of the posterior's curvature, "
+                f"which method={self.method!r} does not fit; use tables='closed_form' for this "
+                "method"
+            )
+        if self.method == "adaround" and self.quantizer != "uniform":
+            raise ValueError(
+                f"method='adaround' learns rounding on uniform grids; quantizer="
+                f"{self.quantizer!r} is not supported: use quantizer='uniform'"
             )
         for name in ("include", "exclude"):
             value = getattr(self, name)
