@@ -32,6 +32,15 @@ from torch import nn
 
 from .allocate import Option, boundary_blocks
 from .artifact import replace_quantized_layers
+from .attention import (
+    UNCALLED_REASON,
+    equivalents_holding,
+    linear_equivalent,
+    own_unpacked_weights,
+    swap_equivalents,
+    swapped_weights,
+    uncalled_layers,
+)
 from .batches import calibration_samples, clone_module
 from .block_plan import (
     BlockPlan,
@@ -116,8 +125,11 @@ def quantize_model(
     t_start = time.perf_counter()
     info: dict = {"method": cfg.method, "config": cfg.to_dict()}
 
+    user_model, model = model, linear_equivalent(model)  # attention / Conv1D as Linear layers
     named, pins, tied, skipped = _select_layers(model, cfg)                            # 1
     batches, n_calib = _calibration(method, calibration_loader, cfg)                   # 2
+    if batches:
+        named, pins, tied = _drop_uncalled(model, batches[0], named, pins, tied, skipped)
     curv_batches, n_curv = _curvature_batches(method, cfg, curvature_loader, posterior,
                                               batches, n_calib, info)
     hessians = None
@@ -146,7 +158,7 @@ def quantize_model(
 
     layers = _layer_results(named, plans)
     total_bits = sum(p.options[p.choice].cost for p in plans)
-    qmodel = _packed_model(model, named, layers, tied, inplace,                        # 9
+    qmodel = _packed_model(user_model, named, layers, tied, inplace,                   # 9
                            total_bits / n_weights)
     if tied or skipped:
         info.update(tied=dict(tied), skipped=dict(skipped))
@@ -213,9 +225,19 @@ def _packed_model(model: nn.Module, named, layers: list[LayerResult], tied: dict
                   inplace: bool, bits_per_weight: float) -> nn.Module:
     """``model`` (``inplace``) or a copy of it with the packed layers swapped in; the copy keeps
     dtypes as they are (e.g. fp32 norms in a bf16 model) and does not copy the float weights
-    of the layers it replaces."""
-    qmodel = model if inplace else clone_module(
-        model, _replaced_weights(model, [n for n, _ in named], tied))
+    of the layers it replaces. Attention modules and ``Conv1D`` layers holding a packed layer
+    are swapped for their Linear equivalents first (:mod:`~bayesq_lightning.attention`)."""
+    names = [n for n, _ in named]
+    swapped = equivalents_holding(model, [*names, *tied])
+    plain = [n for n in [*names, *tied]
+             if not any(n == s or n.startswith(s + ".") for s in swapped)]
+    qmodel = model if inplace else clone_module(model, [
+        *_replaced_weights(model, [n for n in plain if n in names],
+                           {a: o for a, o in tied.items() if a in plain}),
+        *swapped_weights(model, swapped)])
+    swap_equivalents(qmodel, swapped)
+    if not inplace:
+        own_unpacked_weights(qmodel, swapped, {*names, *tied})
     replace_quantized_layers(qmodel, layers, tied=tied, bits_per_weight=bits_per_weight)
     return qmodel
 
@@ -247,6 +269,26 @@ def _select_layers(model: nn.Module, cfg: BayesQConfig
     skipped.update(unsupported_layers(model, cfg.include, cfg.exclude))
     check_finite(named)
     return named, check_pin_patterns([name for name, _ in named], cfg), tied, skipped
+
+
+def _drop_uncalled(model: nn.Module, batch, named, pins: dict, tied: dict[str, str],
+                   skipped: dict[str, str]) -> tuple[list, dict, dict[str, str]]:
+    """Stage 1, after the calibration batches are known: the layers whose forward never runs
+    (a weight used functionally) moved to ``skipped``; a tied weight stays if any holder runs."""
+    uncalled = set(uncalled_layers(model, batch, [*pins, *tied]))
+    if not uncalled:
+        return named, pins, tied
+    groups = {n: [n, *(a for a, o in tied.items() if o == n)] for n in pins}
+    dropped = {n for n, group in groups.items() if uncalled.issuperset(group)}
+    dropped |= {a for a, o in tied.items() if o in dropped}
+    if len(dropped) == len(pins) + len(tied):
+        raise ValueError(f"no selected layer runs its forward on the calibration batches "
+                         f"({sorted(dropped)}): their weights are used functionally; nothing "
+                         "to quantize")
+    skipped.update({n: UNCALLED_REASON for n in sorted(dropped)})
+    return ([(n, m) for n, m in named if n not in dropped],
+            {n: b for n, b in pins.items() if n not in dropped},
+            {a: o for a, o in tied.items() if a not in dropped})
 
 
 def _calibration(method: Method, loader: Iterable | None, cfg: BayesQConfig

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..attention import equivalent_layer, equivalents_holding, swap_equivalents
 from ..result import LayerResult
 from .manifest import ArtifactError, LayerEntry, PackedLayers, conv_options
 from .modules import FLOAT_TYPES, QUANTIZED_TYPES, quantized_from_float
@@ -78,7 +79,7 @@ def packed_replacements(model: nn.Module, layers: Sequence[LayerResult], cache: 
     by_name = {x.name: x for x in layers}
     for name, owner in [*((x.name, None) for x in layers), *(tied or {}).items()]:
         try:
-            module = model.get_submodule(name)
+            module = equivalent_layer(model, name)
         except AttributeError as e:
             raise KeyError(f"model has no layer named {name!r}") from e
         if owner is None:
@@ -95,7 +96,7 @@ def empty_module(skeleton: nn.Module, entry: LayerEntry, where: Path) -> PackedL
     name, kind = entry.name, entry.kind
     fix = "build the skeleton with the configuration of the saved model"
     try:
-        current = skeleton.get_submodule(name)
+        current = equivalent_layer(skeleton, name)
     except AttributeError as e:
         raise ArtifactError(f"layer {name!r} of {where} is not in the skeleton; {fix}") from e
     cls = QUANTIZED_TYPES.get(kind)
@@ -156,7 +157,13 @@ def modules_from_manifest(skeleton: nn.Module, packed: PackedLayers, where: Path
 
 
 def swap_in(model: nn.Module, modules: Mapping[str, PackedLayer]) -> None:
-    """Put ``modules`` into ``model`` at their names, sharing one decode buffer."""
+    """Put ``modules`` into ``model`` at their names, sharing one decode buffer.
+
+    An ``nn.MultiheadAttention`` or transformers ``Conv1D`` holding one of the names is first
+    swapped for its equivalent of Linear layers (:mod:`~bayesq_lightning.attention`), whose
+    layers the names are.
+    """
+    swap_equivalents(model, equivalents_holding(model, list(modules)))
     buffer = DecodeBuffer()
     for name, module in modules.items():
         module.decode_buffer = buffer
