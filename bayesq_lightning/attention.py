@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .batches import batch_inputs, clone_module, forward_checked, fp32_logits_copy
 
@@ -189,6 +190,59 @@ class LinearMultiheadAttention(nn.Module):
                 f"batch_first={self.batch_first}")
 
 
+class _LinearCalls(TorchFunctionMode):
+    """Runs ``F.linear(x, layer.weight, b)`` as a call of ``layer`` (its hooks fire), for the
+    layers given; the bias passed is honoured (Swin V2 zeroes the key bias of a copy)."""
+
+    def __init__(self, layers: Sequence[nn.Linear]) -> None:
+        super().__init__()
+        self.layers = {id(layer.weight): layer for layer in layers}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.linear:
+            return func(*args, **kwargs)
+        x, weight, bias = (*args, *[kwargs.get(k) for k in ("weight", "bias")][len(args) - 1:])
+        layer = self.layers.get(id(weight))
+        if layer is None:
+            return func(*args, **kwargs)
+        y = layer(x)
+        if bias is not layer.bias:
+            y = y - layer.bias if layer.bias is not None else y
+            y = y + bias if bias is not None else y
+        return y
+
+
+def _enter_linear_calls(module: nn.Module, args) -> None:
+    mode = _LinearCalls([m for m in module.children() if type(m) is nn.Linear])
+    module.__dict__.setdefault("_bayesq_linear_calls", []).append(mode)
+    mode.__enter__()
+
+
+def _exit_linear_calls(module: nn.Module, args, output) -> None:
+    stack = module.__dict__.get("_bayesq_linear_calls")
+    if stack:
+        stack.pop().__exit__(None, None, None)
+
+
+def functional_linear_users(model: nn.Module) -> list[str]:
+    """The modules of ``model`` known to pass their Linear children's weights to ``F.linear``
+    (torchvision's Swin attention) instead of calling them."""
+    return [n for n, m in model.named_modules()
+            if type(m).__name__ in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
+            and type(m).__module__.startswith("torchvision.")]
+
+
+def call_linears(model: nn.Module) -> None:
+    """Make the modules of :func:`functional_linear_users` call their Linear children, in place:
+    hooks that run each ``F.linear(x, child.weight, ...)`` of their forward as ``child(x)``
+    (same output; module hooks, input statistics and curvature backends then see the call)."""
+    for name in functional_linear_users(model):
+        module = model.get_submodule(name)
+        module.register_forward_pre_hook(_enter_linear_calls)
+        module.register_forward_hook(_exit_linear_calls, always_call=True)
+
+
 def _equivalent(module: nn.Module) -> nn.Module | None:
     """The Linear-calling equivalent of ``module``, or ``None`` if it needs none."""
     if isinstance(module, nn.MultiheadAttention):
@@ -275,11 +329,13 @@ def _equivalent_kind(module: nn.Module) -> bool:
 
 def linear_equivalent(model: nn.Module) -> nn.Module:
     """``model`` itself if it holds no layer to swap, else a copy (sharing every parameter's
-    storage, buffers copied) with each swapped for its equivalent (:func:`swap_equivalents`)."""
-    if not needs_equivalents(model):
+    storage, buffers copied) with each swapped for its equivalent (:func:`swap_equivalents`)
+    and Swin's attention calling its Linear layers (:func:`call_linears`)."""
+    if not needs_equivalents(model) and not functional_linear_users(model):
         return model
     work = clone_module(model, model.parameters())
     swap_equivalents(work)
+    call_linears(work)
     return work
 
 
