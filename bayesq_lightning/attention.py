@@ -114,7 +114,7 @@ class LinearMultiheadAttention(nn.Module):
             ws = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
         b = mha.in_proj_bias
         bs = (None, None, None) if b is None else (b[:e], b[e:2 * e], b[2 * e:])
-        self.q_proj, self.k_proj, self.v_proj = (_linear_view(w, bb) for w, bb in zip(ws, bs))
+        self.q_proj, self.k_proj, self.v_proj = (_linear_view(w, bb) for w, bb in zip(ws, bs, strict=True))
         self.out_proj = _linear_view(mha.out_proj.weight, mha.out_proj.bias)
         self.bias_k, self.bias_v = mha.bias_k, mha.bias_v
         self.train(mha.training)

@@ -11,8 +11,8 @@ from torch import nn
 
 from bayesq_lightning import BayesQConfig, load_quantized, quantize_model, save_quantized
 from bayesq_lightning.artifact import QuantizedLinear
-from bayesq_lightning.artifact.storage import PackedLayer
 from bayesq_lightning.artifact.replace import set_submodule
+from bayesq_lightning.artifact.storage import PackedLayer
 from bayesq_lightning.attention import LinearMultiheadAttention, linear_equivalent
 
 transformers = pytest.importorskip("transformers")
