@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..attention import equivalent_layer, equivalents_holding, swap_equivalents
+from ..layers import layer_kind
 from ..result import LayerResult
 from .manifest import ArtifactError, LayerEntry, PackedLayers, conv_options
 from .modules import FLOAT_TYPES, QUANTIZED_TYPES, quantized_from_float
@@ -63,8 +64,10 @@ def tie_packed(alias: PackedLayer, owner: PackedLayer) -> None:
 def packed_alias(module: nn.Module, owner_layer: LayerResult, owner: PackedLayer,
                  name: str, cache: bool = False) -> PackedLayer:
     """The packed replacement of float layer ``module`` (at ``name``) that holds the weight of
-    the layer ``owner_layer`` describes: ``owner``'s codes, its own bias and layer options."""
-    q = quantized_from_float(module, dataclasses.replace(owner_layer, name=name), cache)
+    the layer ``owner_layer`` describes: ``owner``'s codes, its own bias and layer options (an
+    output head tied to an embedding is a packed Linear decoding the embedding's codes)."""
+    q = quantized_from_float(
+        module, dataclasses.replace(owner_layer, name=name, kind=layer_kind(module)), cache)
     tie_packed(q, owner)
     return q
 
@@ -113,7 +116,7 @@ def empty_module(skeleton: nn.Module, entry: LayerEntry, where: Path) -> PackedL
         raise ArtifactError(
             f"layer {name!r} has weight shape {shape} in {where} but {have} in the skeleton; {fix}"
         )
-    if (current.bias is not None) != entry.bias:
+    if (getattr(current, "bias", None) is not None) != entry.bias:
         raise ArtifactError(
             f"layer {name!r} {'has' if entry.bias else 'lacks'} a bias in {where} but not in "
             f"the skeleton; {fix}"
@@ -129,7 +132,7 @@ def empty_module(skeleton: nn.Module, entry: LayerEntry, where: Path) -> PackedL
                 f"{conv_options(current)} in the skeleton; {fix}"
             )
     ref = next(current.parameters(), None)
-    bias = current.bias
+    bias = getattr(current, "bias", None)
     try:
         module = cls(
             shape,
@@ -151,7 +154,13 @@ def modules_from_manifest(skeleton: nn.Module, packed: PackedLayers, where: Path
     owner's buffers), each checked against the skeleton (:func:`empty_module`)."""
     new = {entry.name: empty_module(skeleton, entry, where) for entry in packed.layers}
     for tie in packed.tied:
-        new[tie.name] = empty_module(skeleton, packed.alias_entry(tie), where)
+        entry = packed.alias_entry(tie)
+        try:  # a head tied to an embedding: its own kind, the owner's blocks
+            entry = dataclasses.replace(
+                entry, kind=layer_kind(equivalent_layer(skeleton, tie.name)))
+        except (AttributeError, TypeError):
+            pass  # empty_module names what is wrong
+        new[tie.name] = empty_module(skeleton, entry, where)
         tie_packed(new[tie.name], new[tie.owner])
     return new
 

@@ -96,6 +96,10 @@ class BayesQConfig:
         one pattern).
     seed : int
         Seed of every random choice (posterior samples, stochastic curvature).
+    quantize_embeddings : bool
+        Also quantize ``nn.Embedding`` layers (opt-in): per-row grids, counted in the budget;
+        rows no calibration batch looks up get at least the widest allowed width below the budget (they have no data
+        curvature). Default ``False``: embeddings stay in floating point.
     posterior, grid, scoring, allocation, rounding : option group, optional
         A whole group, in place of its fields (documented below, group by group).
     """
@@ -131,9 +135,13 @@ class BayesQConfig:
     score_rows: int | None = ScoringOptions.score_rows
     posterior_temperature: float = ScoringOptions.posterior_temperature
     seed: int = 0
+    quantize_embeddings: bool = False
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
+        if not isinstance(self.quantize_embeddings, bool):
+            raise TypeError(f"quantize_embeddings must be True or False, got "
+                            f"{self.quantize_embeddings!r}")
         for _, group_cls in GROUPS:
             group = self._group(group_cls)  # validates the group's fields
             for f in fields(group):  # normalised values (sorted allowed_bits, int budget_bytes)
