@@ -8,9 +8,9 @@ column couples to another, so there is no error feedback and each row has its ow
 posterior's curvature of a row is likewise zero where the row is never looked up.
 
 Rows never looked up have no data curvature, so their loss is zero and the knapsack would give
-their blocks the narrowest width: a block holding such a row is held at the floor width instead,
-the widest allowed width below the budget's average bits per weight, which leaves room for
-the grids' metadata (:func:`floor_unseen_rows`).
+their blocks the narrowest width: a block holding such a row is held at a floor width instead,
+the widest allowed width not above the budget's average bits per weight that keeps the budget
+feasible, the grids' metadata included (:func:`floor_unseen_rows`).
 """
 
 from __future__ import annotations
@@ -71,21 +71,33 @@ def tied_input_matrix(a: Tensor, b: Tensor) -> Tensor:
                                                   device=full.device)
 
 
-def floor_bits(allowed: Sequence[int], budget_bits: int, n_weights: int) -> int:
-    """The floor width of unseen rows: the widest allowed width below the budget's average bits
-    per weight (the narrowest allowed if none is)."""
-    mean = budget_bits / n_weights
-    return max([b for b in allowed if b < mean], default=min(allowed))
+def floor_unseen_rows(plans: Sequence, counts: dict[str, Tensor], allowed: Sequence[int],
+                      budget: int, n_weights: int) -> dict:
+    """Hold every block with a never-looked-up row of an embedding in ``counts`` at a floor
+    width: its candidates narrower than the floor are dropped (a block with none as wide keeps
+    its widest). The floor is the widest allowed width not above the budget's average bits per
+    weight at which the cheapest allocation still fits the budget (metadata included); none if
+    no width does. Returns ``{"bits": floor, "blocks": [...]}`` (``bits`` ``None``: no floor).
+    """
+    held = [p for p in plans if p.layer in counts
+            and not bool((counts[p.layer][p.rows[0]:p.rows[1]] > 0).all())]
+    free = sum(min(o.cost for o in p.options) for p in plans if p not in held)
 
+    def kept(plan, floor: int) -> list[int]:
+        idx = [i for i, s in enumerate(plan.specs) if s.bits >= floor]
+        widest = max(s.bits for s in plan.specs)
+        return idx or [i for i, s in enumerate(plan.specs) if s.bits == widest]
 
-def floor_unseen_rows(plans: Sequence, counts: dict[str, Tensor], floor: int) -> list[str]:
-    """Restrict every block that holds a never-looked-up row of an embedding in ``counts`` to
-    widths of at least ``floor`` (its widest if none is); returns those blocks' descriptions."""
-    held = []
-    for plan in plans:
-        seen = counts.get(plan.layer)
-        if seen is None or bool((seen[plan.rows[0]:plan.rows[1]] > 0).all()):
-            continue
-        plan.bits = tuple(b for b in plan.bits if b >= floor) or (max(plan.bits),)
-        held.append(f"{plan.layer}[{plan.rows[0]}:{plan.rows[1]}]")
-    return held
+    for floor in sorted((b for b in allowed if b <= budget / n_weights), reverse=True):
+        if not held:
+            break
+        need = free + sum(min(p.options[i].cost for i in kept(p, floor)) for p in held)
+        if need <= budget:
+            for p in held:
+                idx = kept(p, floor)
+                p.specs = [p.specs[i] for i in idx]
+                p.candidates = [p.candidates[i] for i in idx]
+                p.options = [p.options[i] for i in idx]
+            return {"bits": floor, "blocks": [f"{p.layer}[{p.rows[0]}:{p.rows[1]}]"
+                                              for p in held]}
+    return {"bits": None, "blocks": []}

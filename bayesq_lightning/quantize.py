@@ -53,7 +53,6 @@ from .block_plan import (
 from .config import BayesQConfig
 from .embeddings import (
     embedding_row_counts,
-    floor_bits,
     floor_unseen_rows,
     row_weights,
     tied_input_matrix,
@@ -155,11 +154,10 @@ def quantize_model(
     budget = budget_bits(cfg, n_weights)
     with _timed(info, "tables_seconds"):
         plans = plan_blocks(named, pins, cfg, posterior, hessians)                     # 4
-        if counts:
-            floor = floor_bits(cfg.allowed_bits, budget, n_weights)
-            info["embedding_floor"] = {"bits": floor,
-                                       "blocks": floor_unseen_rows(plans, counts, floor)}
         add_candidates(plans, method, cfg, progress)                                   # 5
+    if counts:  # blocks with rows no calibration batch looks up
+        info["embedding_floor"] = floor_unseen_rows(plans, counts, cfg.allowed_bits, budget,
+                                                    n_weights)
     info["sampled_blocks"] = sum(p.sampled for p in plans)
     info["min_bits_per_weight"] = sum(min(o.cost for o in p.options) for p in plans) / n_weights
     with _timed(info, "allocation_seconds"):

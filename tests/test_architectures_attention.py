@@ -59,18 +59,33 @@ class Conv1DNet(nn.Module):
         return self.head((h + self.c_proj(torch.relu(self.c_fc(h)))).mean(1))
 
 
-MODELS = {"mha": (AttentionNet, "attn.in_proj"), "mha_kdim": (lambda: AttentionNet(12), "attn"),
-          "encoder": (EncoderNet, "self_attn"), "conv1d": (Conv1DNet, "c_fc")}
+class EmbeddingNet(nn.Module):
+    """Ids (only the first 24 of 40 rows looked up) -> embedding -> Linear -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 64)
+        self.fc, self.head = nn.Linear(64, 16), nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(self.emb(ids))).mean(1))
+
+
+MODELS = {"mha": AttentionNet, "mha_kdim": lambda: AttentionNet(12), "encoder": EncoderNet,
+          "conv1d": Conv1DNet, "embedding": EmbeddingNet}
 METHODS = {"gptq": {"method": "gptq"}, "diag": {"structure": "diag"},
            "kron": {"structure": "kron"}}
 X = torch.randn(32, 6, 8, generator=torch.Generator().manual_seed(0))
 Y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(1))
 LOADER = [(X[i:i + 16], Y[i:i + 16]) for i in range(0, 32, 16)]
+# token ids weighted towards rows 16-23, rows 24.. never looked up
+IDS = 23 - (torch.rand(32, 6, generator=torch.Generator().manual_seed(3)) ** 3 * 24).long()
+ID_LOADER = [(IDS[i:i + 16], Y[i:i + 16]) for i in range(0, 32, 16)]
 
 
 def _model(kind: str) -> nn.Module:
     torch.manual_seed(0)
-    return MODELS[kind][0]().eval()
+    return MODELS[kind]().eval()
 
 
 def _dequantized(model: nn.Module) -> nn.Module:
@@ -82,20 +97,23 @@ def _dequantized(model: nn.Module) -> nn.Module:
     return dense
 
 
-def _layer_errors(model: nn.Module, packed: nn.Module, names: list[str]) -> float:
-    """``sum ||(W_q - W) x||^2`` over the layers ``names`` and their inputs ``x`` in ``model``."""
+def _layer_errors(model: nn.Module, packed: nn.Module, names: list[str], x) -> float:
+    """``sum ||(W_q - W) x||^2`` over the layers ``names`` and their inputs ``x`` in ``model``
+    (an embedding's: its looked-up rows' errors)."""
     work = linear_equivalent(model)
     inputs: dict[str, list] = {n: [] for n in names}
     hooks = [work.get_submodule(n).register_forward_pre_hook(
         lambda _m, args, n=n: inputs[n].append(args[0])) for n in names]
     with torch.no_grad():
-        work(X)
+        work(x)
     for h in hooks:
         h.remove()
     total = 0.0
     for n in names:
         dw = packed.get_submodule(n).dequantize() - work.get_submodule(n).weight
-        total += sum(float((x @ dw.T).pow(2).sum()) for x in inputs[n])
+        for v in inputs[n]:
+            out = dw[v] if isinstance(work.get_submodule(n), nn.Embedding) else v @ dw.T
+            total += float(out.pow(2).sum())
     return total
 
 
@@ -104,25 +122,32 @@ def _error(model: nn.Module, ref: nn.Module) -> float:
         return float((model(X) - ref(X)).pow(2).mean())
 
 
+def _of_kind(kind: str, names: list[str]) -> list[str]:
+    if kind == "conv1d":
+        return ["c_fc", "c_proj"]
+    if kind == "embedding":
+        return ["emb"]
+    return [n for n in names if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj")]
+
+
 @pytest.mark.parametrize("kind,method", itertools.product(MODELS, METHODS))
 def test_layer_kind_is_quantized_and_beats_rtn(kind, method):
     model = _model(kind)
+    x, loader = (IDS, ID_LOADER) if kind == "embedding" else (X, LOADER)
     cfg = {"bits": 8.0, "allowed_bits": (2,), "calib_batches": 2}
-    result = quantize_model(model, LOADER, BayesQConfig(**cfg, **METHODS[method]), progress=False)
+    if kind == "embedding":  # mixed widths: the lookups decide which rows get more bits
+        cfg.update(bits=3.75, allowed_bits=(2, 3, 4, 8), block_rows=8, quantize_embeddings=True,
+                   include=["emb"])
+    result = quantize_model(model, loader, BayesQConfig(**cfg, **METHODS[method]), progress=False)
     rtn = quantize_model(model, None, BayesQConfig(**cfg, method="rtn"), progress=False)
-    names = [x.name for x in result.layers]
-    if kind == "conv1d":
-        assert {"c_fc", "c_proj"} <= set(names)
-        of_kind = ["c_fc", "c_proj"]
-    else:
-        of_kind = [n for n in names if n.rsplit(".", 1)[-1] in
-                   ("q_proj", "k_proj", "v_proj", "out_proj")]
-        assert len(of_kind) == 4 * (2 if kind == "encoder" else 1)
-    assert not result.skipped
-    assert (_layer_errors(model, result.model, of_kind)
-            < _layer_errors(model, rtn.model, of_kind))
+    of_kind = _of_kind(kind, [x.name for x in result.layers])
+    assert set(of_kind) <= {x.name for x in result.layers}
+    assert len(of_kind) == {"encoder": 8, "mha": 4, "mha_kdim": 4}.get(kind, len(of_kind))
+    assert not set(of_kind) & set(result.skipped)
+    assert (_layer_errors(model, result.model, of_kind, x)
+            < _layer_errors(model, rtn.model, of_kind, x))
     with torch.no_grad():
-        torch.testing.assert_close(result.model(X), _dequantized(result.model)(X),
+        torch.testing.assert_close(result.model(x), _dequantized(result.model)(x),
                                    rtol=1e-5, atol=1e-6)
 
 
@@ -249,3 +274,88 @@ def test_gpt2_conv1d_round_trips(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded.eval()(input_ids=ids).logits, expected)
         assert torch.equal(restored(input_ids=ids).logits, expected)
+
+
+def test_embeddings_are_opt_in_and_unseen_rows_get_the_floor():
+    model = _model("embedding")
+    plain = quantize_model(model, ID_LOADER, BayesQConfig(method="gptq", bits=6.0),
+                           progress=False)
+    assert "quantize_embeddings=True" in plain.skipped["emb"]
+    with pytest.raises(TypeError, match="quantize_embeddings"):
+        BayesQConfig(quantize_embeddings="yes")
+    cfg = BayesQConfig(method="gptq", bits=3.75, allowed_bits=(2, 3, 4, 8), block_rows=8,
+                       quantize_embeddings=True)
+    result = quantize_model(model, ID_LOADER, cfg, progress=False)
+    floor = result.info["embedding_floor"]
+    assert floor["bits"] == 3 and {"emb[24:32]", "emb[32:40]"} <= set(floor["blocks"])
+    emb = result.layer("emb")
+    assert emb.kind == "embedding"
+    assert [b.bits >= 3 for b in emb.blocks if b.rows[0] >= 24] == [True, True]
+    n_weights = sum(x.n_weights for x in result.layers)
+    assert n_weights == 40 * 64 + 64 * 16 + 16 * 3  # the embedding counted in the budget
+    assert result.bits_per_weight <= 3.75
+
+
+class TiedLM(nn.Module):
+    """An embedding whose weight is also the output head's (GPT-2's ``wte`` / ``lm_head``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(40, 32)
+        self.fc = nn.Linear(32, 32)
+        self.lm_head = nn.Linear(32, 40, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.relu(self.fc(self.wte(ids))).mean(1))
+
+
+class SharedEmbedding(nn.Module):
+    """T5's ``shared``: looked up only through the embeddings tied to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(40, 32)
+        self.encoder_tokens = nn.Embedding(40, 32)
+        self.encoder_tokens.weight = self.shared.weight
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder_tokens(ids).mean(1))
+
+
+@pytest.mark.parametrize("cls,method,owner,alias", [
+    (TiedLM, "gptq", "wte", "lm_head"), (TiedLM, "kron", "wte", "lm_head"),
+    (SharedEmbedding, "diag", "encoder_tokens", "shared")])
+def test_tied_embedding_is_quantized_once(tmp_path, cls, method, owner, alias):
+    torch.manual_seed(0)
+    model = cls().eval()
+    result = quantize_model(model, ID_LOADER, BayesQConfig(
+        bits=6.0, quantize_embeddings=True, **METHODS[method]), progress=False)
+    assert result.tied == {alias: owner} and not result.skipped
+    assert result.layer(owner).kind == "embedding"
+    packed = result.model
+    assert getattr(packed, owner).block0_codes is getattr(packed, alias).block0_codes
+    save_quantized(packed, result, tmp_path)
+    restored = load_quantized(cls().eval(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(restored(IDS), packed(IDS))
+        assert float((packed(IDS) - model(IDS)).pow(2).mean()) < 0.05
+
+
+def test_bert_embeddings_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=16, num_labels=3)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(1, 64, (16, 9), generator=torch.Generator().manual_seed(4))
+    loader = [{"input_ids": ids[:8], "labels": Y[:8]}, {"input_ids": ids[8:], "labels": Y[8:16]}]
+    result = quantize_model(model, loader, BayesQConfig(method="gptq", bits=4.5,
+                                                        quantize_embeddings=True),
+                            progress=False)
+    assert result.layer("bert.embeddings.word_embeddings").kind == "embedding"
+    result.model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
