@@ -260,13 +260,15 @@ def swap_equivalents(model: nn.Module, only: Sequence[str] | None = None) -> lis
     nested tensors (a fast path of the fused kernel only): its outputs at padded positions are
     then computed like every other position instead of being set to zero.
     """
-    swapped = []
-    for name, module in list(model.named_modules()):
-        if not name or (only is not None and name not in only):
+    swapped, made = [], {}  # a module registered under several names: one equivalent
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not name or (only is not None and id(module) not in made
+                        and name not in only):
             continue
-        new = _equivalent(module)
+        new = made.get(id(module)) or _equivalent(module)
         if new is None:
             continue
+        made[id(module)] = new
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, new)
         swapped.append(name)

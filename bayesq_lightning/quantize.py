@@ -1,6 +1,9 @@
 r"""``quantize_model``: the pipeline, one stage after another.
 
-1. **Layers** -- select the Linear/Conv2d layers, refuse NaN/inf weights, resolve bit pins.
+1. **Layers** -- select the Linear/Conv2d layers (and Embedding layers with
+   ``quantize_embeddings``; attention modules and transformers' ``Conv1D`` as the Linear layers
+   they are, :mod:`~bayesq_lightning.attention`), refuse NaN/inf weights, resolve bit pins; a
+   layer whose forward never runs on the first calibration batch is skipped.
 2. **Calibration** -- the first ``calib_batches`` batches (not for ``rtn`` or ``mse``).
 3. **Statistics** -- what the method needs (:mod:`~bayesq_lightning.methods`): a posterior
    (:func:`~bayesq_lightning.posterior.fit_posterior`) or GPTQ's input Hessians
