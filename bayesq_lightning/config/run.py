@@ -97,9 +97,10 @@ class BayesQConfig:
     seed : int
         Seed of every random choice (posterior samples, stochastic curvature).
     quantize_embeddings : bool
-        Also quantize ``nn.Embedding`` layers (opt-in): per-row grids, counted in the budget;
-        rows no calibration batch looks up are held at a floor width (the widest allowed width within the budget) (they have no data
-        curvature). Default ``False``: embeddings stay in floating point.
+        Also quantize ``nn.Embedding`` layers (opt-in): per-row grids, counted in the budget.
+        Blocks with rows no calibration batch looks up (no data curvature) are held at a floor
+        width: the widest allowed width within the budget. Default ``False``: embeddings stay
+        in floating point.
     posterior, grid, scoring, allocation, rounding : option group, optional
         A whole group, in place of its fields (documented below, group by group).
     """
