@@ -13,15 +13,36 @@ if TYPE_CHECKING:
     from .config import BayesQConfig
 
 QUANTIZABLE = (nn.Linear, nn.Conv2d)
+KINDS = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
+
+
+def is_embedding(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` that can be quantized: a lookup of its rows (no ``max_norm``, which
+    rewrites the weight in the forward pass)."""
+    return isinstance(module, nn.Embedding) and module.max_norm is None
+
+
+def layer_kind(module: nn.Module) -> str:
+    """``"linear"``, ``"conv2d"`` or ``"embedding"``: the packed layer type of a float layer."""
+    for cls, kind in KINDS.items():
+        if isinstance(module, cls):
+            return kind
+    raise TypeError(f"{type(module).__name__} is not a quantizable layer type")
+
+
+def _selectable(module: nn.Module, embeddings: bool) -> bool:
+    return isinstance(module, QUANTIZABLE) or (embeddings and is_embedding(module))
 
 
 def quantizable_layers(
-    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+    embeddings: bool = False,
 ) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv2d`` selected by the name patterns."""
+    """``(name, module)`` of every ``nn.Linear`` / ``nn.Conv2d`` (and ``nn.Embedding`` with
+    ``embeddings``) selected by the name patterns."""
     chosen = []
     for name, module in model.named_modules():
-        if not isinstance(module, QUANTIZABLE):
+        if not _selectable(module, embeddings):
             continue
         if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
@@ -39,16 +60,17 @@ def quantizable_layers(
 
 
 def unsupported_layers(model: nn.Module, include: Sequence[str] | None = None,
-                       exclude: Sequence[str] | None = None) -> dict[str, str]:
+                       exclude: Sequence[str] | None = None,
+                       embeddings: bool = False) -> dict[str, str]:
     """``{name: reason}`` of the weight layers (a parameter of 2 or more dimensions) that are not
     ``nn.Linear`` / ``nn.Conv2d``, e.g. ``Embedding``, ``Conv1d``: left in floating point.
 
     Norm and bias vectors are not listed (nothing to quantize there). Name patterns apply as to
-    the quantized layers.
+    the quantized layers. ``embeddings``: ``nn.Embedding`` layers are quantized, not listed.
     """
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, QUANTIZABLE) or not any(
+        if _selectable(module, embeddings) or not any(
                 p.dim() >= 2 for p in module.parameters(recurse=False)):
             continue
         if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
@@ -57,6 +79,11 @@ def unsupported_layers(model: nn.Module, include: Sequence[str] | None = None,
             continue
         out[name] = (f"{type(module).__name__} is not quantized (nn.Linear / nn.Conv2d only); "
                      "kept in floating point")
+        if isinstance(module, nn.Embedding):
+            out[name] = ("Embedding kept in floating point (quantize_embeddings=True quantizes "
+                         "it)" if module.max_norm is None else
+                         "Embedding with max_norm (it rewrites its weight when called) is not "
+                         "quantized; kept in floating point")
     return out
 
 

@@ -95,8 +95,15 @@ def _hawq(ctx: BlockContext) -> BlockInputs:  # mean GGN diagonal: the layer's H
     return BlockInputs(precision=None, loss=partial(_weighted_sq, trace))
 
 
+def _row_weighted_sq(weights: Tensor, dW: Tensor) -> float:
+    return float((weights.unsqueeze(1) * dW.double().square()).sum())
+
+
 def _gptq(ctx: BlockContext) -> BlockInputs:
     H = ctx.hessian.cpu()  # every score input lives on the CPU
+    if H.dim() == 1:  # an embedding: one weight per row (its share of lookups), no coupling
+        rows = H[ctx.rows[0]:ctx.rows[1]].double()
+        return BlockInputs(precision=None, loss=partial(_row_weighted_sq, rows))
     loss = partial(output_error, H=H, rows=ctx.rows, layer_rows=ctx.w.shape[0])
     if H.dim() == 3:  # a grouped conv's rows each have their group's H: scored on every row
         return BlockInputs(precision=None, loss=loss, H=H)

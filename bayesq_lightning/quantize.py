@@ -1,6 +1,9 @@
 r"""``quantize_model``: the pipeline, one stage after another.
 
-1. **Layers** -- select the Linear/Conv2d layers, refuse NaN/inf weights, resolve bit pins.
+1. **Layers** -- select the Linear/Conv2d layers (and Embedding layers with
+   ``quantize_embeddings``; attention modules and transformers' ``Conv1D`` as the Linear layers
+   they are, :mod:`~bayesq_lightning.attention`), refuse NaN/inf weights, resolve bit pins; a
+   layer whose forward never runs on the first calibration batch is skipped.
 2. **Calibration** -- the first ``calib_batches`` batches (not for ``rtn`` or ``mse``).
 3. **Statistics** -- what the method needs (:mod:`~bayesq_lightning.methods`): a posterior
    (:func:`~bayesq_lightning.posterior.fit_posterior`) or GPTQ's input Hessians
@@ -37,6 +40,15 @@ from torch import nn
 from .adaround import adaround_layers
 from .allocate import Option, boundary_blocks
 from .artifact import replace_quantized_layers
+from .attention import (
+    UNCALLED_REASON,
+    equivalents_holding,
+    linear_equivalent,
+    own_unpacked_weights,
+    swap_equivalents,
+    swapped_weights,
+    uncalled_layers,
+)
 from .batches import calibration_samples, clone_module
 from .block_plan import (
     BlockPlan,
@@ -48,10 +60,18 @@ from .block_plan import (
 )
 from .checks import check_plans
 from .config import BayesQConfig
+from .embeddings import (
+    embedding_row_counts,
+    floor_unseen_rows,
+    row_weights,
+    tied_input_matrix,
+)
 from .input_stats import layer_input_hessians
 from .layers import (
     check_finite,
     check_pin_patterns,
+    is_embedding,
+    layer_kind,
     quantizable_layers,
     split_tied,
     unsupported_layers,
@@ -122,24 +142,32 @@ def quantize_model(
     t_start = time.perf_counter()
     info: dict = {"method": cfg.method, "config": cfg.to_dict()}
 
+    user_model, model = model, linear_equivalent(model)  # attention / Conv1D as Linear layers
     named, pins, tied, skipped = _select_layers(model, cfg)                            # 1
     batches, n_calib = _calibration(method, calibration_loader, cfg)                   # 2
+    silent: set[str] = set()
+    if batches:
+        named, pins, tied, silent = _drop_uncalled(model, batches[0], named, pins, tied, skipped)
+    counts = _embedding_counts(model, batches, named, tied, reduce)
     curv_batches, n_curv = _curvature_batches(method, cfg, curvature_loader, posterior,
                                               batches, n_calib, info)
     hessians = None
     if method.input_hessians:                                                          # 3
         with _timed(info, "hessian_seconds"):
-            hessians = _input_hessians(model, batches, pins, tied, reduce)
+            hessians = _input_hessians(model, batches, pins, tied, reduce, counts, silent)
         info["n_calib"] = n_calib
     posterior = _posterior(model, method, cfg, curv_batches, n_curv, list(pins), posterior,
                            n_data=n_data, reduce=reduce, loader=calibration_loader, info=info)
 
+    n_weights = sum(m.weight.numel() for _, m in named)
+    budget = budget_bits(cfg, n_weights)
     with _timed(info, "tables_seconds"):
         plans = plan_blocks(named, pins, cfg, posterior, hessians)                     # 4
         add_candidates(plans, method, cfg, progress)                                   # 5
+    if counts:  # blocks with rows no calibration batch looks up
+        info["embedding_floor"] = floor_unseen_rows(plans, counts, cfg.allowed_bits, budget,
+                                                    n_weights)
     info["sampled_blocks"] = sum(p.sampled for p in plans)
-    n_weights = sum(m.weight.numel() for _, m in named)
-    budget = budget_bits(cfg, n_weights)
     info["min_bits_per_weight"] = sum(min(o.cost for o in p.options) for p in plans) / n_weights
     with _timed(info, "allocation_seconds"):
         allocate_plans(plans, budget, cfg, n_weights)                                  # 6
@@ -161,7 +189,7 @@ def quantize_model(
 
     layers = _layer_results(named, plans)
     total_bits = sum(p.options[p.choice].cost for p in plans)
-    qmodel = _packed_model(model, named, layers, tied, inplace,                        # 9
+    qmodel = _packed_model(user_model, named, layers, tied, inplace,                   # 9
                            total_bits / n_weights)
     if tied or skipped:
         info.update(tied=dict(tied), skipped=dict(skipped))
@@ -192,12 +220,32 @@ def _curvature_batches(method: Method, cfg: BayesQConfig, loader: Iterable | Non
 
 
 def _input_hessians(model: nn.Module, batches: list, pins: dict, tied: dict[str, str],
-                    reduce: Reduce | None) -> dict:
-    """GPTQ's ``X X^T / n`` per layer; a tied weight's error reaches both uses' inputs."""
-    hessians = layer_input_hessians(model, batches, [*pins, *tied], reduce=reduce)
+                    reduce: Reduce | None, counts: dict, silent: set[str]) -> dict:
+    """GPTQ's ``X X^T / n`` per layer (an embedding's: its rows' shares of the lookups); a tied
+    weight's error reaches the inputs of every use (``silent`` aliases never run)."""
+    names = [n for n in [*pins, *tied] if n not in counts and n not in silent and not (
+        tied.get(n) in counts and is_embedding(model.get_submodule(n)))]
+    hessians = layer_input_hessians(model, batches, names, reduce=reduce)
+    hessians.update({n: row_weights(c) for n, c in counts.items()})
     for alias, owner in tied.items():
-        hessians[owner] = hessians[owner] + hessians.pop(alias)
+        if alias in hessians:
+            hessians[owner] = tied_input_matrix(hessians[owner], hessians.pop(alias))
     return hessians
+
+
+def _embedding_counts(model: nn.Module, batches: list, named, tied: dict[str, str],
+                      reduce: Reduce | None) -> dict:
+    """The lookups per row of every selected embedding over the calibration batches, its
+    embedding aliases' lookups added (none without calibration batches)."""
+    owners = [n for n, m in named if is_embedding(m)]
+    aliases = {a: o for a, o in tied.items()
+               if o in owners and is_embedding(model.get_submodule(a))}
+    if not owners or not batches:
+        return {}
+    counts = embedding_row_counts(model, batches, [*owners, *aliases], reduce)
+    for alias, owner in aliases.items():
+        counts[owner] += counts.pop(alias)
+    return counts
 
 
 def _refine_mc(model: nn.Module, batches: list, posterior: Posterior, plans: list[BlockPlan],
@@ -244,9 +292,19 @@ def _packed_model(model: nn.Module, named, layers: list[LayerResult], tied: dict
                   inplace: bool, bits_per_weight: float) -> nn.Module:
     """``model`` (``inplace``) or a copy of it with the packed layers swapped in; the copy keeps
     dtypes as they are (e.g. fp32 norms in a bf16 model) and does not copy the float weights
-    of the layers it replaces."""
-    qmodel = model if inplace else clone_module(
-        model, _replaced_weights(model, [n for n, _ in named], tied))
+    of the layers it replaces. Attention modules and ``Conv1D`` layers holding a packed layer
+    are swapped for their Linear equivalents first (:mod:`~bayesq_lightning.attention`)."""
+    names = [n for n, _ in named]
+    swapped = equivalents_holding(model, [*names, *tied])
+    plain = [n for n in [*names, *tied]
+             if not any(n == s or n.startswith(s + ".") for s in swapped)]
+    qmodel = model if inplace else clone_module(model, [
+        *_replaced_weights(model, [n for n in plain if n in names],
+                           {a: o for a, o in tied.items() if a in plain}),
+        *swapped_weights(model, swapped)])
+    swap_equivalents(qmodel, swapped)
+    if not inplace:
+        own_unpacked_weights(qmodel, swapped, {*names, *tied})
     replace_quantized_layers(qmodel, layers, tied=tied, bits_per_weight=bits_per_weight)
     return qmodel
 
@@ -270,14 +328,43 @@ def _select_layers(model: nn.Module, cfg: BayesQConfig
                               dict[str, str], dict[str, str]]:
     """Stage 1: the quantized layers, their allowed widths, tied aliases and skipped layers;
     every check before any work."""
-    named = quantizable_layers(model, cfg.include, cfg.exclude)
+    named = quantizable_layers(model, cfg.include, cfg.exclude, cfg.quantize_embeddings)
     if any(name == "" for name, _ in named):
         raise ValueError("the model itself is a Linear/Conv2d layer and cannot be replaced in "
                          "place; wrap it in a parent module (e.g. nn.Sequential(layer))")
     named, tied, skipped = split_tied(model, named)
-    skipped.update(unsupported_layers(model, cfg.include, cfg.exclude))
+    skipped.update(unsupported_layers(model, cfg.include, cfg.exclude, cfg.quantize_embeddings))
     check_finite(named)
     return named, check_pin_patterns([name for name, _ in named], cfg), tied, skipped
+
+
+def _drop_uncalled(model: nn.Module, batch, named, pins: dict, tied: dict[str, str],
+                   skipped: dict[str, str]) -> tuple[list, dict, dict[str, str], set[str]]:
+    """Stage 1, after the calibration batches are known: the layers whose forward never runs
+    (a weight used functionally) moved to ``skipped``. A tied weight stays if any holder runs,
+    owned by the first that does (T5's ``shared`` is looked up only through its aliases); the
+    aliases that never run are returned (they have no input statistics)."""
+    uncalled = set(uncalled_layers(model, batch, [*pins, *tied]))
+    if not uncalled:
+        return named, pins, tied, set()
+    groups = {n: [n, *(a for a, o in tied.items() if o == n)] for n in pins}
+    dropped = {n for n, group in groups.items() if uncalled.issuperset(group)}
+    dropped |= {a for a, o in tied.items() if o in dropped}
+    if len(dropped) == len(pins) + len(tied):
+        raise ValueError(f"no selected layer runs its forward on the calibration batches "
+                         f"({sorted(dropped)}): their weights are used functionally; nothing "
+                         "to quantize")
+    skipped.update({n: UNCALLED_REASON for n in sorted(dropped)})
+    named = [(n, m) for n, m in named if n not in dropped]
+    pins = {n: b for n, b in pins.items() if n not in dropped}
+    tied = {a: o for a, o in tied.items() if a not in dropped}
+    for owner in [n for n in pins if n in uncalled]:  # the first holder that runs owns it
+        new = next(a for a in groups[owner][1:] if a not in uncalled)
+        named = [(new, model.get_submodule(new)) if n == owner else (n, m) for n, m in named]
+        pins = {new if n == owner else n: b for n, b in pins.items()}
+        tied = {**{a: o for a, o in tied.items() if o != owner},
+                **{a: new for a in groups[owner] if a != new}}
+    return named, pins, tied, {a for a in tied if a in uncalled}
 
 
 def _calibration(method: Method, loader: Iterable | None, cfg: BayesQConfig
@@ -340,7 +427,7 @@ def _layer_results(named, plans: list[BlockPlan]) -> list[LayerResult]:
     for name, module in named:
         chosen = [p.options[p.choice] for p in per_layer[name]]
         layers.append(LayerResult(
-            name, "conv2d" if isinstance(module, nn.Conv2d) else "linear",
+            name, layer_kind(module),
             tuple(module.weight.shape), [p.chosen for p in per_layer[name]],
             sum(o.loss for o in chosen), sum(o.cost for o in chosen) // 8,
         ))

@@ -127,7 +127,7 @@ FLAT_FIELDS = (
     "range_objective", "rank", "group_size", "block_rows", "pack_multiple", "min_bits",
     "max_bits", "per_row_codebook", "mc_samples", "mc_refine_top_k", "score", "damp", "act_order",
     "score_rows", "posterior_temperature", "seed", "adaround_iters", "adaround_batch",
-    "check_inputs", "check_top_k",
+    "check_inputs", "check_top_k", "quantize_embeddings",
 )
 
 
@@ -139,7 +139,8 @@ def test_to_dict_is_flat_in_the_stored_order():
 def test_every_field_is_in_one_group_with_the_same_default():
     grouped = [f.name for _, group in GROUPS for f in dataclasses.fields(group)]
     assert len(grouped) == len(set(grouped))
-    assert set(FLAT_FIELDS) - set(grouped) == {"method", "include", "exclude", "seed"}
+    assert set(FLAT_FIELDS) - set(grouped) == {"method", "include", "exclude", "seed",
+                                                     "quantize_embeddings"}
     cfg = BayesQConfig()
     for key, group in GROUPS:
         assert getattr(cfg, key) == group()  # flat defaults are the groups' defaults

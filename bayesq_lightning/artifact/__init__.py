@@ -3,7 +3,7 @@
 * :mod:`.manifest` -- the manifest schema: records of packed layers, blocks and the artifact;
 * :mod:`.packing` -- bit packing of integer codes;
 * :mod:`.storage` -- storage and decoding of a packed weight (the base of the packed layers);
-* :mod:`.modules` -- :class:`QuantizedLinear`, :class:`QuantizedConv2d`;
+* :mod:`.modules` -- :class:`QuantizedLinear`, :class:`QuantizedConv2d`, :class:`QuantizedEmbedding`;
 * :mod:`.kernels`, :mod:`.dispatch` -- stock integer kernels and :func:`set_kernel`;
 * :mod:`.tuning` -- quantizer parameters trained with the codes frozen (distillation);
 * :mod:`.replace` -- putting packed layers into a model (:func:`replace_quantized_layers`);
@@ -15,13 +15,14 @@ Depends only on the codec (:mod:`bayesq_lightning.quantizers.codec`) and the res
 from .dispatch import set_kernel
 from .export import load_quantized, save_quantized
 from .manifest import ArtifactError
-from .modules import QuantizedConv2d, QuantizedLinear
+from .modules import QuantizedConv2d, QuantizedEmbedding, QuantizedLinear
 from .packing import pack_codes, packed_nbytes, unpack_codes
 from .replace import replace_quantized_layers
 
 __all__ = [
     "ArtifactError",
     "QuantizedConv2d",
+    "QuantizedEmbedding",
     "QuantizedLinear",
     "load_quantized",
     "pack_codes",

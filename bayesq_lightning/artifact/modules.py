@@ -1,4 +1,5 @@
-"""The packed layers: ``nn.Linear`` and ``nn.Conv2d`` holding packed integer weights.
+"""The packed layers: ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding`` holding packed integer
+weights.
 
 Storage and decoding are :class:`~bayesq_lightning.artifact.storage.PackedLayer`'s; each layer
 here adds its float op, which dequantizes in the input dtype (a Linear may take a stock integer
@@ -8,6 +9,7 @@ kernel instead, :mod:`~bayesq_lightning.artifact.dispatch`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -137,16 +139,62 @@ class QuantizedConv2d(PackedLayer):
         )
 
 
+class QuantizedEmbedding(PackedLayer):
+    """``nn.Embedding`` with packed integer rows (one grid per row); ``forward`` looks the ids up
+    in the decoded fp32 weight.
+
+    Parameters
+    ----------
+    weight_shape : sequence of int
+        ``(num_embeddings, embedding_dim)``.
+    specs : sequence of BlockSpec
+        Block layouts tiling the rows in order.
+    **kwargs
+        ``device``, ``cache_dequantized`` as for :class:`QuantizedLinear` (no bias).
+    """
+
+    kind = "embedding"
+    float_type = nn.Embedding
+
+    def __init__(self, weight_shape: Sequence[int], specs: Sequence[BlockSpec], **kwargs) -> None:
+        if len(weight_shape) != 2:
+            raise ValueError(f"an embedding weight is (num, dim), got shape {tuple(weight_shape)}")
+        if kwargs.pop("bias", False):
+            raise ValueError("an embedding has no bias")
+        super().__init__(weight_shape, specs, bias=False, **kwargs)
+        self.num_embeddings, self.embedding_dim = self.weight_shape
+
+    @classmethod
+    def from_float(cls, module: nn.Module, layer_result: LayerResult,
+                   cache_dequantized: bool = False) -> QuantizedEmbedding:
+        """Pack the blocks of ``layer_result`` for the ``nn.Embedding`` ``module``."""
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(f"layer {layer_result.name!r}: expected nn.Embedding, got "
+                            f"{type(module).__name__}")
+        if module.max_norm is not None:
+            raise ValueError(f"layer {layer_result.name!r}: an embedding with max_norm rewrites "
+                             "its weight when called and cannot be packed")
+        float_layer = SimpleNamespace(weight=module.weight, bias=None, training=module.training)
+        return cls._from_layer(float_layer, layer_result, cache_dequantized=cache_dequantized)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self._forward_weight(torch.float32))
+
+    def _float_layer(self) -> nn.Embedding:
+        return nn.Embedding(self.num_embeddings, self.embedding_dim)
+
+
 QUANTIZED_TYPES: dict[str, type[PackedLayer]] = {
     "linear": QuantizedLinear,
     "conv2d": QuantizedConv2d,
+    "embedding": QuantizedEmbedding,
 }
 FLOAT_TYPES: dict[str, type[nn.Module]] = {k: c.float_type for k, c in QUANTIZED_TYPES.items()}
 
 
 def quantized_from_float(
     module: nn.Module, layer: LayerResult, cache: bool = False
-) -> QuantizedLinear | QuantizedConv2d:
+) -> PackedLayer:
     """The packed replacement of one float layer."""
     cls = QUANTIZED_TYPES.get(layer.kind)
     if cls is None:

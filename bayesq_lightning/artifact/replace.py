@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..attention import equivalent_layer, equivalents_holding, swap_equivalents
+from ..layers import layer_kind
 from ..result import LayerResult
 from .manifest import ArtifactError, LayerEntry, PackedLayers, conv_options
 from .modules import FLOAT_TYPES, QUANTIZED_TYPES, quantized_from_float
@@ -62,8 +64,10 @@ def tie_packed(alias: PackedLayer, owner: PackedLayer) -> None:
 def packed_alias(module: nn.Module, owner_layer: LayerResult, owner: PackedLayer,
                  name: str, cache: bool = False) -> PackedLayer:
     """The packed replacement of float layer ``module`` (at ``name``) that holds the weight of
-    the layer ``owner_layer`` describes: ``owner``'s codes, its own bias and layer options."""
-    q = quantized_from_float(module, dataclasses.replace(owner_layer, name=name), cache)
+    the layer ``owner_layer`` describes: ``owner``'s codes, its own bias and layer options (an
+    output head tied to an embedding is a packed Linear decoding the embedding's codes)."""
+    q = quantized_from_float(
+        module, dataclasses.replace(owner_layer, name=name, kind=layer_kind(module)), cache)
     tie_packed(q, owner)
     return q
 
@@ -78,7 +82,7 @@ def packed_replacements(model: nn.Module, layers: Sequence[LayerResult], cache: 
     by_name = {x.name: x for x in layers}
     for name, owner in [*((x.name, None) for x in layers), *(tied or {}).items()]:
         try:
-            module = model.get_submodule(name)
+            module = equivalent_layer(model, name)
         except AttributeError as e:
             raise KeyError(f"model has no layer named {name!r}") from e
         if owner is None:
@@ -95,7 +99,7 @@ def empty_module(skeleton: nn.Module, entry: LayerEntry, where: Path) -> PackedL
     name, kind = entry.name, entry.kind
     fix = "build the skeleton with the configuration of the saved model"
     try:
-        current = skeleton.get_submodule(name)
+        current = equivalent_layer(skeleton, name)
     except AttributeError as e:
         raise ArtifactError(f"layer {name!r} of {where} is not in the skeleton; {fix}") from e
     cls = QUANTIZED_TYPES.get(kind)
@@ -112,7 +116,7 @@ def empty_module(skeleton: nn.Module, entry: LayerEntry, where: Path) -> PackedL
         raise ArtifactError(
             f"layer {name!r} has weight shape {shape} in {where} but {have} in the skeleton; {fix}"
         )
-    if (current.bias is not None) != entry.bias:
+    if (getattr(current, "bias", None) is not None) != entry.bias:
         raise ArtifactError(
             f"layer {name!r} {'has' if entry.bias else 'lacks'} a bias in {where} but not in "
             f"the skeleton; {fix}"
@@ -128,7 +132,7 @@ def empty_module(skeleton: nn.Module, entry: LayerEntry, where: Path) -> PackedL
                 f"{conv_options(current)} in the skeleton; {fix}"
             )
     ref = next(current.parameters(), None)
-    bias = current.bias
+    bias = getattr(current, "bias", None)
     try:
         module = cls(
             shape,
@@ -150,13 +154,25 @@ def modules_from_manifest(skeleton: nn.Module, packed: PackedLayers, where: Path
     owner's buffers), each checked against the skeleton (:func:`empty_module`)."""
     new = {entry.name: empty_module(skeleton, entry, where) for entry in packed.layers}
     for tie in packed.tied:
-        new[tie.name] = empty_module(skeleton, packed.alias_entry(tie), where)
+        entry = packed.alias_entry(tie)
+        try:  # a head tied to an embedding: its own kind, the owner's blocks
+            entry = dataclasses.replace(
+                entry, kind=layer_kind(equivalent_layer(skeleton, tie.name)))
+        except (AttributeError, TypeError):
+            pass  # empty_module names what is wrong
+        new[tie.name] = empty_module(skeleton, entry, where)
         tie_packed(new[tie.name], new[tie.owner])
     return new
 
 
 def swap_in(model: nn.Module, modules: Mapping[str, PackedLayer]) -> None:
-    """Put ``modules`` into ``model`` at their names, sharing one decode buffer."""
+    """Put ``modules`` into ``model`` at their names, sharing one decode buffer.
+
+    An ``nn.MultiheadAttention`` or transformers ``Conv1D`` holding one of the names is first
+    swapped for its equivalent of Linear layers (:mod:`~bayesq_lightning.attention`), whose
+    layers the names are.
+    """
+    swap_equivalents(model, equivalents_holding(model, list(modules)))
     buffer = DecodeBuffer()
     for name, module in modules.items():
         module.decode_buffer = buffer

@@ -97,6 +97,11 @@ class BayesQConfig:
         one pattern).
     seed : int
         Seed of every random choice (posterior samples, stochastic curvature).
+    quantize_embeddings : bool
+        Also quantize ``nn.Embedding`` layers (opt-in): per-row grids, counted in the budget.
+        Blocks with rows no calibration batch looks up (no data curvature) are held at a floor
+        width: the widest allowed width within the budget. Default ``False``: embeddings stay
+        in floating point.
     posterior, grid, scoring, allocation, rounding : option group, optional
         A whole group, in place of its fields (documented below, group by group).
     """
@@ -136,9 +141,13 @@ class BayesQConfig:
     adaround_batch: int = RoundingOptions.adaround_batch
     check_inputs: int | None = ScoringOptions.check_inputs
     check_top_k: int = ScoringOptions.check_top_k
+    quantize_embeddings: bool = False
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
+        if not isinstance(self.quantize_embeddings, bool):
+            raise TypeError(f"quantize_embeddings must be True or False, got "
+                            f"{self.quantize_embeddings!r}")
         for _, group_cls in GROUPS:
             group = self._group(group_cls)  # validates the group's fields
             for f in fields(group):  # normalised values (sorted allowed_bits, int budget_bytes)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import QUANTIZABLE
+from ..layers import QUANTIZABLE, is_embedding
 from .base import LayerPosterior, Posterior
 from .fit import Prepared, Reduce, backend_class, global_count, import_laplace, laplace_fit
 
@@ -66,7 +66,8 @@ def fit_diag_prepared(
         return n_total
 
     fit = laplace_fit(
-        prep, [m for m in prep.net.modules() if isinstance(m, QUANTIZABLE)],
+        prep, [m for n, m in prep.modules.items() if isinstance(m, QUANTIZABLE)
+               or (n in wanted and is_embedding(m))],
         hessian_structure="diag", backend_cls=getattr(curv, cls_name), stochastic=stochastic,
         prior_precision=prior_precision, n_data=n_data, rescale=rescale,
         spectrum=lambda la: [la.H],

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..batches import batch_size_of, forward_checked, fp32_logits_copy, inputs_to, split_batch
-from ..layers import QUANTIZABLE, untie_parameters
+from ..layers import QUANTIZABLE, is_embedding, untie_parameters
 from .marglik import Spectrum, marglik_prior_precision
 
 AUTO_EXACT_MAX_CLASSES = 10
@@ -192,7 +192,8 @@ def is_grouped(module: nn.Module) -> bool:
 
 
 def check_layers(prep: Prepared, layer_names: Sequence[str]) -> None:
-    bad = [n for n in layer_names if not isinstance(prep.modules.get(n), QUANTIZABLE)]
+    bad = [n for n in layer_names if not isinstance(prep.modules.get(n), QUANTIZABLE)
+           and not is_embedding(prep.modules.get(n))]
     if bad:
         found = {n: type(prep.modules[n]).__name__ if n in prep.modules else "missing"
                  for n in bad}

@@ -94,7 +94,8 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     layers = _kron_layers(fit, steps.factors, layer_names)
     notes: list[str] = []
     backend_name = f"CurvlinopsGGN(stochastic={stochastic}) K-FAC{choice}"
-    grouped = [n for n in layer_names if n not in layers and is_grouped(prep.modules[n])]
+    grouped = [n for n in layer_names if n not in layers
+               and (is_grouped(prep.modules[n]) or isinstance(prep.modules[n], nn.Embedding))]
     if grouped:
         backend_name += _grouped_diagonal(prep, grouped, layers, notes, delta=fit.delta,
                                           n_data=n_data, backend=backend, reduce=reduce)
@@ -212,7 +213,8 @@ def _grouped_diagonal(prep: Prepared, grouped: list[str], layers: dict[str, Laye
                              reduce=reduce)
     for n in grouped:
         note = (f"grouped Conv2d (groups={prep.modules[n].groups}): diagonal metric, "
-                "K-FAC shares one input factor across groups")
+                "K-FAC shares one input factor across groups") if is_grouped(prep.modules[n]) \
+            else "Embedding: diagonal metric (curvlinops' K-FAC has no Embedding support)"
         notes.append(f"{n}: {note}")
         layers[n] = LayerPosterior(n, diag.layers[n].mean, diag.curvature[n] + delta, delta,
                                    note=note, curvature=diag.curvature[n])
