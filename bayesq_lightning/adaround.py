@@ -225,15 +225,18 @@ def adaround_layers(model: nn.Module, batches: list, blocks: dict[str, list[Bloc
     Returns
     -------
     (dict, dict)
-        The new blocks per layer, and per layer ``{"rows", "activation", "frac_decided"}``:
+        The new blocks per layer (an Embedding's unchanged), and per layer ``{"rows", "activation", "frac_decided"}``:
         the input rows it learned from, the activation its loss passed through, and the share
         of ``h(V)`` within 1e-3 of 0 or 1 before the hard rounding.
     """
     fp32, device, modules = fp32_logits_copy(model, share_weights=True)
     work, _, work_modules = fp32_logits_copy(model)  # holds the learned weights as it goes
     inputs = batch_inputs(batches, device)
-    order, follows = _forward_order(fp32, {n: modules[n] for n in blocks}, inputs[0])
-    out, stats, warned = {}, {}, False
+    # an embedding's lookups have no rounding to learn: its rows keep their nearest codes
+    learned = {n: b for n, b in blocks.items() if isinstance(modules[n], (nn.Linear, nn.Conv2d))}
+    out = {n: b for n, b in blocks.items() if n not in learned}
+    order, follows = _forward_order(fp32, {n: modules[n] for n in learned}, inputs[0])
+    stats, warned = {}, False
     for name in show_progress(order, progress, "adaround layers"):
         module, w_module = modules[name], work_modules[name]
         x, x_q = _inputs_of(fp32, module, inputs), _inputs_of(work, w_module, inputs)
@@ -243,16 +246,16 @@ def adaround_layers(model: nn.Module, batches: list, blocks: dict[str, list[Bloc
                           f"{len(x)}", stacklevel=2)
             warned = True
         W = module.weight.detach().reshape(module.weight.shape[0], -1)
-        grid = Grid.of_blocks(blocks[name], W.shape[1])
+        grid = Grid.of_blocks(learned[name], W.shape[1])
         grid = Grid(*(t.to(W.device) for t in (grid.s, grid.z, grid.qmax)))
         with torch.enable_grad():
             codes, h = learn_rounding(module, W, grid, x, x_q, follows.get(name), iters,
                                       min(batch, len(x)), seed)
         out[name] = [replace(b, codes=codes[b.rows[0]:b.rows[1]].to(torch.uint8).cpu())
-                     for b in blocks[name]]
+                     for b in learned[name]]
         decided = ((h < 1e-3) | (h > 1 - 1e-3)).float().mean()
         stats[name] = {"rows": len(x), "activation": type(follows[name]).__name__
                        if name in follows else None, "frac_decided": float(decided)}
-        learned = torch.cat([dequantize(b) for b in out[name]]).to(W.device)
-        w_module.weight.data.copy_(learned.reshape(w_module.weight.shape))
+        w_q = torch.cat([dequantize(b) for b in out[name]]).to(W.device)
+        w_module.weight.data.copy_(w_q.reshape(w_module.weight.shape))
     return out, stats
