@@ -322,7 +322,7 @@ class RoundingOptions:
     damp: float = 0.01
     act_order: bool = False
     adaround_iters: int = 1000
-    adaround_batch: int = 256
+    adaround_batch: int = 64
 
     def __post_init__(self) -> None:
         _check_positive_finite(self, "damp")
