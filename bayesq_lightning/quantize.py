@@ -42,6 +42,7 @@ from .block_plan import (
     round_chosen,
 )
 from .config import BayesQConfig
+from .coverage import coverage, matrix_weights
 from .input_stats import layer_input_hessians
 from .layers import (
     check_finite,
@@ -117,6 +118,7 @@ def quantize_model(
     info: dict = {"method": cfg.method, "config": cfg.to_dict()}
 
     named, pins, tied, skipped = _select_layers(model, cfg)                            # 1
+    inventory = matrix_weights(model)  # before an in-place run replaces the layers
     batches, n_calib = _calibration(method, calibration_loader, cfg)                   # 2
     curv_batches, n_curv = _curvature_batches(method, cfg, curvature_loader, posterior,
                                               batches, n_calib, info)
@@ -151,6 +153,7 @@ def quantize_model(
     if tied or skipped:
         info.update(tied=dict(tied), skipped=dict(skipped))
     code_bits = sum(storage_bits(b.n_weights, b.bits, 0) for x in layers for b in x.blocks)
+    info["coverage"] = coverage(inventory, [x.name for x in layers], tied)
     info["seconds"] = time.perf_counter() - t_start
     return QuantizationResult(
         model=qmodel, layers=layers, bits_per_weight=total_bits / n_weights,
