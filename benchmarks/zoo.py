@@ -158,7 +158,9 @@ def run_one(name: str, method: str, calib: int, threads: int) -> list[dict]:
 
     from bayesq_lightning import BayesQConfig, quantize_model
     from bayesq_lightning.layers import quantizable_layers
+    from bayesq_lightning.posterior.fit import import_laplace
 
+    import_laplace()  # its import (about 45 MB) in every method's baseline, not in quant_mb
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, image = _torchvision(name) if name in TORCHVISION else (_hf(name), 32)
@@ -173,7 +175,9 @@ def run_one(name: str, method: str, calib: int, threads: int) -> list[dict]:
     base = {"model": name, "method": method, "params": n_params, "layers": n_layers,
             "logit_std": std, "bn_recalibrated": recal}
     if method == "lowrank" and (n_layers > LOWRANK_MAX_LAYERS or n_params > LOWRANK_MAX_PARAMS):
-        return [{**base, "bits": b, "status": "skipped: size"} for b in WIDTHS]
+        rows = [{**base, "bits": b, "status": "skipped: size"} for b in WIDTHS]
+        print("ZOO-ROWS " + json.dumps(rows), flush=True)
+        return rows
     rows, posterior = [], None
     for bits in WIDTHS:
         rss0, t0 = _rss_mb(), time.perf_counter()
@@ -184,6 +188,7 @@ def run_one(name: str, method: str, calib: int, threads: int) -> list[dict]:
             rows.append({**base, "bits": bits, "status": f"{type(exc).__name__}: {exc}"[:300],
                          "seconds": time.perf_counter() - t0,
                          "where": traceback.format_exc().splitlines()[-3].strip()[:200]})
+            print("ZOO-ROWS " + json.dumps(rows[-1:]), flush=True)
             continue
         seconds = time.perf_counter() - t0
         posterior = res.posterior
@@ -194,7 +199,17 @@ def run_one(name: str, method: str, calib: int, threads: int) -> list[dict]:
                      "quantized_share": res.info["coverage"]["quantized_share"],
                      "skipped": len(res.skipped), "kl": _kl(model, res.model, test_batches),
                      "posterior_reused": bool(res.info.get("posterior_reused"))})
+        print("ZOO-ROWS " + json.dumps(rows[-1:]), flush=True)  # kept should a width time out
     return rows
+
+
+def _write(rows: list[dict], tag: str, quiet: bool) -> None:
+    from common import write_table
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    write_table([{k: r.get(k) for k in keys} for r in rows], f"zoo{tag}",  # one set of columns
+                ["model", "method", "bits", "status", "seconds", "peak_mb", "quant_mb",
+                 "bits_per_weight", "quantized_share", "kl", "logit_std"], quiet=quiet)
 
 
 def main() -> None:
@@ -204,15 +219,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--calib", type=int, default=32, help="calibration inputs")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per process")
+    parser.add_argument("--timeout", type=float, default=400.0, help="seconds per process")
     parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        print("ZOO-ROWS " + json.dumps(run_one(*args.one, args.calib, args.threads)))
+    if args.one:  # prints its rows as it goes
+        run_one(*args.one, args.calib, args.threads)
         return
-    from common import write_table
-
     t_start, rows = time.perf_counter(), []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
            "MKL_NUM_THREADS": str(args.threads)}
@@ -224,24 +237,22 @@ def main() -> None:
             try:
                 out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env,
                                      timeout=args.timeout)
-                line = [x for x in out.stdout.splitlines() if x.startswith("ZOO-ROWS ")]
-                got = (json.loads(line[-1][9:]) if line else
-                       [{"model": name, "method": method, "bits": b, "status":
-                         "crashed: " + (out.stderr.strip().splitlines() or ["?"])[-1][:200]}
-                        for b in WIDTHS])
-            except subprocess.TimeoutExpired:
-                got = [{"model": name, "method": method, "bits": b,
-                        "status": f"timeout ({args.timeout:.0f} s)"} for b in WIDTHS]
+                stdout, failed = out.stdout, (out.stderr.strip().splitlines() or ["?"])[-1]
+            except subprocess.TimeoutExpired as exc:
+                stdout, failed = exc.stdout or "", f"timeout ({args.timeout:.0f} s)"
+                stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
+            got = [r for x in stdout.splitlines() if x.startswith("ZOO-ROWS ")
+                   for r in json.loads(x[9:])]
+            done = {r["bits"] for r in got}
+            got += [{"model": name, "method": method, "bits": b, "status": failed[:200]}
+                    for b in WIDTHS if b not in done]
             for r in got:
                 r["process_seconds"] = time.perf_counter() - t0
                 print(f"{name:20s} {method:8s} {r['bits']}: {r['status'][:90]} "
                       f"({r.get('seconds', 0):.1f} s, {r.get('peak_mb', 0):.0f} MB)", flush=True)
             rows += got
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    rows = [{k: r.get(k) for k in keys} for r in rows]  # one set of columns for the CSV
-    write_table(rows, f"zoo{args.tag}",
-                ["model", "method", "bits", "status", "seconds", "peak_mb", "quant_mb",
-                 "bits_per_weight", "quantized_share", "kl", "logit_std"])
+            _write(rows, args.tag, quiet=True)  # what has run so far, should the run stop
+    _write(rows, args.tag, quiet=False)
     print(f"zoo: {len(rows)} runs in {time.perf_counter() - t_start:.0f} s "
           f"({args.threads} threads, {args.calib} calibration inputs)")
 
