@@ -171,7 +171,7 @@ def _rounded(plan: BlockPlan, design_rows: Rows, specs: list[Spec], cfg: BayesQC
     if H is None:
         return candidates
     return feedback_round_blocks(candidates, design_rows.w, H, plan.layer_rows, cfg.damp,
-                                 cfg.act_order, factors=factors)
+                                 cfg.act_order, factors=factors, layer=plan.layer)
 
 
 def _estimated_options(plan: BlockPlan, design_rows: Rows, sample: tuple[Tensor, Tensor]

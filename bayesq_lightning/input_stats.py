@@ -18,15 +18,21 @@ from .adapters.torch import conv_input_padding
 from .batches import batch_inputs, forward_checked, fp32_logits_copy, largest_input
 
 
-def _conv_patches(module: nn.Conv2d, x: Tensor) -> Tensor:
-    """Input patches ``(N * L, in * kh * kw)`` in the column order of ``weight.flatten(1)``."""
+def conv_unfold(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """Input patches ``(N, in * kh * kw, L)`` of ``module`` (its padding, padding mode,
+    dilation and stride), rows in the column order of ``weight.flatten(1)`` group after group."""
     padding = module.padding
     if isinstance(padding, str) or module.padding_mode != "zeros":
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, conv_input_padding(module), mode=mode)
         padding = 0
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
-                    stride=module.stride)  # (N, in*kh*kw, L)
+    return F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
+                    stride=module.stride)
+
+
+def _conv_patches(module: nn.Conv2d, x: Tensor) -> Tensor:
+    """Input patches ``(N * L, in * kh * kw)`` in the column order of ``weight.flatten(1)``."""
+    cols = conv_unfold(module, x)  # (N, in*kh*kw, L)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 

@@ -60,6 +60,7 @@ from .block_plan import (
 )
 from .checks import check_plans
 from .config import BayesQConfig
+from .coverage import coverage, matrix_weights
 from .embeddings import (
     embedding_row_counts,
     floor_unseen_rows,
@@ -144,6 +145,7 @@ def quantize_model(
 
     user_model, model = model, linear_equivalent(model)  # attention / Conv1D as Linear layers
     named, pins, tied, skipped = _select_layers(model, cfg)                            # 1
+    inventory = matrix_weights(model)  # before an in-place run replaces the layers
     batches, n_calib = _calibration(method, calibration_loader, cfg)                   # 2
     silent: set[str] = set()
     if batches:
@@ -194,6 +196,7 @@ def quantize_model(
     if tied or skipped:
         info.update(tied=dict(tied), skipped=dict(skipped))
     code_bits = sum(storage_bits(b.n_weights, b.bits, 0) for x in layers for b in x.blocks)
+    info["coverage"] = coverage(inventory, [x.name for x in layers], tied)
     info["seconds"] = time.perf_counter() - t_start
     return QuantizationResult(
         model=qmodel, layers=layers, bits_per_weight=total_bits / n_weights,

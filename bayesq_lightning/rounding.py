@@ -38,11 +38,20 @@ Dead columns (``diag(H) == 0``: the input is always zero there) get ``H[d, d] = 
 so the factorisation exists. Since a PSD ``H`` with a zero diagonal entry has a zero row and
 column, such a column neither gives nor receives feedback: it is plain round-to-nearest.
 (Unlike GPTQ the weight is kept, not zeroed: the layer's output does not depend on it.)
+
+A nearly singular ``H`` (activations of about ``1e-10``: the inverse's entries overflow fp32; a
+negative eigenvalue from round-off) can make the factorisation fail. It is then retried on
+``H / mean(diag H)`` in float64 (error feedback depends on ``U`` only up to a scale), with the
+damping relative to that scale raised tenfold per retry from ``gamma / mean(diag H)`` (at least
+:data:`RETRY_DAMP_MIN`) up to :data:`RETRY_DAMP_MAX`; past that, the diagonal of ``H`` alone
+(no feedback: round to nearest). One warning names the layer and the damping used; the run
+goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -61,21 +70,72 @@ _NOT_PD = (
 )
 
 
+RETRY_DAMP_MIN = 1e-8
+"""Smallest damping (relative to ``mean(diag H)``) a retried factorisation starts from."""
+RETRY_DAMP_MAX = 1.0
+"""Largest damping (relative to ``mean(diag H)``) a retried factorisation tries."""
+
+OnRetry = Callable[[str], None]
+"""Told the damping (in words) of a factorisation that had to be retried."""
+
+
+def _cholesky_of_inverse(H: Tensor) -> Tensor | None:
+    """``U`` upper triangular with ``U^T U = H^{-1}``, or ``None`` if a factorisation fails."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item() == 0:
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    return U if info.item() == 0 and bool(torch.isfinite(U).all()) else None
+
+
 def _upper_cholesky_of_inverse(H: Tensor) -> Tensor:
     """``U`` upper triangular with ``U^T U = H^{-1}``; a clear ``ValueError`` if ``H`` is not PD."""
     if not torch.isfinite(H).all():
         raise ValueError(_NOT_PD.format(what="H has non-finite entries"))
-    L, info = torch.linalg.cholesky_ex(H)
-    if info.item() == 0:
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-    if info.item() != 0:
-        raise ValueError(_NOT_PD.format(what=f"Cholesky failed at column {info.item() - 1}"))
+    U = _cholesky_of_inverse(H)
+    if U is None:
+        info = torch.linalg.cholesky_ex(H).info.item()
+        raise ValueError(_NOT_PD.format(what=f"Cholesky failed at column {info - 1}"
+                                        if info else "the inverse's Cholesky failed"))
     return U
 
 
+def _retried_cholesky(Hd: Tensor, gamma: float) -> tuple[Tensor, str]:
+    """``U`` (up to a scale, in ``Hd``'s dtype) of a finite ``Hd`` (dead columns set,
+    permuted, undamped) whose damped factorisation failed, and the damping used, in words."""
+    H64 = Hd.double()
+    scale = float(H64.diagonal().mean())
+    if not scale > 0:
+        raise ValueError(_NOT_PD.format(what="diag(H) has no positive mean"))
+    Hn = H64 / scale
+    eye = torch.eye(len(Hn), dtype=torch.float64, device=Hn.device)
+    damp = max(gamma / scale, RETRY_DAMP_MIN)
+    while damp <= RETRY_DAMP_MAX * (1 + 1e-9):
+        U = _cholesky_of_inverse(Hn + damp * eye)
+        if U is not None:
+            return U.to(Hd.dtype), f"{damp:.3g} * mean(diag H) in float64"
+        damp *= 10
+    d = Hn.diagonal().clamp_min(0) + RETRY_DAMP_MAX
+    return torch.diag(d.rsqrt()).to(Hd.dtype), (
+        f"diag(H) + {RETRY_DAMP_MAX:g} * mean(diag H) alone (round to nearest): H is far from "
+        "positive semi-definite")
+
+
+def warn_damped(layer: str | None, damping: str, factors: FeedbackFactors | None) -> None:
+    """The one warning of a retried factorisation (once per layer and ``factors``)."""
+    if factors is not None:
+        if layer in factors.warned:
+            return
+        factors.warned.add(layer)
+    where = f"layer {layer!r}" if layer else "a layer"
+    warnings.warn(f"error-feedback rounding of {where}: H + gamma*I is not positive definite "
+                  "in fp32 (a nearly singular H, e.g. activations near zero); rounded under a "
+                  f"damping of {damping}", RuntimeWarning, stacklevel=2)
+
+
 def _factorise(H: Tensor, gamma: float, act_order: bool, dtype: torch.dtype,
-               device: torch.device) -> tuple[Tensor, Tensor]:
-    """Column order and ``U`` (``U^T U = (H + gamma I)^{-1}``, permuted) of error feedback."""
+               device: torch.device, on_retry: OnRetry | None = None) -> tuple[Tensor, Tensor]:
+    """Column order and ``U`` (``U^T U = (H + gamma I)^{-1}``, permuted) of error feedback;
+    up to a scale where the factorisation was retried (``on_retry`` is told the damping)."""
     cols = H.shape[0]
     Hd = H.detach().to(device=device, dtype=dtype).clone()
     dead = Hd.diagonal() == 0
@@ -83,8 +143,17 @@ def _factorise(H: Tensor, gamma: float, act_order: bool, dtype: torch.dtype,
     perm = (torch.argsort(Hd.diagonal(), descending=True, stable=True) if act_order
             else torch.arange(cols, device=device))
     Hd = Hd[perm][:, perm]
-    Hd.diagonal().add_(gamma)
-    return perm, _upper_cholesky_of_inverse(Hd)
+    damped = Hd.clone()
+    damped.diagonal().add_(gamma)
+    if not torch.isfinite(damped).all():
+        raise ValueError(_NOT_PD.format(what="H has non-finite entries"))
+    try:
+        return perm, _upper_cholesky_of_inverse(damped)
+    except ValueError:
+        U, damping = _retried_cholesky(Hd, gamma)
+    if on_retry is not None:
+        on_retry(damping)
+    return perm, U
 
 
 class FeedbackFactors:
@@ -99,13 +168,15 @@ class FeedbackFactors:
 
     def __init__(self) -> None:
         self._last: tuple[Tensor, tuple, tuple[Tensor, Tensor]] | None = None
+        self.warned: set[str | None] = set()
+        """Layers whose retried factorisation was warned about (:func:`warn_damped`)."""
 
     def __call__(self, H: Tensor, gamma: float, act_order: bool, dtype: torch.dtype,
-                 device: torch.device) -> tuple[Tensor, Tensor]:
+                 device: torch.device, on_retry: OnRetry | None = None) -> tuple[Tensor, Tensor]:
         key = (float(gamma), act_order, dtype, device)
         if self._last is not None and self._last[0] is H and self._last[1] == key:
             return self._last[2]
-        factors = _factorise(H, gamma, act_order, dtype, device)
+        factors = _factorise(H, gamma, act_order, dtype, device, on_retry)
         self._last = (H, key, factors)
         return factors
 
@@ -119,6 +190,7 @@ def error_feedback_round(
     act_order: bool = False,
     objective: bool = True,
     factors: FeedbackFactors | None = None,
+    layer: str | None = None,
 ) -> tuple[Tensor, Tensor, float | None]:
     r"""Quantize ``W`` column by column, feeding each column's error forward through ``Hinv``.
 
@@ -143,6 +215,8 @@ def error_feedback_round(
         the codes themselves skip it).
     factors : FeedbackFactors, optional
         Reuses the factorisation of ``H`` across calls; default: a fresh one.
+    layer : str, optional
+        Named in the warning of a retried factorisation (see the module).
 
     Returns
     -------
@@ -157,7 +231,7 @@ def error_feedback_round(
     Raises
     ------
     ValueError
-        Shape mismatch, or ``H + gamma I`` not positive definite (suggests a larger ``gamma``).
+        Shape mismatch, or ``H`` not finite.
     """
     rows, cols = W.shape
     if H.shape != (cols, cols):
@@ -166,7 +240,8 @@ def error_feedback_round(
         raise ValueError(f"block_size={block_size} must be >= 1")
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W0 = W.detach().to(dtype)
-    perm, U = (factors or _factorise)(H, gamma, act_order, dtype, W.device)
+    perm, U = (factors or _factorise)(H, gamma, act_order, dtype, W.device,
+                                      lambda damping: warn_damped(layer, damping, factors))
     # worked on transposed, (cols, rows): each column is a contiguous row, so the per-column
     # updates stream through memory instead of striding across it
     Wt = W0[:, perm].T.contiguous()
@@ -265,7 +340,8 @@ STACK_ELEMENTS = 1 << 24  # weights rounded in one stacked pass (64 MB of fp32 p
 
 def feedback_round_blocks(cands: Sequence[BlockResult], W: Tensor, H: Tensor, layer_rows: int,
                           damp: float = 0.01, act_order: bool = False,
-                          factors: FeedbackFactors | None = None) -> list[BlockResult]:
+                          factors: FeedbackFactors | None = None,
+                          layer: str | None = None) -> list[BlockResult]:
     """Re-round each candidate's codes with error feedback under ``H`` on its own grid.
 
     The candidates are one block's (rows ``cands[i].rows`` of a layer with ``layer_rows``
@@ -279,7 +355,8 @@ def feedback_round_blocks(cands: Sequence[BlockResult], W: Tensor, H: Tensor, la
     ``H`` is ``(cols, cols)``, or ``(groups, cols, cols)`` for a grouped/depthwise conv, whose
     rows in the block are then rounded under their own group's matrix. Each matrix is damped
     relative to its own scale, ``gamma = damp * mean(diag H)`` (:func:`gptq_gamma`).
-    ``factors`` reuses each matrix's factorisation across calls (:class:`FeedbackFactors`).
+    ``factors`` reuses each matrix's factorisation across calls (:class:`FeedbackFactors`);
+    ``layer`` is named in the warning of a retried factorisation.
     """
     if not cands:
         return []
@@ -303,7 +380,7 @@ def feedback_round_blocks(cands: Sequence[BlockResult], W: Tensor, H: Tensor, la
             Ws = W[a:b].repeat(len(chunk), 1)
             quantizer = _stacked_quantizer([cands[i] for i in chunk], a, b)
             codes, _, _ = error_feedback_round(Ws, Hg, quantizer, gamma, act_order=act_order,
-                                               objective=False, factors=factors)
+                                               objective=False, factors=factors, layer=layer)
             for i, c in zip(chunk, codes.split(b - a), strict=True):
                 pieces[i].append(c)
     return [dataclasses.replace(c, codes=torch.cat(p)) for c, p in zip(cands, pieces, strict=True)]

@@ -22,6 +22,7 @@ from bayesq_lightning.posterior.fit import import_laplace
 import_laplace()
 
 from bayesq_lightning.adapters import argparse as argparse_adapter  # noqa: E402
+from bayesq_lightning.adapters import asdl as asdl_adapter  # noqa: E402
 from bayesq_lightning.adapters import curvlinops as curvlinops_adapter  # noqa: E402
 from bayesq_lightning.adapters import laplace as laplace_adapter  # noqa: E402
 from bayesq_lightning.adapters import torch as torch_adapter  # noqa: E402
@@ -154,3 +155,27 @@ def test_the_operator_keeps_its_input_statistics_per_instance():
     assert stats.n == 0  # the other operator's inputs went to its own factor
     streamed.compute_kronecker_factors()
     assert stats.n == 5 and "0" not in streamed._input_covariances
+
+
+def test_asdl_private_api():
+    from asdl.operations import operation
+    from asdl.operations.conv import Conv2d as AsdlConv2d
+
+    adapter = asdl_adapter
+    for name, params in adapter.REPLACED:
+        _require(isinstance(inspect.getattr_static(AsdlConv2d, name, None), staticmethod),
+                 adapter, f"Conv2d.{name}", "no longer a static method")
+        _method(adapter, AsdlConv2d, name, params)
+        _require(f"self.{name}(" in inspect.getsource(operation.Operation), adapter, name,
+                 "Operation no longer calls it")
+    originals = {name: getattr(AsdlConv2d, name) for name, _ in adapter.REPLACED}
+    conv = nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding="same", padding_mode="reflect")
+    x, dy = torch.randn(3, 4, 6, 6), torch.randn(3, 6, 36)
+    with adapter.exact_grouped_convs():
+        patches = AsdlConv2d.preprocess_in_data(conv, x, None)
+        diag = AsdlConv2d.cov_diag_weight(conv, patches, dy)
+    grads = torch.stack([torch.autograd.grad((conv(x[i:i + 1]).flatten(2) * dy[i]).sum(),
+                                             conv.weight)[0] for i in range(3)])
+    torch.testing.assert_close(diag, grads.square().sum(0))
+    _require(all(getattr(AsdlConv2d, n) is f for n, f in originals.items()), adapter,
+             "Conv2d", "exact_grouped_convs did not put ASDL's own methods back")

@@ -183,20 +183,33 @@ def test_kron_on_bf16_model_fits_fp32_copy(tiny_net, loader):
         assert (lp.precision >= 2.0 * (1 - 1e-6)).all()
 
 
-def test_kron_grouped_conv_gets_diagonal_metric():
+def test_kron_grouped_conv_has_an_input_factor_per_group():
+    """One sample at one output position: K-FAC is exact, so each group's ``G_gg (x) A_g`` is
+    the dense GGN's block of that group (curvlinops' shared ``A`` would mix the groups)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 16, 3)).eval()
-    x, y = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,))
-    kron = fit_posterior(model, [(x, y)], ["0", "3"], n_data=80, prior_precision=1.5,
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Flatten()).eval()
+    x = torch.randn(1, 4, 3, 3)
+    kron = fit_posterior(model, [(x, torch.tensor([0]))], ["0"], n_data=1, prior_precision=1.5,
                          structure="kron")
-    diag = fit_posterior(model, [(x, y)], ["0", "3"], n_data=80, prior_precision=1.5)
     conv = kron.layers["0"]
-    assert conv.structure == "diag" and not hasattr(conv, "A") and "grouped" in conv.note
-    assert conv.rounding_matrix((0, 4)) is None  # nearest rounding, diagonal score
-    assert any(n.startswith("0:") for n in kron.info["notes"])
-    torch.testing.assert_close(conv.precision, diag.layers["0"].precision)
-    assert kron.layers["3"].structure == "kron"
+    assert conv.structure == "kron" and conv.A.shape == (2, 18, 18) and conv.G.shape == (6, 6)
+    dense = _exact_ggn_block(model, "0", x).reshape(6, 18, 6, 18)
+    for g in range(2):
+        rows = slice(3 * g, 3 * g + 3)
+        torch.testing.assert_close(
+            torch.kron(conv.G[rows, rows], conv.A[g]).double(),
+            dense[rows, :, rows, :].reshape(54, 54), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(conv.curvature.reshape(6, 18).double(),
+                               dense.reshape(108, 108).diagonal().reshape(6, 18),
+                               rtol=1e-4, atol=1e-6)
+    dW = torch.randn(6, 18)  # the block loss is the groups' own terms
+    parts = sum(float(dW[3 * g:3 * g + 3].reshape(-1).double()
+                      @ dense[3 * g:3 * g + 3, :, 3 * g:3 * g + 3, :].reshape(54, 54)
+                      @ dW[3 * g:3 * g + 3].reshape(-1).double()) for g in range(2))
+    assert conv.quad_form(dW, (0, 6)) == pytest.approx(parts, rel=1e-4)
+    assert conv.rounding_matrix((0, 6)).shape == (2, 18, 18)
+    assert conv.row_terms((0, 6)) is None  # each row its group's A: every row scored
+    assert conv.sample(3).shape == (3, 6, 2, 3, 3)
 
 
 @pytest.mark.parametrize("prior", ["marglik", 1.0])
@@ -220,8 +233,8 @@ def test_kron_eigh_failure_is_a_clear_error(tiny_net, loader, monkeypatch, prior
 def test_kron_refuses_models_without_kfac_layers():
     depthwise = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten()).eval()
     x = torch.randn(4, 2, 3, 3)
-    with pytest.raises(ValueError, match="needs at least one nn.Linear or ungrouped"):
-        fit_posterior(depthwise, [x], ["0"], n_data=10, structure="kron")
+    post = fit_posterior(depthwise, [x], ["0"], n_data=10, structure="kron")
+    assert post.layers["0"].A.shape == (2, 9, 9)  # depthwise: one A per channel
     norm_only = nn.Sequential(nn.LayerNorm(5)).eval()
     with pytest.raises(ValueError, match=r"needs at least one nn.Linear.*LayerNorm"):
         fit_posterior(norm_only, [torch.randn(4, 5)], [], n_data=10, structure="kron")

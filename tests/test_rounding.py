@@ -11,6 +11,7 @@ from bayesq_lightning.input_stats import InputStats, input_hessian, layer_input_
 from bayesq_lightning.quantizers import dequantize, design_uniform, expand_groups, round_uniform
 from bayesq_lightning.result import BlockResult
 from bayesq_lightning.rounding import (
+    FeedbackFactors,
     error_feedback_round,
     feedback_round_blocks,
     gptq_gamma,
@@ -139,18 +140,46 @@ def test_dead_columns_round_to_nearest():
     assert torch.equal(codes[:, 4], grid.codes[:, 4])
 
 
-@pytest.mark.parametrize("H_bad", ["negative", "nan"])
-def test_not_positive_definite_raises(H_bad):
+def test_non_finite_H_raises():
     W, H = _layer(4, 10, 30, seed=7)
-    H = torch.diag(torch.tensor([1.0] * 5 + [-1.0] + [1.0] * 4)) if H_bad == "negative" else H
-    if H_bad == "nan":
-        H[2, 3] = float("nan")
+    H[2, 3] = float("nan")
+    grid = design_uniform(W, 3)
+    with pytest.raises(ValueError, match="not positive definite.*non-finite"):
+        error_feedback_round(W, H, uniform_column_quantizer(grid.scale, grid.zero, 3), gamma=0.0)
+
+
+def test_H_far_from_psd_rounds_to_nearest_with_a_warning():
+    W, _ = _layer(4, 10, 30, seed=7)
+    H = torch.diag(torch.tensor([1.0] * 5 + [-1.0] + [1.0] * 4))  # past every retry's damping
     grid = design_uniform(W, 3)
     qc = uniform_column_quantizer(grid.scale, grid.zero, 3)
-    with pytest.raises(ValueError, match="not positive definite.*[Ii]ncrease gamma"):
-        error_feedback_round(W, H, qc, gamma=0.0)
-    if H_bad == "negative":  # enough damping makes it usable
-        error_feedback_round(W, H, qc, gamma=1.5)
+    with pytest.warns(RuntimeWarning, match="layer 'fc'.*far from positive semi-definite"):
+        codes, _, _ = error_feedback_round(W, H, qc, gamma=0.0, layer="fc")
+    assert torch.equal(codes, grid.codes)  # no feedback: round to nearest
+    error_feedback_round(W, H, qc, gamma=1.5)  # enough damping of its own: no retry
+
+
+def test_round_off_negative_eigenvalue_is_damped_in_float64():
+    """``H = X X^T / n`` of rank 6 < 16 columns, its null space pushed to -1e-6 of its scale
+    (round-off): the undamped fp32 factorisation fails, the retry damps tenfold per step."""
+    W, H = _layer(8, 16, 6, seed=3)
+    _, V = torch.linalg.eigh(H.double())
+    null = V[:, :10]  # H's null space (its 10 smallest eigenvalues are 0)
+    scale = float(H.diagonal().mean())
+    H = (H.double() - 1e-6 * scale * null @ null.T).float()
+    assert float(torch.linalg.eigvalsh(H.double())[0]) < -5e-7 * scale
+    grid = design_uniform(W, 3)
+    qc = uniform_column_quantizer(grid.scale, grid.zero, 3)
+    factors = FeedbackFactors()
+    with pytest.warns(RuntimeWarning) as caught:
+        codes, Q, objective = error_feedback_round(W, H, qc, gamma=0.0, factors=factors,
+                                                   layer="conv")
+        error_feedback_round(W, H.clone(), qc, gamma=0.0, factors=factors, layer="conv")
+    (warning,) = [w for w in caught if "not positive definite" in str(w.message)]
+    assert "layer 'conv'" in str(warning.message) and "1e-05 * mean(diag H)" in str(
+        warning.message)  # 1e-8, 1e-7, 1e-6 fail; one warning for the layer
+    rtn = dequantize(BlockResult((0, 8), 3, "uniform", None, grid.codes, grid.scale, grid.zero))
+    assert torch.isfinite(Q).all() and objective < _objective(rtn - W, H)
 
 
 def test_input_hessian_linear_is_mean_output_error():

@@ -221,6 +221,14 @@ class KronLayerPosterior(LayerPosterior):
     :math:`\mathrm{tr}(G_B\, dW A\, dW^\top)` with :math:`G_B = G[r_0:r_1, r_0:r_1]`, and error
     feedback rounds under ``A`` damped relative to its own scale,
     ``gamma = damp * mean(diag A)`` (GPTQ's rule; ``G`` enters the score, not the rounding).
+
+    A grouped or depthwise convolution (``groups`` channel groups of ``per = out / groups``
+    output channels) has one input factor per group, ``A`` of shape ``(groups, cols, cols)``:
+    the rows of group ``g`` see only that group's input channels. Its precision is
+    block-diagonal over the groups, :math:`\Lambda = \bigoplus_g G_{gg} \otimes A_g + \delta
+    I` with :math:`G_{gg}` the group's diagonal block of ``G`` (the cross-group terms of the
+    GGN are dropped, as K-FAC drops those between layers); scores, rounding and draws are
+    taken group by group.
     """
 
     structure: ClassVar[str] = "kron"
@@ -232,13 +240,26 @@ class KronLayerPosterior(LayerPosterior):
     def __post_init__(self) -> None:
         pass  # nothing to fill: the base's check would form the curvature just to discard it
 
+    @property
+    def groups(self) -> int:
+        """Channel groups: one input factor each (1 for a Linear or ungrouped Conv2d)."""
+        return 1 if self.A.dim() == 2 else self.A.shape[0]
+
+    def _diag_outer(self, r0: int, r1: int) -> Tensor:
+        """Rows ``r0:r1`` of ``outer(diag G, diag A)`` (each row its group's ``A``)."""
+        g = self.G.diagonal()[r0:r1]
+        if self.groups == 1:
+            return torch.outer(g, self.A.diagonal())
+        a = self.A.diagonal(dim1=-2, dim2=-1).repeat_interleave(self.G.shape[0] // self.groups, 0)
+        return g.unsqueeze(1) * a[r0:r1]
+
     # Both diagonals are formed from the factors on each access instead of being stored: they
     # would be two dense fp32 tensors the size of the weights per layer. The dataclass's
     # constructor assigns both fields, so the setters take ``None`` and refuse anything else.
     @property
     def curvature(self) -> Tensor:
         """``outer(diag G, diag A)`` in the weight's shape (fp32, formed per access)."""
-        return torch.outer(self.G.diagonal(), self.A.diagonal()).reshape(self.mean.shape)
+        return self._diag_outer(0, self.G.shape[0]).reshape(self.mean.shape)
 
     @curvature.setter
     def curvature(self, value: Tensor | None) -> None:
@@ -256,16 +277,17 @@ class KronLayerPosterior(LayerPosterior):
     def is_finite(self) -> bool:
         # from the factors' diagonals, without forming the two weight-sized diagonals: both
         # are non-negative, so every product g_i a_j is finite iff the largest one is
-        g, a = self.G.diagonal(), self.A.diagonal()
+        g, a = self.G.diagonal(), self.A.diagonal(dim1=-2, dim2=-1)
         top = g.abs().amax() * a.abs().amax() + self.prior_precision
         return bool(torch.isfinite(g).all() and torch.isfinite(a).all() and torch.isfinite(top))
 
     def precision_rows(self, rows: tuple[int, int]) -> Tensor:
         # only these rows, not a view of a whole-layer tensor kept alive by every block
-        g = self.G.diagonal()[rows[0]:rows[1]]
-        return (torch.outer(g, self.A.diagonal()) + self.prior_precision).float().cpu()
+        return (self._diag_outer(*rows) + self.prior_precision).float().cpu()
 
     def _curvature_loss(self, rows: tuple[int, int]) -> Callable[[Tensor], float]:
+        if self.groups > 1:
+            return self._grouped_loss(rows)
         r0, r1 = rows
         factors: list[Tensor] = []  # this block's G and A on the CPU, formed at the first call
 
@@ -281,8 +303,28 @@ class KronLayerPosterior(LayerPosterior):
 
         return form
 
-    def row_terms(self, rows: tuple[int, int], prior: bool = False) -> RowTerms:
-        r"""Row ``i``'s term :math:`G_{ii}\, dW_i A\, dW_i^\top` (``+ delta |dW_i|^2``)."""
+    def _grouped_loss(self, rows: tuple[int, int]) -> Callable[[Tensor], float]:
+        r""":math:`\sum_g \mathrm{tr}(G_{B,g}\, dW_g A_g\, dW_g^\top)` over the groups the
+        rows meet (``dW_g``: the block's rows of group ``g``)."""
+        from ..rounding import group_pieces
+
+        r0 = rows[0]
+        pieces = [(self.G[r0 + a:r0 + b, r0 + a:r0 + b].float().cpu(), self.A[g].float().cpu(),
+                   a, b) for g, (a, b) in group_pieces(rows, self.G.shape[0] // self.groups)]
+
+        def form(dW: Tensor) -> float:
+            dW32 = dW.float()
+            return sum(float(((G @ dW32[a:b] @ A).double() * dW[a:b].double()).sum())
+                       for G, A, a, b in pieces)
+
+        return form
+
+    def row_terms(self, rows: tuple[int, int], prior: bool = False) -> RowTerms | None:
+        r"""Row ``i``'s term :math:`G_{ii}\, dW_i A\, dW_i^\top` (``+ delta |dW_i|^2``);
+        ``None`` for a grouped convolution, whose rows each have their group's ``A``: every
+        row is scored (as GPTQ scores them)."""
+        if self.groups > 1:
+            return None
         r0, r1 = rows
         g = self.G.diagonal()[r0:r1].double().cpu()
         delta = self.prior_precision
@@ -295,6 +337,7 @@ class KronLayerPosterior(LayerPosterior):
         return RowTerms(g, terms)
 
     def rounding_matrix(self, rows: tuple[int, int]) -> Tensor:
+        """``A`` (``(groups, cols, cols)`` for a grouped convolution: each row its group's)."""
         return self.A.cpu().float()
 
     def tied_with(self, other: LayerPosterior) -> LayerPosterior:
@@ -302,7 +345,7 @@ class KronLayerPosterior(LayerPosterior):
         \bar G \otimes (A_1 + A_2)`, :math:`\bar G` the mean of the live ``G`` (``mean(diag
         G) = 1`` each): each use as extra input rows, K-FAC's own treatment of a layer's
         positions. Exact when the uses share ``G``; a use with ``G = 0`` adds nothing."""
-        if not isinstance(other, KronLayerPosterior):
+        if not isinstance(other, KronLayerPosterior) or other.A.shape != self.A.shape:
             return super().tied_with(other)
         live = [p for p in (self, other) if float(p.G.diagonal().abs().sum()) > 0]
         if not live:
@@ -318,20 +361,27 @@ class KronLayerPosterior(LayerPosterior):
 
         With :math:`G = Q_G \mathrm{diag}(g) Q_G^\top` and :math:`A = Q_A \mathrm{diag}(a)
         Q_A^\top`, the precision is diagonal in the Kronecker eigenbasis with eigenvalues
-        :math:`g_i a_j + \delta`: ``W = mu + Q_G (Z / sqrt((g a^T + delta) / T)) Q_A^T``.
+        :math:`g_i a_j + \delta`: ``W = mu + Q_G (Z / sqrt((g a^T + delta) / T)) Q_A^T``; for a
+        grouped convolution, group by group (:math:`G_{gg}`, :math:`A_g`).
         """
         QG, QA, lam = self._eigen()
-        out, cols = lam.shape
-        eps = torch.randn((n, out, cols), generator=generator, dtype=torch.float64)
-        dW = QG @ (eps * (temperature / lam).sqrt()) @ QA.T
+        eps = torch.randn((n, *lam.shape), generator=generator, dtype=torch.float64)
+        dW = QG @ (eps * (temperature / lam).sqrt()) @ QA.transpose(-1, -2)
         return self.mean.float().cpu() + dW.float().reshape(n, *self.mean.shape)
 
     def _eigen(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(Q_G, Q_A, g a^T + delta)``, float64, computed once per layer."""
+        """``(Q_G, Q_A, g a^T + delta)``, float64, computed once per layer; for a grouped
+        convolution stacked over the groups, ``(groups, per, per)``, ``(groups, cols, cols)``
+        and ``(groups, per, cols)``."""
         if self._eig is None:
-            g, QG = torch.linalg.eigh(self.G.double().cpu())
-            a, QA = torch.linalg.eigh(self.A.double().cpu())
-            self._eig = (QG, QA, torch.outer(g.clamp_min(0), a.clamp_min(0)))
+            G, A = self.G.double().cpu(), self.A.double().cpu()
+            if self.groups > 1:
+                per = G.shape[0] // self.groups
+                G = G.view(self.groups, per, self.groups, per).diagonal(dim1=0, dim2=2)
+                G = G.permute(2, 0, 1)  # each group's diagonal block of G
+            g, QG = torch.linalg.eigh(G)
+            a, QA = torch.linalg.eigh(A)
+            self._eig = (QG, QA, g.clamp_min(0).unsqueeze(-1) * a.clamp_min(0).unsqueeze(-2))
         QG, QA, ga = self._eig
         return QG, QA, ga + self.prior_precision
 

@@ -243,6 +243,8 @@ def laplace_fit(
     import_laplace()
     from laplace import Laplace
 
+    from ..adapters.asdl import exact_grouped_convs
+
     with _trainable_only(prep.net, modules):
         names = [n.removeprefix("model.") for n, p in prep.net.named_parameters()
                  if p.requires_grad]
@@ -261,7 +263,8 @@ def laplace_fit(
             raise ValueError("a fit of its own is only supported for K-FAC, not "
                              f"{hessian_structure!r}")
         try:
-            with warnings.catch_warnings():  # ASDL's module hooks: its own deprecation, not ours
+            # ASDL's module hooks: its own deprecation, not ours; its grouped convolutions exact
+            with warnings.catch_warnings(), exact_grouped_convs():
                 warnings.filterwarnings("ignore", message="Using a non-full backward hook")
                 if fit is None:
                     la.fit(prep.loader)

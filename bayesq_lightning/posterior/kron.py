@@ -50,13 +50,13 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     :math:`\delta` (scalar prior) is fitted by marginal likelihood on the eigenvalues of exactly
     these factors (:mod:`.marglik`), so it belongs to the stored posterior.
 
-    **Layers.** K-FAC covers ``nn.Linear`` and ungrouped ``nn.Conv2d`` layers (every other
-    parameter is frozen for the fit, on the fp32 clone). Grouped and depthwise convolutions get
-    the *diagonal metric* (exact GGN diagonal from
-    :func:`~bayesq_lightning.posterior.diag.fit_diag_prepared`, rescaled, plus the K-FAC
-    :math:`\delta`) with a note: curvlinops averages their input patches over the channel
-    groups and shares one ``A`` across groups, which is not the per-group statistic the
-    error-feedback rounding needs. :math:`\delta` is fitted on the K-FAC layers only.
+    **Layers.** K-FAC covers ``nn.Linear`` and ``nn.Conv2d`` layers (every other parameter is
+    frozen for the fit, on the fp32 clone). A grouped or depthwise convolution gets one input
+    factor per channel group, ``A`` of shape ``(groups, cols, cols)``
+    (:class:`~bayesq_lightning.posterior.base.KronLayerPosterior`): its inputs are always
+    summed by :class:`~bayesq_lightning.input_stats.InputStats` group by group, as GPTQ sums
+    them, instead of by curvlinops, which averages the patches over the groups into one shared
+    ``A``; curvlinops' ``G`` (the output gradients' statistic) does not depend on the groups.
 
     **Input factors from every batch.** ``G`` needs backward passes (one per class for the exact
     GGN, one for two classes), ``A`` only the layer inputs. With ``kfac_batches`` below the
@@ -91,14 +91,14 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
         stochastic=stochastic, prior_precision=prior_precision, n_data=n_data,
         rescale=steps.rescale, spectrum=steps.spectrum, abort=ABORT, fit=steps.fit,
     )
-    layers = _kron_layers(fit, steps.factors, layer_names)
+    layers = _kron_layers(fit, steps.factors, layer_names, prep)
     notes: list[str] = []
     backend_name = f"CurvlinopsGGN(stochastic={stochastic}) K-FAC{choice}"
-    grouped = [n for n in layer_names if n not in layers
-               and (is_grouped(prep.modules[n]) or isinstance(prep.modules[n], nn.Embedding))]
-    if grouped:
-        backend_name += _grouped_diagonal(prep, grouped, layers, notes, delta=fit.delta,
-                                          n_data=n_data, backend=backend, reduce=reduce)
+    embeddings = [n for n in layer_names
+                  if n not in layers and isinstance(prep.modules[n], nn.Embedding)]
+    if embeddings:
+        backend_name += _embedding_diagonal(prep, embeddings, layers, notes, delta=fit.delta,
+                                            n_data=n_data, backend=backend, reduce=reduce)
     missing = set(layer_names) - set(layers)
     if missing:
         raise RuntimeError(f"no curvature was produced for layers {sorted(missing)}")
@@ -150,23 +150,23 @@ def _failed_eigensolve_aborts() -> Iterator[None]:
 
 
 def _kfac_modules(prep: Prepared) -> dict[str, nn.Module]:
-    """The layers K-FAC covers, by name: ``nn.Linear`` and ungrouped ``nn.Conv2d``."""
-    modules = {n: m for n, m in prep.modules.items()
-               if isinstance(m, QUANTIZABLE) and not is_grouped(m)}
+    """The layers K-FAC covers, by name: ``nn.Linear`` and ``nn.Conv2d`` (grouped ones too)."""
+    modules = {n: m for n, m in prep.modules.items() if isinstance(m, QUANTIZABLE)}
     if not modules:
         kinds = sorted({type(m).__name__ for m in prep.net.model.modules()
                         if list(m.parameters(False))})
         raise ValueError(
-            "structure='kron' needs at least one nn.Linear or ungrouped nn.Conv2d layer (the "
-            f"only layers K-FAC supports); this model has parameterised layers {kinds}. "
-            "Use structure='diag' (or 'lowrank') for it."
+            "structure='kron' needs at least one nn.Linear or nn.Conv2d layer (the only layers "
+            f"K-FAC supports); this model has parameterised layers {kinds}. Use "
+            "structure='diag' for it."
         )
     return modules
 
 
 def _streamed_inputs(prep: Prepared, kfac_modules: dict[str, nn.Module], later: list,
                      stream: bool) -> dict[str, InputStats]:
-    """The input sums of the layers whose ``A`` is streamed, over the ``later`` batches.
+    """The input sums of the layers whose ``A`` is streamed, over the ``later`` batches; a
+    grouped convolution's always (its ``A`` per group, see :func:`fit_kron`).
 
     Forward passes only; the sums are then held in fp32 (the fit holds its factors and
     activations beside them) while the K-FAC fit's own forward passes add its batches' inputs:
@@ -174,7 +174,7 @@ def _streamed_inputs(prep: Prepared, kfac_modules: dict[str, nn.Module], later: 
     laplace-torch folds its ``A`` into a single block.
     """
     modules = {n: m for n, m in kfac_modules.items()
-               if m.weight.numel() > 1 or m.bias is not None} if stream else {}
+               if is_grouped(m) or stream and (m.weight.numel() > 1 or m.bias is not None)}
     stats = stream_input_stats(prep.net, prep.device, modules,
                                later if modules else [])  # no hooks: no pass
     for st in stats.values():
@@ -182,8 +182,8 @@ def _streamed_inputs(prep: Prepared, kfac_modules: dict[str, nn.Module], later: 
     return stats
 
 
-def _kron_layers(fit: LaplaceFit, factors: KronFactors, layer_names: Sequence[str]
-                 ) -> dict[str, LayerPosterior]:
+def _kron_layers(fit: LaplaceFit, factors: KronFactors, layer_names: Sequence[str],
+                 prep: Prepared) -> dict[str, LayerPosterior]:
     """The K-FAC posterior of every requested weight the fit covered."""
     wanted = set(layer_names)
     layers: dict[str, LayerPosterior] = {}
@@ -193,7 +193,9 @@ def _kron_layers(fit: LaplaceFit, factors: KronFactors, layer_names: Sequence[st
             continue
         out, n_in = p.shape[0], p[0].numel()
         G, A = factors.layer_factors(i)
-        if G.shape != (out, out) or A.shape != (n_in, n_in):
+        groups = prep.modules[lname].groups if is_grouped(prep.modules[lname]) else 1
+        if G.shape != (out, out) or A.shape != ((n_in, n_in) if groups == 1
+                                                else (groups, n_in, n_in)):
             raise RuntimeError(
                 f"K-FAC factors of {lname!r} have shapes G {tuple(G.shape)}, A {tuple(A.shape)}; "
                 f"expected ({out}, {out}) and ({n_in}, {n_in}) (parameter order mismatch)"
@@ -204,18 +206,17 @@ def _kron_layers(fit: LaplaceFit, factors: KronFactors, layer_names: Sequence[st
     return layers
 
 
-def _grouped_diagonal(prep: Prepared, grouped: list[str], layers: dict[str, LayerPosterior],
-                      notes: list[str], *, delta: float, n_data: int, backend: str,
-                      reduce: Reduce | None) -> str:
-    """The diagonal metric of the grouped convolutions ``grouped`` with K-FAC's ``delta``,
-    added to ``layers`` (and ``notes``); returns the backend's description."""
-    diag = fit_diag_prepared(prep, grouped, n_data=n_data, prior_precision=1.0, backend=backend,
+def _embedding_diagonal(prep: Prepared, names: list[str], layers: dict[str, LayerPosterior],
+                        notes: list[str], *, delta: float, n_data: int, backend: str,
+                        reduce: Reduce | None) -> str:
+    """The diagonal metric of the embeddings ``names`` with K-FAC's ``delta`` (curvlinops'
+    K-FAC has no Embedding support), added to ``layers`` (and ``notes``); returns the
+    backend's description."""
+    diag = fit_diag_prepared(prep, names, n_data=n_data, prior_precision=1.0, backend=backend,
                              reduce=reduce)
-    for n in grouped:
-        note = (f"grouped Conv2d (groups={prep.modules[n].groups}): diagonal metric, "
-                "K-FAC shares one input factor across groups") if is_grouped(prep.modules[n]) \
-            else "Embedding: diagonal metric (curvlinops' K-FAC has no Embedding support)"
+    note = "Embedding: diagonal metric (curvlinops' K-FAC has no Embedding support)"
+    for n in names:
         notes.append(f"{n}: {note}")
         layers[n] = LayerPosterior(n, diag.layers[n].mean, diag.curvature[n] + delta, delta,
                                    note=note, curvature=diag.curvature[n])
-    return f"; grouped convs: {diag.backend} diagonal"
+    return f"; embeddings: {diag.backend} diagonal"

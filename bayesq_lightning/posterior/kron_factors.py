@@ -145,7 +145,7 @@ class KronFactors:
         for i, F in enumerate(self.blocks):
             if len(F) == 2:
                 c = F[0].diagonal().mean()
-                if i in bias_of_weight:  # the same spectrum, scaled: not a second solve
+                if i in bias_of_weight and F[1].dim() == 2:  # the same spectrum, scaled: not a second solve
                     self.g_spectra[i] = self.bias_spectra[bias_of_weight[i]] / (
                         scale * (c if c > 0 else 1.0))
                 if c > 0:
@@ -156,8 +156,11 @@ class KronFactors:
 
     def spectrum(self) -> Spectrum:
         r"""The curvature's eigenvalues per block: pairs ``(l_G, l_A)`` for a weight (those of
-        :math:`G \otimes A` are their products), one tensor for a bias or scalar block."""
+        :math:`G \otimes A` are their products), one tensor for a bias or scalar block, and for
+        a grouped convolution's weight (``A`` per group) the products of each group's
+        :func:`grouped_eigenvalues`."""
         eig = [[self.bias_spectra[i]] if i in self.bias_spectra else
+               [grouped_eigenvalues(*F)] if len(F) == 2 and F[1].dim() == 3 else
                [self.g_spectra[i] if j == 0 and i in self.g_spectra else
                 eigvalsh(f) if f.dim() > 1 else f for j, f in enumerate(F)]
                for i, F in enumerate(self.blocks)]
@@ -194,6 +197,14 @@ def eigvalsh(f: Tensor) -> Tensor:
     except torch.linalg.LinAlgError:
         pass
     return torch.linalg.eigvalsh(f.double()).to(f.dtype)
+
+
+def grouped_eigenvalues(G: Tensor, A: Tensor) -> Tensor:
+    r"""Eigenvalues of :math:`\bigoplus_g G_{gg} \otimes A_g` (``A``: ``(groups, cols,
+    cols)``, :math:`G_{gg}` the groups' diagonal blocks of ``G``), flattened."""
+    groups, per = A.shape[0], G.shape[0] // A.shape[0]
+    blocks = G.view(groups, per, groups, per).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    return (eigvalsh(blocks).unsqueeze(-1) * eigvalsh(A).unsqueeze(-2)).reshape(-1)
 
 
 class _WithLabels:
