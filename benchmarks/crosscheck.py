@@ -36,11 +36,10 @@ longer start at ``W`` (:func:`_insert_learned_round` gives the zero point a plai
 accelerate's device dispatch around each layer is skipped (one CPU; accelerate 1.16's
 ``remove_hooks`` fails on Brevitas' quantizer injectors).
 
-Usage (Brevitas in its own venv: ``python3 -m venv /work/brevitas-venv`` then
-``/work/brevitas-venv/bin/pip install brevitas accelerate "setuptools<81"``)::
+Usage (``make bench`` builds Brevitas' venv at ``.cache/brevitas-venv``: ``python3 -m venv``,
+then ``pip install brevitas accelerate "setuptools<81"``)::
 
-    BAYESQ_BENCH_CACHE=/work/main/.cache/bench OMP_NUM_THREADS=1 PYTHONPATH=$PWD \\
-        nice -n 10 python benchmarks/crosscheck.py --brevitas-python /work/brevitas-venv/bin/python
+    python benchmarks/crosscheck.py --brevitas-python .cache/brevitas-venv/bin/python
 
 Run time: 31 minutes wall (13 minutes of CPU) on one thread of a 2-core machine shared with
 other jobs, at the default ``--iters 1000 --batch 32``; the table states each row's seconds.
@@ -343,7 +342,7 @@ def main(args: argparse.Namespace) -> None:
 
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--brevitas-python", default="/work/brevitas-venv/bin/python",
+    p.add_argument("--brevitas-python", default=".cache/brevitas-venv/bin/python",
                    help="python of a venv with brevitas and accelerate installed")
     p.add_argument("--bits", type=int, nargs="+", default=list(BITS))
     p.add_argument("--iters", type=int, default=1000, help="AdaRound iterations per layer")
