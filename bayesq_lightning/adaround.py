@@ -34,10 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapters.torch import conv_input_padding
 from .batches import batch_inputs, fp32_logits_copy
 from .progress import progress as show_progress
 from .quantizers import dequantize, expand_groups
@@ -98,15 +96,10 @@ def _beta(t: float) -> float:
 
 
 def layer_forward(module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
-    """``module``'s output on ``x`` with ``weight`` (``(rows, cols)``) in place of its own."""
-    w = weight.reshape(module.weight.shape)
-    if isinstance(module, nn.Linear):
-        return F.linear(x, w, module.bias)
-    padding = module.padding
-    if isinstance(padding, str) or module.padding_mode != "zeros":
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x, padding = F.pad(x, conv_input_padding(module), mode=mode), 0
-    return F.conv2d(x, w, module.bias, module.stride, padding, module.dilation, module.groups)
+    """``module``'s own forward on ``x`` with ``weight`` (``(rows, cols)``) in place of its
+    weight (its padding, stride, groups and bias as they are)."""
+    return torch.func.functional_call(module, {"weight": weight.reshape(module.weight.shape)},
+                                      (x,))
 
 
 def learn_rounding(module: nn.Module, W: Tensor, grid: Grid, x: Tensor, x_q: Tensor,

@@ -279,9 +279,7 @@ def _learn_rounding(model: nn.Module, batches: list, plans: list[BlockPlan],
                     cfg: BayesQConfig, progress: bool) -> dict[str, dict]:
     """Stage 8 of AdaRound: the chosen grids' codes learned again, layer by layer (same
     grids, same cost); returns each layer's learning statistics."""
-    per_layer: dict[str, list[BlockPlan]] = {}
-    for plan in plans:
-        per_layer.setdefault(plan.layer, []).append(plan)
+    per_layer = _plans_by_layer(plans)
     learned, stats = adaround_layers(
         model, batches, {name: [p.chosen for p in ps] for name, ps in per_layer.items()},
         cfg.adaround_iters, cfg.adaround_batch, cfg.seed, progress)
@@ -423,9 +421,7 @@ def _posterior(model: nn.Module, method: Method, cfg: BayesQConfig, batches: lis
 
 def _layer_results(named, plans: list[BlockPlan]) -> list[LayerResult]:
     """Each layer's chosen blocks, expected loss and bytes."""
-    per_layer: dict[str, list[BlockPlan]] = {}
-    for plan in plans:
-        per_layer.setdefault(plan.layer, []).append(plan)
+    per_layer = _plans_by_layer(plans)
     layers = []
     for name, module in named:
         chosen = [p.options[p.choice] for p in per_layer[name]]
@@ -435,6 +431,14 @@ def _layer_results(named, plans: list[BlockPlan]) -> list[LayerResult]:
             sum(o.loss for o in chosen), sum(o.cost for o in chosen) // 8,
         ))
     return layers
+
+
+def _plans_by_layer(plans: list[BlockPlan]) -> dict[str, list[BlockPlan]]:
+    """Each layer's block plans, in row order."""
+    per_layer: dict[str, list[BlockPlan]] = {}
+    for plan in plans:
+        per_layer.setdefault(plan.layer, []).append(plan)
+    return per_layer
 
 
 def _dataset_len(loader) -> int | None:
