@@ -46,7 +46,8 @@ $(BREVITAS):
 
 bench: bench-assets $(BREVITAS)
 	$(PY) -m pytest -q -m slow
-	$(PY) benchmarks/frontier.py
+	$(PY) benchmarks/frontier.py --cases fashion_resnet
+	$(PY) benchmarks/frontier.py --cases minilm_sentiment
 	$(PY) benchmarks/decisions.py
 	$(PY) benchmarks/crosscheck.py --brevitas-python $(BREVITAS)
 	$(PY) benchmarks/ablation.py

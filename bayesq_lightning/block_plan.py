@@ -67,6 +67,8 @@ class BlockPlan:
         Aligned per candidate: what it is, its grid and codes, its ``(cost, loss)``.
     sampled : bool
         The candidates were designed and rounded on a row sample (their losses estimates).
+    whole : set of int
+        Of a sampled block, the candidates since rounded on every row (:func:`make_whole`).
     choice : int or None
         The knapsack's pick among the candidates.
     """
@@ -78,6 +80,7 @@ class BlockPlan:
     candidates: list[BlockResult] = field(default_factory=list)
     options: list[Option] = field(default_factory=list)
     sampled: bool = False
+    whole: set[int] = field(default_factory=set)
     choice: int | None = None
 
     @property
@@ -191,11 +194,12 @@ def _score_sample(plan: BlockPlan, cfg: BayesQConfig, index: int
     """The rows ``plan`` compares its candidates on and their estimate weights
     (:func:`~bayesq_lightning.row_sample.sample_rows`: ``cfg.score_rows`` draws, seeded per
     block), or ``None``: every row (no feedback, one candidate, at most ``2 * score_rows``
-    rows, or Monte-Carlo and checked tables, which need every candidate whole)."""
+    rows, or Monte-Carlo tables, which need every candidate whole; the checks round the
+    candidates they measure whole, :func:`make_whole`)."""
     n_rows = plan.rows[1] - plan.rows[0]
     row_terms = plan.inputs.row_terms
     if (cfg.score_rows is None or row_terms is None or len(plan.specs) < 2
-            or n_rows <= 2 * cfg.score_rows or cfg.tables != "closed_form"):
+            or n_rows <= 2 * cfg.score_rows or cfg.resolved_tables == "mc"):
         return None
     w = plan.w.double()  # a row's rounding error scales with its range
     return sample_rows(row_terms.scales * (w.amax(1) - w.amin(1)) ** 2, cfg.score_rows,
@@ -216,36 +220,49 @@ def _sampled_rows(plan: BlockPlan, idx: Tensor) -> Rows:
                 pick(plan.inputs.weight))
 
 
+def make_whole(plan: BlockPlan, indices: list[int], method: Method, cfg: BayesQConfig,
+               factors: FeedbackFactors) -> None:
+    """The candidates ``indices`` of a row-sampled ``plan`` designed and rounded on every row,
+    in place of the sample's, with their exact costs and losses."""
+    todo = [j for j in indices if j not in plan.whole]
+    if not todo:
+        return
+    with plan.open(method):
+        whole = _rounded(plan, _all_rows(plan), [plan.specs[j] for j in todo], cfg, factors)
+        losses = [plan.loss(c) for c in whole]
+    for j, c, loss in zip(todo, whole, losses, strict=True):
+        cost = block_storage_bits(c)
+        if cost != plan.options[j].cost:  # the allocation's accounting is the artifact's
+            raise RuntimeError(f"block {plan.rows} of {plan.layer!r}: the sampled candidate was "
+                               f"costed {plan.options[j].cost} bits, the whole one holds {cost}")
+        plan.candidates[j] = c
+        plan.options[j] = Option(cost, loss, plan.options[j].bits, plan.options[j].tag)
+    plan.whole.update(todo)
+
+
 def round_chosen(plans: list[BlockPlan], method: Method, cfg: BayesQConfig,
                  progress: bool) -> int:
     """Every row-sampled block's chosen width and quantizer designed and rounded on all its
     rows, each of its range objectives (same cost), and the one with the lower exact loss
     stored in place of the sample's candidate and estimate. Returns how many blocks the exact
-    comparison overruled (kept another objective than the estimate preferred).
+    comparison overruled (kept another objective than the estimate preferred). Blocks whose
+    chosen candidate is already whole (the checks measured it) keep it.
 
     The grids are compared exactly because the sample's estimate leaves out K-FAC's cross-row
     terms, which are what a clipped grid's errors can add (:mod:`~bayesq_lightning.row_sample`).
     """
     overruled = 0
     factors = FeedbackFactors()
-    for plan in show_progress([p for p in plans if p.sampled], progress, "bayesq rounding"):
+    todo = [p for p in plans if p.sampled and p.choice not in p.whole]
+    for plan in show_progress(todo, progress, "bayesq rounding"):
         picked = plan.specs[plan.choice]
         same_width = [j for j, spec in enumerate(plan.specs)
                       if (spec.bits, spec.quantizer) == (picked.bits, picked.quantizer)]
-        with plan.open(method):
-            whole = _rounded(plan, _all_rows(plan), [plan.specs[j] for j in same_width], cfg,
-                             factors)
-            losses = [plan.loss(c) for c in whole]
+        make_whole(plan, same_width, method, cfg, factors)
+        losses = [plan.options[j].loss for j in same_width]
         k = min(range(len(same_width)), key=losses.__getitem__)
-        cost = block_storage_bits(whole[k])
-        if cost != plan.options[plan.choice].cost:  # the allocation's accounting is the artifact's
-            raise RuntimeError(f"block {plan.rows} of {plan.layer!r}: the sampled candidate was "
-                               f"costed {plan.options[plan.choice].cost} bits, the whole one "
-                               f"holds {cost}")
         overruled += losses[k] < losses[same_width.index(plan.choice)]  # not a tie
         plan.choice = same_width[k]
-        plan.options[plan.choice] = Option(cost, losses[k], picked.bits, picked.quantizer)
-        plan.candidates[plan.choice] = whole[k]
     return overruled
 
 

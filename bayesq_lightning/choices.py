@@ -11,8 +11,10 @@ POSTERIOR_METHODS = ("bayesq", "hawq")  # the methods that fit a posterior (tabl
 STRUCTURES = ("diag", "kron", "lowrank")  # posterior covariance
 BACKENDS = ("auto", "asdl", "asdl_stochastic", "curvlinops")  # curvature backend
 QUANTIZERS = ("uniform", "nonuniform", "auto")
-TABLES = ("closed_form", "mc", "checked")  # each method's score; Monte-Carlo KL; closed form
-# with measured substitution losses where it is weakest (bayesq_lightning.checks)
+# "auto": "checked" for method="bayesq" under score="curvature", else "closed_form"
+# (BayesQConfig.resolved_tables); each method's score; Monte-Carlo KL; closed form with measured
+# substitution losses where it is weakest (bayesq_lightning.checks)
+TABLES = ("auto", "closed_form", "mc", "checked")
 SOLVERS = ("greedy", "dp")
 SCORES = ("curvature", "posterior_precision")
 # What a grid's range (or a codebook) is designed to minimise. "minmax": no search, the

@@ -55,6 +55,7 @@ from .block_plan import (
     add_candidates,
     allocate_plans,
     budget_bits,
+    make_whole,
     plan_blocks,
     round_chosen,
 )
@@ -81,6 +82,7 @@ from .methods import METHODS_TABLE, Method
 from .posterior import Posterior, Reduce, fit_posterior
 from .quantizers import storage_bits
 from .result import LayerResult, QuantizationResult
+from .rounding import FeedbackFactors
 from .tables import mc_tables
 
 
@@ -173,16 +175,14 @@ def quantize_model(
     info["min_bits_per_weight"] = sum(min(o.cost for o in p.options) for p in plans) / n_weights
     with _timed(info, "allocation_seconds"):
         allocate_plans(plans, budget, cfg, n_weights)                                  # 6
-    if cfg.tables == "mc":                                                             # 7
+    if cfg.resolved_tables == "mc":                                                             # 7
         with _timed(info, "mc_seconds"):
             _refine_mc(model, batches, posterior, plans, cfg, budget, n_weights, reduce,
                        progress, info)
-    elif cfg.tables == "checked":
+    elif cfg.resolved_tables == "checked":
         with _timed(info, "check_seconds"):
-            info.update(check_plans(
-                model, batches, plans, n_data=posterior.n_data, top_k=cfg.check_top_k,
-                max_inputs=cfg.check_inputs, reduce=reduce, progress=progress,
-                allocate=lambda ps: allocate_plans(ps, budget, cfg, n_weights)))
+            info.update(_check(model, batches, posterior, plans, method, cfg, budget, n_weights,
+                               reduce, progress))
     with _timed(info, "rounding_seconds"):
         info["sample_overruled"] = round_chosen(plans, method, cfg, progress)          # 8
     if method.learns_rounding:
@@ -203,6 +203,18 @@ def quantize_model(
         code_bits_per_weight=code_bits / n_weights, budget_bits=budget, info=info,
         posterior=posterior, tied=dict(tied), skipped=dict(skipped),
     )
+
+
+def _check(model: nn.Module, batches: list, posterior: Posterior, plans: list[BlockPlan],
+           method: Method, cfg: BayesQConfig, budget: int, n_weights: int,
+           reduce: Reduce | None, progress: bool) -> dict:
+    """Stage 7 under ``tables="checked"`` (:mod:`~bayesq_lightning.checks`): its record."""
+    factors = FeedbackFactors()  # rounding matrices of the blocks the checks round whole
+    return check_plans(
+        model, batches, plans, n_data=posterior.n_data, top_k=cfg.check_top_k,
+        max_inputs=cfg.check_inputs, budget=cfg.check_budget, reduce=reduce, progress=progress,
+        allocate=lambda ps: allocate_plans(ps, budget, cfg, n_weights),
+        whole=lambda p, js: make_whole(p, js, method, cfg, factors))
 
 
 def _curvature_batches(method: Method, cfg: BayesQConfig, loader: Iterable | None,

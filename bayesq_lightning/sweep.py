@@ -18,6 +18,7 @@ from torch import nn
 from .config import BayesQConfig
 from .metrics import bootstrap_se, metrics_from_logits, predict
 from .quantize import quantize_model
+from .result import QuantizationResult
 
 
 def evaluate(model: nn.Module, loader: Iterable) -> dict:
@@ -45,13 +46,16 @@ def sweep(
     n_data: int,
     config: Mapping | None = None,
     log: Callable[[str], object] | None = None,
+    on_result: Callable[[str, float, QuantizationResult, float], Iterable[dict]] | None = None,
 ) -> list[dict]:
     """The FP32 row, then one row per method and budget (call :func:`paired_differences` next).
 
     ``methods`` maps a row name to ``BayesQConfig`` fields, plus optionally
     ``curvature_loader`` (passed to :func:`~bayesq_lightning.quantize_model` for the fit);
     ``config`` holds fields shared by every method. ``prep_s`` is the quantization time at that
-    budget with the (reused) posterior fit counted in full.
+    budget with the (reused) posterior fit counted in full. ``on_result(name, bits, result,
+    prep_s)``, called with each result once its row is measured, returns further rows (e.g.
+    the result distilled), placed after it.
     """
     rows = [{"method": "fp32", "bits": 32.0, "bits_per_weight": 32.0,
              **evaluate(model, test_loader), "prep_s": 0.0}]
@@ -76,6 +80,8 @@ def sweep(
                 log(f"{name:>24} @ {bits:.3f}: acc {row['accuracy']:.4f} "
                     f"+- {row['accuracy_se']:.4f}, nll {row['nll']:.4f}, ece {row['ece']:.4f}, "
                     f"{row['bits_per_weight']:.3f} b/w, {prep:.1f} s")
+            if on_result is not None:
+                rows.extend(on_result(name, bits, res, prep))
     return rows
 
 

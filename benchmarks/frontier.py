@@ -14,22 +14,30 @@ Methods share the quantizer, the knapsack, packing and accounting, and meet the 
 stored bits per weight, metadata included. ``gptq uniform bB`` is plain GPTQ at one width ``B``
 for every layer, plotted at its achieved bits. Curvature and calibration data come from the
 hold-out (``bayesq kron train-curv`` estimates the curvature on training samples instead).
-``bayesq kron minmax`` keeps every grid at the weights' range (no clipping candidate);
-``bayesq kron old score`` adds the prior term to the scores (``score="posterior_precision"``);
+``bayesq kron`` is the default (``tables="auto"``: the measured checks of
+:mod:`bayesq_lightning.checks`); its variants: ``closed form`` (no checks), ``minmax`` (every
+grid at the weights' range, no clipping candidate), ``old score`` (the prior term in the scores,
+``score="posterior_precision"``), ``act-order``, ``mc`` (Monte-Carlo tables; ``mc top8`` refines
+the 8 blocks nearest the boundary), ``checked all`` (the checks on 64 inputs with no budget).
+``adaround`` learns the rounding on GPTQ's grids and widths. ``<method> + distill`` distils that
+row's model with one ``DistillConfig`` (the baselines toward the FP32 teacher).
 ``bayesq diag`` has no error feedback. The low-rank structure is left out: its per-layer
 Lanczos fit is far slower than K-FAC's (``benchmarks/results/structures.csv``).
 
 Accuracy standard errors are bootstrap standard errors over the test examples (1000 resamples,
-:mod:`bayesq_lightning.sweep`);
-``d_gptq`` is the accuracy difference to mixed GPTQ at the same budget with its *paired*
-bootstrap standard error (same resampled examples for both). Posteriors are fitted once per
-method and case and reused across budgets: ``prep_s`` is the fit plus this budget's tables.
+:mod:`bayesq_lightning.sweep`); ``d_gptq`` and ``d_bayesq`` are the accuracy differences to
+mixed GPTQ and to the default BayesQ at the same budget with their *paired* bootstrap standard
+errors (same resampled examples for both). Posteriors are fitted once per method and case and
+reused across budgets: ``prep_s`` is the fit plus this budget's tables (plus the distillation
+on distilled rows).
 
-Usage::
+Usage (each case its own command, writing ``frontier_<case>.{json,md,png}``; the run time is
+printed and stored in the JSON)::
 
-    python benchmarks/frontier.py                       # the table (about 40 min on 2 threads)
+    python benchmarks/frontier.py --cases fashion_resnet     # the table: ROWS at BUDGETS
+    python benchmarks/frontier.py --cases minilm_sentiment   # variants at VARIANT_BUDGETS
     python benchmarks/frontier.py --pilot               # sweep budgets to choose the table's
-    python benchmarks/frontier.py --budgets 2.2 2.3 3 4 # other budgets
+    python benchmarks/frontier.py --cases tiny --methods gptq "bayesq kron" --budgets 2.5 3
 """
 
 from __future__ import annotations
@@ -63,12 +71,14 @@ METHODS: dict[str, dict] = {
     "adaround": {"method": "adaround"},
     "hawq": {"method": "hawq"},
     "bayesq diag": {"structure": "diag"},
-    "bayesq kron": {},  # the defaults
+    "bayesq kron": {},  # the defaults (tables="auto": the measured checks)
+    "bayesq kron closed form": {"tables": "closed_form"},
     "bayesq kron minmax": {"range_objective": "minmax"},
     "bayesq kron act-order": {"act_order": True},
     "bayesq kron old score": {"score": "posterior_precision"},
     "bayesq kron mc": {"tables": "mc"},
-    "bayesq kron checked": {"tables": "checked"},
+    "bayesq kron mc top8": {"tables": "mc", "mc_refine_top_k": 8},
+    "bayesq kron checked all": {"tables": "checked", "check_inputs": 64, "check_budget": None},
     "bayesq kron train-curv": {"_curvature": "train"},
     "bayesq kron all-rows": {"score_rows": None},  # every candidate on every row
     "gptq all-rows": {"method": "gptq", "score_rows": None},
@@ -171,10 +181,18 @@ def tiny_case() -> Case:
                 DataLoader(test, 128), len(train), {"calib_batches": 2, "adaround_iters": 100})
 
 
-# The table's budgets, from the pilot (``--pilot``): those where mse and GPTQ both lose at least
-# 2 points against FP32, plus 3.0 and 4.0.
-BUDGETS = {"fashion_resnet": [2.12, 3.0, 4.0], "minilm_sentiment": [2.13, 2.5, 3.0, 4.0],
+# The table: each case at these budgets, with these rows (the MC row on MiniLM refines the 8
+# blocks nearest the boundary: all 38 blocks would take most of the case's hour); the methods
+# outside CORE and the distilled rows at VARIANT_BUDGETS where a case has them.
+BUDGETS = {"fashion_resnet": [2.125, 2.25, 2.375, 2.5, 2.75, 3.0, 3.5, 4.0],
+           "minilm_sentiment": [2.125, 2.25, 2.375, 2.5, 2.75, 3.0, 3.5, 4.0],
            "tiny": [2.5, 3.0]}
+_ROWS = ("rtn", "mse", "gptq", "adaround", "bayesq kron", "bayesq kron closed form",
+         "bayesq kron minmax", "bayesq kron old score", "bayesq kron act-order",
+         "bayesq kron checked all")
+ROWS = {"fashion_resnet": (*_ROWS, "bayesq kron mc"),
+        "minilm_sentiment": (*_ROWS, "bayesq kron mc top8"), "tiny": _ROWS}
+VARIANT_BUDGETS = {"minilm_sentiment": [2.125, 2.25, 2.5, 3.0]}
 
 CASES: dict[str, Callable[[], Case]] = {
     "fashion_resnet": fashion_case, "minilm_sentiment": minilm_case, "tiny": tiny_case,
@@ -193,36 +211,36 @@ def min_feasible_bits(case: Case, allowed=(2, 3, 4, 8)) -> float:
 # the baselines, which fit no posterior, toward the FP32 teacher (distillation is itself a
 # reconstruction).
 DISTILLED = ("gptq", "adaround", "bayesq kron")
+# The rows run at every budget; the other methods and the distilled rows run at
+# ``variant_budgets`` where a case gives them (MiniLM's variants are the slow ones).
+CORE = ("rtn", "mse", "gptq", "bayesq kron")
 
 
-def distilled_rows(case: Case, budgets: Sequence[float], methods: Sequence[str],
-                   log: Callable = print) -> list[dict]:
-    """``<method> + distill`` at every budget, for the methods of :data:`DISTILLED`."""
+def distilled_row(case: Case, name: str, bits: float, res, prep: float) -> dict:
+    """``<name> + distill``: the result ``res`` distilled in place, evaluated; ``prep_s`` counts
+    the quantization and the distillation."""
     from bayesq_lightning import DistillConfig, distill_model
 
-    rows = []
-    for name in methods:
-        for bits in budgets:
-            t0 = time.perf_counter()
-            cfg = BayesQConfig(bits=bits, **case.config, **METHODS[name])
-            res = quantize_model(case.model, case.calib, cfg, n_data=case.n_data,
-                                 progress=False)
-            teacher = "posterior" if res.posterior is not None else "fp32"
-            distill_model(case.model, res, case.calib, DistillConfig(teacher=teacher),
-                          enable_progress_bar=False, accelerator="cpu", devices=1, logger=False)
-            row = {"method": f"{name} + distill", "bits": bits,
-                   "bits_per_weight": res.bits_per_weight, **evaluate(res.model, case.test),
-                   "prep_s": time.perf_counter() - t0}
-            rows.append(row)
-            log(f"[{case.name}] {row['method']:>24} @ {bits:.3f}: acc {row['accuracy']:.4f}")
-    return rows
+    t0 = time.perf_counter()
+    teacher = "posterior" if res.posterior is not None else "fp32"
+    distill_model(case.model, res, case.calib, DistillConfig(teacher=teacher),
+                  enable_progress_bar=False, accelerator="cpu", devices=1, logger=False)
+    return {"method": f"{name} + distill", "bits": bits, "bits_per_weight": res.bits_per_weight,
+            **evaluate(res.model, case.test), "prep_s": prep + time.perf_counter() - t0}
 
 
 def run_case(case: Case, budgets: Sequence[float], methods: Sequence[str],
              uniform_gptq: Sequence[int] = (2, 3, 4), log: Callable = print,
-             distilled: Sequence[str] = ()) -> list[dict]:
-    """Every method at every budget on one case; rows with metrics and paired SEs against
-    GPTQ and against the default BayesQ (``bayesq kron``)."""
+             distilled: Sequence[str] = (),
+             variant_budgets: Sequence[float] | None = None) -> list[dict]:
+    """Every method at every budget on one case (the methods outside :data:`CORE` and the
+    distilled rows at ``variant_budgets`` only, where given); rows with metrics and paired SEs
+    against GPTQ and against the default BayesQ (``bayesq kron``)."""
+    missing = [m for m in distilled if m not in methods]
+    if missing:
+        raise SystemExit(f"--distilled {missing} distils those methods' results: add them to "
+                         "--methods")
+    variant_budgets = list(budgets if variant_budgets is None else variant_budgets)
     torch.manual_seed(0)
     specs = {}
     for name in methods:
@@ -230,9 +248,24 @@ def run_case(case: Case, budgets: Sequence[float], methods: Sequence[str],
         if fields.pop("_curvature", None) == "train":
             fields["curvature_loader"] = case.train_sample
         specs[name] = fields
-    rows = sweep(case.model, case.calib, case.test, budgets, specs, n_data=case.n_data,
-                 config=case.config, log=lambda line: log(f"[{case.name}] {line}"))
-    rows += distilled_rows(case, budgets, distilled, log)
+
+    def distil(name: str, bits: float, res, prep: float) -> list[dict]:
+        if name not in distilled or bits not in variant_budgets:
+            return []
+        row = distilled_row(case, name, bits, res, prep)
+        log(f"[{case.name}] {row['method']:>24} @ {bits:.3f}: acc {row['accuracy']:.4f}, "
+            f"{row['prep_s']:.1f} s")
+        return [row]
+
+    core = {k: v for k, v in specs.items() if k in CORE}
+    rest = {k: v for k, v in specs.items() if k not in CORE}
+    rows = []
+    for group, group_budgets in ((core, budgets), (rest, variant_budgets)):
+        if group:
+            got = sweep(case.model, case.calib, case.test, group_budgets, group,
+                        n_data=case.n_data, config=case.config, on_result=distil,
+                        log=lambda line: log(f"[{case.name}] {line}"))
+            rows += got if not rows else got[1:]  # one FP32 row
     for b in uniform_gptq:  # plain GPTQ at one width everywhere, at its achieved bits
         cfg = BayesQConfig(bits=16.0, method="gptq", allowed_bits=(b,), **case.config)
         t0 = time.perf_counter()
@@ -300,17 +333,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", nargs="+", default=["fashion_resnet", "minilm_sentiment"],
                    choices=list(CASES))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                   help="rows (default: each case's, ROWS)")
     p.add_argument("--budgets", nargs="+", type=float, default=None,
-                   help="bits/weight budgets (default: each case's from the pilot, BUDGETS)")
+                   help="bits/weight budgets (default: each case's, BUDGETS)")
     p.add_argument("--pilot", action="store_true",
                    help="sweep from the cheapest feasible budget to 4.0 with rtn/mse/gptq/"
                         "bayesq kron to choose the table's budgets")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--name", default=None)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--distilled", nargs="*", default=[], choices=list(DISTILLED),
-                   help="methods whose distilled rows are added (same DistillConfig)")
+    p.add_argument("--distilled", nargs="*", default=None, choices=list(DISTILLED),
+                   help="methods whose distilled rows are added, same DistillConfig (default: "
+                        "all of DISTILLED without --methods, none with it)")
+    p.add_argument("--variant-budgets", nargs="+", type=float, default=None,
+                   help="budgets of the methods outside rtn/mse/gptq/bayesq kron and of the "
+                        "distilled rows (default: each case's VARIANT_BUDGETS without "
+                        "--budgets, else --budgets)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -321,14 +360,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             lo = math.ceil(min_feasible_bits(case) * 100) / 100 + 0.01
             budgets = sorted({round(lo, 2), round(lo + 0.05, 2), round(lo + 0.1, 2),
                               round(lo + 0.2, 2), 2.5, 3.0, 4.0})
-            methods = [m for m in ("rtn", "mse", "gptq", "bayesq kron") if m in args.methods]
+            methods = [m for m in CORE if m in (args.methods or CORE)]
         else:
             budgets = args.budgets or BUDGETS[name]
-            methods = args.methods
+            methods = args.methods or list(ROWS[name])
+        distilled = args.distilled if args.distilled is not None else (
+            [] if args.methods or args.pilot else list(DISTILLED))
+        variant_budgets = args.variant_budgets or (
+            None if args.budgets else VARIANT_BUDGETS.get(name))
         rows += run_case(case, budgets, methods, uniform_gptq=() if args.pilot else (2, 3, 4),
-                         distilled=args.distilled)
+                         distilled=distilled, variant_budgets=variant_budgets)
     seconds = time.perf_counter() - t0
-    name = args.name or ("frontier_pilot" if args.pilot else "frontier")
+    name = args.name or ("frontier_pilot" if args.pilot else
+                         "frontier_" + "_".join(args.cases))
     write(rows, args.out, name, seconds)
     print(markdown(rows))
     print(f"{seconds:.0f} s on {args.threads} threads; wrote {args.out / name}.json/.md/.png")

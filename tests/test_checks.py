@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -42,7 +43,7 @@ def test_the_check_overrules_a_closed_form_that_prefers_the_worse_grid():
     cfg = BayesQConfig(bits=16.0, allowed_bits=(2,))
     allocate_plans([plan], 10 ** 6, cfg, w.numel())
     assert plan.choice == 1
-    record = check_plans(model, batches, [plan], n_data=64, top_k=1, max_inputs=None,
+    record = check_plans(model, batches, [plan], n_data=64, top_k=1, max_inputs=None, budget=None,
                          allocate=lambda ps: allocate_plans(ps, 10 ** 6, cfg, w.numel()))
     assert plan.choice == 0  # the measured KL says clipping the large weight costs more
     assert plan.options[1].loss > plan.options[0].loss
@@ -51,8 +52,26 @@ def test_the_check_overrules_a_closed_form_that_prefers_the_worse_grid():
 
 def test_checked_tables_end_to_end(tiny_net, loader):
     cfg = BayesQConfig(bits=3.0, tables="checked", check_inputs=32, check_top_k=2,
-                       calib_batches=2, allowed_bits=(2, 3, 4))
+                       check_budget=None, calib_batches=2, allowed_bits=(2, 3, 4))
     res = quantize_model(tiny_net.eval(), loader, cfg, progress=False)
     assert res.bits_per_weight <= 3.0
-    assert res.info["checked_candidates"] >= len(res.layers)
+    # every block's two grids at its chosen width, then the boundary's candidates
+    assert res.info["checked_candidates"] >= 2 * len(res.layers)
     assert res.info["check_forward_passes"] >= res.info["checked_candidates"]
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25])
+def test_the_check_budget_caps_the_inputs_run(tiny_net, loader, share):
+    cfg = BayesQConfig(bits=3.0, tables="checked", check_inputs=8, check_budget=share,
+                       calib_batches=2, allowed_bits=(2, 3, 4))
+    res = quantize_model(tiny_net.eval(), loader, cfg, progress=False)
+    n_calib = 2 * loader.batch_size  # calib_batches=2
+    assert res.info["checked_candidates"] * 8 <= share * n_calib
+    if share == 0.0:  # nothing measured: the closed form's result
+        plain = quantize_model(tiny_net.eval(), loader, BayesQConfig(
+            bits=3.0, calib_batches=2, allowed_bits=(2, 3, 4)), progress=False)
+        for a, b in zip(res.layers, plain.layers, strict=True):
+            for x, y in zip(a.blocks, b.blocks, strict=True):
+                assert torch.equal(x.codes, y.codes)
+    else:
+        assert res.info["checked_candidates"] > 0

@@ -65,6 +65,21 @@ def test_options_that_would_be_ignored_are_refused():
     assert BayesQConfig(quantizer="auto", group_size=16).group_size == 16  # uniform candidates
 
 
+@pytest.mark.parametrize(("kwargs", "resolved"), [
+    ({}, "checked"),  # BayesQ's default: the measured checks
+    ({"structure": "diag"}, "checked"),
+    ({"score": "posterior_precision"}, "closed_form"),  # units the checks do not share
+    ({"method": "hawq"}, "closed_form"),  # the baselines keep their published scores
+    ({"method": "gptq"}, "closed_form"),
+    ({"method": "adaround"}, "closed_form"),
+    ({"tables": "mc"}, "mc"),
+])
+def test_auto_tables_resolve_per_method(kwargs, resolved):
+    cfg = BayesQConfig(**kwargs)
+    assert cfg.resolved_tables == resolved
+    assert cfg.tables == kwargs.get("tables", "auto")  # stored as given
+
+
 @pytest.mark.parametrize("method", [m for m, r in METHODS_TABLE.items()
                                     if not r.supports_mc_tables])
 @pytest.mark.parametrize("tables", ["mc", "checked"])
@@ -76,6 +91,9 @@ def test_task_aware_tables_need_a_method_with_a_posterior(method, tables):
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"tables": "checked", "check_inputs": 0}, "check_inputs=0"),
     ({"tables": "checked", "check_top_k": -1}, "check_top_k=-1"),
+    ({"check_budget": -0.5}, "check_budget=-0.5"),
+    ({"check_budget": float("nan")}, "check_budget=nan"),
+    ({"check_budget": True}, "check_budget=True"),
     ({"tables": "checked", "score": "posterior_precision"}, "use score='curvature'"),
 ])
 def test_bad_check_options(kwargs, match):
@@ -127,7 +145,7 @@ FLAT_FIELDS = (
     "range_objective", "rank", "group_size", "block_rows", "pack_multiple", "min_bits",
     "max_bits", "per_row_codebook", "mc_samples", "mc_refine_top_k", "score", "damp", "act_order",
     "score_rows", "posterior_temperature", "seed", "adaround_iters", "adaround_batch",
-    "check_inputs", "check_top_k", "quantize_embeddings",
+    "check_inputs", "check_top_k", "check_budget", "quantize_embeddings",
 )
 
 

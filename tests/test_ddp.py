@@ -18,9 +18,11 @@ from bayesq_lightning import BayesQConfig, quantize_model
 SCRIPT = Path(__file__).parent / "ddp" / "run_callback.py"
 
 
-def _run(out: Path, method: str, structure: str) -> tuple[dict, dict, dict]:
+def _run(out: Path, method: str, structure: str, tables: str = "closed_form"
+         ) -> tuple[dict, dict, dict]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), method, structure], env=env,
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), method, structure, tables],
+                          env=env,
                           check=False,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -36,7 +38,7 @@ def _reference(fp32: dict, method: str, structure: str):
     idx = torch.randperm(256, generator=torch.Generator().manual_seed(0))[:6 * 32].tolist()
     calib = DataLoader(Subset(train, idx), batch_size=32)
     cfg = BayesQConfig(bits=3.0, method=method, structure=structure, calib_batches=6,
-                       block_rows=16)
+                       block_rows=16, tables="closed_form")
     return quantize_model(model.eval(), calib, cfg, n_data=256, progress=False)
 
 
@@ -61,3 +63,14 @@ def test_two_process_ddp_matches_single_process(tmp_path, method, structure):
     for x in ref.layers:
         torch.testing.assert_close(r0[f"q.{x.name}"], modules[x.name].weight, rtol=1e-5,
                                    atol=1e-6)
+
+
+
+def test_two_process_ddp_checks_agree_across_ranks(tmp_path):
+    """The default checks (``tables="auto"``) measure on every rank's inputs and sum: both
+    ranks end with the same allocation and weights, within the budget."""
+    r0, r1, _ = _run(tmp_path, "bayesq", "kron", "auto")
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    assert set(r0["bits"].tolist()) <= {2, 3, 4, 8}
+    assert int(r0["checked"]) > 0

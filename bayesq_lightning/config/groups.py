@@ -164,9 +164,10 @@ class ScoringOptions:
     Parameters
     ----------
     tables : str
-        ``"closed_form"``, ``"mc"`` (task-aware Monte-Carlo KL) or ``"checked"`` (the closed
-        form, with measured label-free substitution losses where it is least reliable: the
-        narrowest width, the grid choice, the allocation's boundary;
+        ``"auto"`` (default: ``"checked"`` for ``method="bayesq"`` under ``score="curvature"``,
+        else ``"closed_form"``), ``"closed_form"``, ``"mc"`` (task-aware Monte-Carlo KL) or
+        ``"checked"`` (the closed form, with measured label-free substitution losses where it
+        is least reliable: the grid choice, the allocation's boundary;
         :mod:`~bayesq_lightning.checks`).
     score : str
         What the tables and the grid design weigh errors by: ``"curvature"`` (default: the
@@ -188,30 +189,42 @@ class ScoringOptions:
         and range; the score an unbiased estimate of the block's row terms); after the
         knapsack only the chosen width's grids are designed and rounded on every row and
         scored exactly, the better one kept (:mod:`~bayesq_lightning.row_sample`).
-        ``None``: every candidate on every row. Monte-Carlo and checked tables always use
-        whole candidates.
+        ``None``: every candidate on every row. Monte-Carlo tables always use whole
+        candidates; the checks round the candidates they measure whole.
     check_inputs : int, optional
         ``tables="checked"``: calibration inputs the substitutions are measured on (``None``:
         all of them).
     check_top_k : int
         ``tables="checked"``: blocks nearest the allocation's boundary whose every candidate
         is measured.
+    check_budget : float, optional
+        ``tables="checked"``: the inputs all the checks' forward passes run together, as a
+        share of the calibration inputs (``None``: no cap). Each measured candidate is one
+        pass of ``check_inputs`` inputs; the grid choice of the blocks with the most at
+        stake is measured first, then the boundary.
     """
 
-    tables: str = "closed_form"
+    tables: str = "auto"
     score: str = "curvature"
     mc_samples: int = 4
     mc_refine_top_k: int | None = None
     posterior_temperature: float = 1.0
     score_rows: int | None = 128
-    check_inputs: int | None = 64
+    check_inputs: int | None = 16
     check_top_k: int = 8
+    check_budget: float | None = 0.5
 
     def __post_init__(self) -> None:
         check_choice("tables", self.tables, TABLES)
         if self.check_inputs is not None and not _int(self.check_inputs):
             raise ValueError(f"check_inputs={self.check_inputs!r} must be a positive integer "
                              "or None (every calibration input)")
+        if self.check_budget is not None and not (
+                isinstance(self.check_budget, (int, float)) and not isinstance(
+                    self.check_budget, bool) and math.isfinite(self.check_budget)
+                and self.check_budget >= 0):
+            raise ValueError(f"check_budget={self.check_budget!r} must be a finite number >= 0 "
+                             "(a share of the calibration inputs) or None (no cap)")
         if not _int(self.check_top_k, 0):
             raise ValueError(f"check_top_k={self.check_top_k!r} must be an integer >= 0")
         if self.tables == "checked" and self.score != "curvature":

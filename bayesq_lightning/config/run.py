@@ -141,6 +141,7 @@ class BayesQConfig:
     adaround_batch: int = RoundingOptions.adaround_batch
     check_inputs: int | None = ScoringOptions.check_inputs
     check_top_k: int = ScoringOptions.check_top_k
+    check_budget: float | None = ScoringOptions.check_budget
     quantize_embeddings: bool = False
 
     def __post_init__(self) -> None:
@@ -152,7 +153,7 @@ class BayesQConfig:
             group = self._group(group_cls)  # validates the group's fields
             for f in fields(group):  # normalised values (sorted allowed_bits, int budget_bytes)
                 setattr(self, f.name, getattr(group, f.name))
-        if self.tables != "closed_form" and self.method not in POSTERIOR_METHODS:
+        if self.tables not in ("auto", "closed_form") and self.method not in POSTERIOR_METHODS:
             raise ValueError(
                 f"tables={self.tables!r} scores in the units of the posterior's curvature, "
                 f"which method={self.method!r} does not fit; use tables='closed_form' for this "
@@ -167,6 +168,16 @@ class BayesQConfig:
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, (value,))
+
+    @property
+    def resolved_tables(self) -> str:
+        """``tables`` with ``"auto"`` resolved: the measured checks for BayesQ under its default
+        score (``"checked"``), the closed form for the baselines, whose published methods
+        score in closed form, and for ``score="posterior_precision"``, whose units the checks
+        do not share."""
+        if self.tables != "auto":
+            return self.tables
+        return "checked" if (self.method, self.score) == ("bayesq", "curvature") else "closed_form"
 
     def _group(self, group_cls: type[Group]) -> Group:
         return group_cls(**{f.name: getattr(self, f.name) for f in fields(group_cls)})

@@ -5,7 +5,7 @@ Each rank writes what it ended with to OUT/rank<r>.safetensors; rank 0 also writ
 weights the posterior was fitted on and the calibration batches it used, so the test can refit
 in a single process and compare.
 
-    python tests/ddp/run_callback.py OUT [method] [structure]
+    python tests/ddp/run_callback.py OUT [method] [structure] [tables]
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ def main() -> None:
     out = Path(sys.argv[1])
     method = sys.argv[2] if len(sys.argv) > 2 else "bayesq"
     structure = sys.argv[3] if len(sys.argv) > 3 else "kron"
+    tables = sys.argv[4] if len(sys.argv) > 4 else "auto"
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0)
     torch.set_num_threads(1)
     model = TinyNet()
     train = DataLoader(make_data(256, seed=0), batch_size=32, shuffle=True)
     cb = BayesQCallback(bits=3.0, method=method, structure=structure, calib_batches=6,
-                        progress=False, evaluate=False, block_rows=16)
+                        progress=False, evaluate=False, block_rows=16, tables=tables)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_train_batches=2,
         callbacks=[SaveFP32(out), cb], logger=False, enable_checkpointing=False,
@@ -63,6 +64,7 @@ def main() -> None:
     tensors["bits"] = torch.tensor([b.bits for x in res.layers for b in x.blocks])
     tensors["n_calib"] = torch.tensor(res.info.get("n_calib", -1))
     tensors["n_data"] = torch.tensor(res.info.get("n_data", -1))
+    tensors["checked"] = torch.tensor(res.info.get("checked_candidates", -1))
     tensors["prior_precision"] = torch.tensor(res.info.get("prior_precision", -1.0))
     save_file(tensors, out / f"rank{rank}.safetensors")
 
