@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader, Subset
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bayesq_lightning import BayesQConfig, quantize_model  # noqa: E402
+from bayesq_lightning.metrics import bootstrap_se  # noqa: E402
 from bayesq_lightning.report import plot_frontier  # noqa: E402
 from bayesq_lightning.sweep import cheapest_bits, evaluate, paired_differences, sweep  # noqa: E402
 
@@ -273,6 +274,11 @@ def run_case(case: Case, budgets: Sequence[float], methods: Sequence[str],
         rows.append({"method": f"gptq uniform b{b}", "bits": float(b), "fixed_width": True,
                      "bits_per_weight": res.bits_per_weight, **evaluate(res.model, case.test),
                      "prep_s": time.perf_counter() - t0})
+    gptq3 = next((r for r in rows if r["method"] == "gptq" and r["bits"] == 3.0), None)
+    for r in rows:  # the "2.25 bits against GPTQ at 3.0": paired across budgets
+        if gptq3 is not None and r["method"] in ("bayesq kron", "bayesq kron + distill"):
+            diff = r["_correct"] - gptq3["_correct"]
+            r["d_gptq3"], r["d_gptq3_se"] = float(diff.mean()), bootstrap_se(diff)
     if "bayesq kron" in methods:  # paired differences against the default too (on copies:
         # paired_differences drops the per-example records the GPTQ pairing still needs)
         for r, d in zip(rows, paired_differences([dict(r) for r in rows], "bayesq kron"),

@@ -32,6 +32,8 @@ def test_frontier_smoke(tmp_path):
     assert all(r["d_gptq"] == 0 and r["d_gptq_se"] == 0 for r in gptq)
     default = [r for r in rows if r["method"] == "bayesq kron"]
     assert all(r["d_bayesq"] == 0 and r["d_bayesq_se"] == 0 for r in default)
+    assert default[-1]["d_gptq3"] == default[-1]["d_gptq"]  # at 3.0 bits: GPTQ at 3.0 itself
+    assert all(math.isfinite(r["d_gptq3_se"]) for r in default)
     assert all(math.isfinite(r["d_bayesq_se"]) for r in rows if r["method"] == "adaround")
     saved = json.loads((tmp_path / "frontier.json").read_text())
     assert len(saved["rows"]) == len(rows)
