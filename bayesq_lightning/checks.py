@@ -19,14 +19,18 @@ order of what is at stake, while the check's budget lasts:
 
 A row-sampled block's candidates are rounded on every row before they are measured (the
 chosen width's would be anyway, :func:`~bayesq_lightning.block_plan.round_chosen`). Each
-measured candidate costs one forward pass of the check's inputs; ``check_budget`` caps the
-inputs all passes together run at that share of the calibration set's size, so the check's
-cost follows the fit's (which runs every calibration input forward and backward).
+measured candidate costs one forward pass of the check's inputs, and each measured block one
+more (its reference outputs); ``check_budget`` caps the candidates' passes at that share of the
+calibration set's size in inputs, so the check's cost follows the fit's (which runs every
+calibration input forward and backward). On a model with many blocks the budget can end within
+step 1; a budget that allows no measurement at all warns. Under DDP the share is of every
+rank's inputs together, and each rank measures on its first ``ceil(check_inputs / world)``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -86,6 +90,11 @@ def check_plans(model: nn.Module, batches: list, plans: list[BlockPlan], *, n_da
         record["check_forward_passes"] += passes
         return losses[0]
 
+    if left < 2:
+        warnings.warn(f"check_budget={budget} allows no measurement with check_inputs="
+                      f"{max_inputs} of {n_calib} calibration inputs: the checks are skipped; "
+                      "raise check_budget or lower check_inputs", stacklevel=3)
+    winners: dict[int, tuple[list[int], int]] = {}  # block -> its grids, the measured best
     stakes = sorted(range(len(plans)), key=lambda i: -plans[i].options[plans[i].choice].loss)
     for i in show_progress(stakes, progress, "bayesq checks"):             # 1. the grid choice
         js = _same_width(plans[i])
@@ -100,6 +109,7 @@ def check_plans(model: nn.Module, batches: list, plans: list[BlockPlan], *, n_da
             plans[i].options[j] = Option(o.cost, loss, o.bits, o.tag)
         record["check_grids_changed"] += js[best] != plans[i].choice
         plans[i].choice = js[best]
+        winners[i] = (js, js[best])
 
     boundary = boundary_blocks([p.options for p in plans], [p.choice for p in plans], top_k)
     for i in boundary:                                                      # 2. the boundary
@@ -113,4 +123,7 @@ def check_plans(model: nn.Module, batches: list, plans: list[BlockPlan], *, n_da
         record["check_boundary_blocks"] += 1
     if record["check_boundary_blocks"]:
         allocate(plans)
+        for i, (js, j) in winners.items():  # a solver's tie-break must not undo a measurement
+            if plans[i].choice in js:
+                plans[i].choice = j
     return record

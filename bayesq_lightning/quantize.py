@@ -143,7 +143,7 @@ def quantize_model(
     cfg = config or BayesQConfig()
     method = METHODS_TABLE[cfg.method]
     t_start = time.perf_counter()
-    info: dict = {"method": cfg.method, "config": cfg.to_dict()}
+    info: dict = {"method": cfg.method, "config": cfg.to_dict(), "tables": cfg.resolved_tables}
 
     user_model, model = model, linear_equivalent(model)  # attention / Conv1D as Linear layers
     named, pins, tied, skipped = _select_layers(model, cfg)                            # 1

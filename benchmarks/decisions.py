@@ -1,9 +1,10 @@
 """Which decision loses to GPTQ: the allocation, the grid choice or the rounding.
 
 BayesQ and GPTQ each make three decisions per layer: its width (the knapsack over each method's
-losses), its grid (GPTQ: the weights' min-max range; BayesQ's default: ``range_objective=
-"auto"``, min-max or a clipped range, whichever its closed-form loss prefers) and its codes
-(error feedback under GPTQ's ``H = X X^T / n``, or under the K-FAC input factor ``A``). Each
+losses), its grid (GPTQ: the weights' min-max range; BayesQ: ``range_objective="auto"``, min-max
+or a clipped range, whichever its closed-form loss prefers) and its codes (error feedback under
+GPTQ's ``H = X X^T / n``, or under the K-FAC input factor ``A``). Every BayesQ row runs
+``tables="closed_form"``: the closed form's own decisions, before the default's checks. Each
 row swaps some of them; widths are swapped by pinning every layer (``min_bits = max_bits``) to
 the other method's allocation at the same budget, so the bytes are the same:
 
@@ -58,7 +59,8 @@ def run(case, budgets, log=print) -> list[dict]:
     def one(name: str, bits: float, **fields):
         nonlocal posterior
         t0 = time.perf_counter()
-        cfg = BayesQConfig(bits=bits, **case.config, **fields)
+        # the closed form's decisions are what is swapped (the default's checks overrule them)
+        cfg = BayesQConfig(bits=bits, **{"tables": "closed_form", **case.config, **fields})
         res = quantize_model(case.model, case.calib, cfg, n_data=case.n_data, progress=False,
                              posterior=posterior if cfg.method == "bayesq" else None)
         if cfg.method == "bayesq":

@@ -64,12 +64,17 @@ def test_checked_tables_end_to_end(tiny_net, loader):
 def test_the_check_budget_caps_the_inputs_run(tiny_net, loader, share):
     cfg = BayesQConfig(bits=3.0, tables="checked", check_inputs=8, check_budget=share,
                        calib_batches=2, allowed_bits=(2, 3, 4))
-    res = quantize_model(tiny_net.eval(), loader, cfg, progress=False)
+    if share == 0.0:  # a budget that allows nothing says so
+        with pytest.warns(UserWarning, match="allows no measurement"):
+            res = quantize_model(tiny_net.eval(), loader, cfg, progress=False)
+    else:
+        res = quantize_model(tiny_net.eval(), loader, cfg, progress=False)
     n_calib = 2 * loader.batch_size  # calib_batches=2
     assert res.info["checked_candidates"] * 8 <= share * n_calib
     if share == 0.0:  # nothing measured: the closed form's result
         plain = quantize_model(tiny_net.eval(), loader, BayesQConfig(
-            bits=3.0, calib_batches=2, allowed_bits=(2, 3, 4)), progress=False)
+            bits=3.0, calib_batches=2, allowed_bits=(2, 3, 4), tables="closed_form"),
+            progress=False)
         for a, b in zip(res.layers, plain.layers, strict=True):
             for x, y in zip(a.blocks, b.blocks, strict=True):
                 assert torch.equal(x.codes, y.codes)

@@ -198,10 +198,11 @@ class ScoringOptions:
         ``tables="checked"``: blocks nearest the allocation's boundary whose every candidate
         is measured.
     check_budget : float, optional
-        ``tables="checked"``: the inputs all the checks' forward passes run together, as a
-        share of the calibration inputs (``None``: no cap). Each measured candidate is one
-        pass of ``check_inputs`` inputs; the grid choice of the blocks with the most at
-        stake is measured first, then the boundary.
+        ``tables="checked"``: the inputs the measured candidates' forward passes run
+        together, as a share of the calibration inputs (``None``: no cap). Each measured
+        candidate is one pass of ``check_inputs`` inputs (each measured block one more, for
+        its reference); the grid choice of the blocks with the most at stake is measured
+        first, then the boundary, while the budget lasts.
     """
 
     tables: str = "auto"
