@@ -113,6 +113,11 @@ class BlockPlan:
         finally:
             self.inputs = None
 
+    def same_width(self) -> list[int]:
+        """The candidates of the chosen width and quantizer: the grids the choice is among."""
+        picked = self.options[self.choice]
+        return [j for j, o in enumerate(self.options) if (o.bits, o.tag) == (picked.bits, picked.tag)]
+
     def loss(self, candidate: BlockResult) -> float:
         """The block's loss of a candidate's stored weights' error from the mean."""
         return self.inputs.loss(dequantize(candidate, torch.float64) - self.w.double())
@@ -255,9 +260,7 @@ def round_chosen(plans: list[BlockPlan], method: Method, cfg: BayesQConfig,
     factors = FeedbackFactors()
     todo = [p for p in plans if p.sampled and p.choice not in p.whole]
     for plan in show_progress(todo, progress, "bayesq rounding"):
-        picked = plan.specs[plan.choice]
-        same_width = [j for j, spec in enumerate(plan.specs)
-                      if (spec.bits, spec.quantizer) == (picked.bits, picked.quantizer)]
+        same_width = plan.same_width()
         make_whole(plan, same_width, method, cfg, factors)
         losses = [plan.options[j].loss for j in same_width]
         k = min(range(len(same_width)), key=losses.__getitem__)

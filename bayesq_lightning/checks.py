@@ -43,12 +43,6 @@ from .progress import progress as show_progress
 from .tables import substitution_tables
 
 
-def _same_width(plan: BlockPlan) -> list[int]:
-    """The candidates of ``plan``'s chosen width and quantizer (its grids to choose from)."""
-    picked = plan.options[plan.choice]
-    return [j for j, o in enumerate(plan.options) if (o.bits, o.tag) == (picked.bits, picked.tag)]
-
-
 def check_plans(model: nn.Module, batches: list, plans: list[BlockPlan], *, n_data: int,
                 top_k: int, max_inputs: int | None, budget: float | None,
                 allocate: Callable[[list[BlockPlan]], None],
@@ -97,7 +91,7 @@ def check_plans(model: nn.Module, batches: list, plans: list[BlockPlan], *, n_da
     winners: dict[int, tuple[list[int], int]] = {}  # block -> its grids, the measured best
     stakes = sorted(range(len(plans)), key=lambda i: -plans[i].options[plans[i].choice].loss)
     for i in show_progress(stakes, progress, "bayesq checks"):             # 1. the grid choice
-        js = _same_width(plans[i])
+        js = plans[i].same_width()
         measured = measure(i, js) if len(js) > 1 else None
         if measured is None:
             continue

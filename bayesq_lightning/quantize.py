@@ -175,7 +175,7 @@ def quantize_model(
     info["min_bits_per_weight"] = sum(min(o.cost for o in p.options) for p in plans) / n_weights
     with _timed(info, "allocation_seconds"):
         allocate_plans(plans, budget, cfg, n_weights)                                  # 6
-    if cfg.resolved_tables == "mc":                                                             # 7
+    if cfg.resolved_tables == "mc":                                                    # 7
         with _timed(info, "mc_seconds"):
             _refine_mc(model, batches, posterior, plans, cfg, budget, n_weights, reduce,
                        progress, info)
