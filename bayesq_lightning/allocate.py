@@ -167,9 +167,8 @@ def allocate(
                 f"raise `bits` to at least {need:.4f} or allow fewer bits"
             )
         raise InfeasibleBudgetError(msg, min_cost)
-    if solver == "dp":
-        return _dp(options, budget)
-    return fill(options, _greedy(options, budget), budget)
+    return fill(options, _dp(options, budget) if solver == "dp" else _greedy(options, budget),
+                budget)
 
 
 def _greedy(options: Sequence[Sequence[Option]], budget: float) -> list[int]:
@@ -201,26 +200,39 @@ def _greedy(options: Sequence[Sequence[Option]], budget: float) -> list[int]:
 def fill(options: Sequence[Sequence[Option]], picks: Sequence[int], budget: float
          ) -> list[int]:
     """Spend the bits ``picks`` leaves under ``budget``: repeatedly switch the one block whose
-    option change lowers the total loss most and whose extra cost still fits, until none does.
+    option change lowers the total loss most and whose extra cost still fits, until none does;
+    then take the dearer options whose loss is no higher, narrowest width first, until none fits.
 
-    Every step lowers the loss and keeps the cost within the budget; on return no single block's
-    option with a lower loss fits the remaining bits.
+    Every step keeps the cost within the budget and never raises the loss. The second phase
+    matters where a table cannot tell widths apart (Monte-Carlo losses clamped at zero, a
+    constant block): more bits at an equal modelled loss are never worse in fact. On return no
+    single block's option with a loss no higher and a cost higher than its pick fits the
+    remaining bits.
     """
     width = max(map(len, options))
     cost = np.full((len(options), width), np.inf)
     loss = np.full((len(options), width), np.inf)
+    bits = np.zeros((len(options), width))
     for b, block in enumerate(options):
         cost[b, :len(block)] = [o.cost for o in block]
         loss[b, :len(block)] = [o.loss for o in block]
+        bits[b, :len(block)] = [o.bits for o in block]
     picks = list(picks)
     rows = np.arange(len(options))
     while True:
         now_cost, now_loss = cost[rows, picks], loss[rows, picks]
-        spare = budget - now_cost.sum()
+        extra = cost - now_cost[:, None]
         gain = now_loss[:, None] - loss
-        gain[(cost - now_cost[:, None] > spare) | ~(gain > 0)] = -np.inf
-        b, j = np.unravel_index(np.argmax(gain), gain.shape)
-        if not np.isfinite(gain[b, j]):
+        fits = extra <= budget - now_cost.sum()
+        better = np.where(fits & (gain > 0), gain, -np.inf)
+        level = fits & (gain == 0) & (extra > 0)
+        if np.isfinite(better.max()):
+            b, j = np.unravel_index(np.argmax(better), gain.shape)
+        elif level.any():  # fewest bits, then smallest extra cost, then lower block index
+            bs, js = np.nonzero(level)
+            k = np.lexsort((bs, extra[level], bits[level]))[0]
+            b, j = bs[k], js[k]
+        else:
             return picks
         picks[b] = int(j)
 

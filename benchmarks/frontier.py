@@ -327,9 +327,23 @@ def markdown(rows: Sequence[dict], reference: str = "gptq", first: str = "method
 REFERENCE_NAMES = {"gptq": "GPTQ", "bayesq": "BayesQ"}
 
 
-def write(rows: Sequence[dict], out_dir: Path, name: str, seconds: float) -> None:
+def merged(old: dict, rows: Sequence[dict], seconds: float) -> tuple[list[dict], dict]:
+    """``old`` (a written JSON) with every row of the methods in ``rows`` replaced by theirs;
+    the other rows kept in order. The update's methods and run time are listed under
+    ``updates``."""
+    ran = {r["method"] for r in rows}
+    order = list(dict.fromkeys([r["method"] for r in old["rows"]] + [r["method"] for r in rows]))
+    out = [r for r in old["rows"] if r["method"] not in ran] + list(rows)
+    out.sort(key=lambda r: (r["case"], order.index(r["method"]), r["bits"]))
+    updates = [*old.get("updates", []), {"seconds": seconds, "methods": sorted(ran)}]
+    return out, {k: v for k, v in old.items() if k != "rows"} | {"updates": updates}
+
+
+def write(rows: Sequence[dict], out_dir: Path, name: str, seconds: float,
+          meta: dict | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"seconds": seconds, "threads": torch.get_num_threads(), "rows": list(rows)}
+    meta = (meta or {"seconds": seconds, "threads": torch.get_num_threads()}) | {
+        "rows": list(rows)}
     (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=1))
     (out_dir / f"{name}.md").write_text(markdown(rows))
     plot_frontier(rows, out_dir / f"{name}.png")
@@ -357,6 +371,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                         "distilled rows (default: each case's VARIANT_BUDGETS without "
                         "--budgets, else --budgets)")
     args = p.parse_args(argv)
+    if args.update and not {"gptq", "bayesq kron"} <= set(args.methods or ()):
+        p.error("--update needs --methods with gptq and 'bayesq kron' among them: the new rows' "
+                "paired differences are taken against those of the same run")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     rows: list[dict] = []
@@ -379,7 +396,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     seconds = time.perf_counter() - t0
     name = args.name or ("frontier_pilot" if args.pilot else
                          "frontier_" + "_".join(args.cases))
-    write(rows, args.out, name, seconds)
+    meta = None
+    if args.update:
+        path = args.out / f"{name}.json"
+        if not path.exists():
+            raise SystemExit(f"--update: {path} does not exist; run without --update first")
+        rows, meta = merged(json.loads(path.read_text()), rows, seconds)
+    write(rows, args.out, name, seconds, meta)
     print(markdown(rows))
     print(f"{seconds:.0f} s on {args.threads} threads; wrote {args.out / name}.json/.md/.png")
     return rows

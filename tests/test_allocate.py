@@ -76,11 +76,27 @@ def test_fill_spends_what_fits_and_never_exceeds_the_budget(problem):
     picks = allocate(options, budget, solver="greedy")
     spare = budget - total(options, picks, "cost")
     assert spare >= 0
-    for block, j in zip(options, picks, strict=True):  # no single better option still fits
-        assert not any(o.loss < block[j].loss and o.cost - block[j].cost <= spare for o in block)
+    for block, j in zip(options, picks, strict=True):  # no single upgrade still fits
+        assert not any(o.loss <= block[j].loss and 0 < o.cost - block[j].cost <= spare
+                       for o in block)
     hull_only = _greedy(options, budget)
     assert total(options, picks, "loss") <= total(options, hull_only, "loss")
     assert fill(options, picks, budget) == picks  # nothing left to do
+
+
+@pytest.mark.parametrize("solver", ["greedy", "dp"])
+def test_fill_spends_the_budget_where_the_table_cannot_tell_widths_apart(solver):
+    # Monte-Carlo tables clamp to zero: every width of these blocks has loss 0, and block 2's
+    # upgrade lowers the loss; the rest of the budget goes to equal-loss upgrades, the
+    # narrowest widths first
+    flat = [Option(2, 0.0, 2), Option(3, 0.0, 3), Option(4, 0.0, 4)]
+    options = [flat, flat, [Option(2, 5.0, 2), Option(4, 1.0, 4)]]
+    assert allocate(options, 7, solver=solver) == [1, 0, 0]  # the loss's upgrade does not fit
+    assert allocate(options, 8, solver=solver) == [0, 0, 1]  # the loss first
+    assert allocate(options, 9, solver=solver) == [1, 0, 1]
+    assert allocate(options, 10, solver=solver) == [1, 1, 1]  # 3 bits everywhere before 4
+    assert allocate(options, 11, solver=solver) == [2, 1, 1]
+    assert allocate(options, 13, solver=solver) == [2, 2, 1]
 
 
 def test_fill_takes_an_option_off_the_hull_that_the_greedy_skips():

@@ -40,3 +40,18 @@ def test_frontier_smoke(tmp_path):
     table = (tmp_path / "frontier.md").read_text()
     assert table.count("\n| ") == len(rows) + 1  # header + one line per row
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
+
+
+def test_update_replaces_only_the_methods_run():
+    def row(method, bits, acc):
+        return {"case": "c", "method": method, "bits": bits, "accuracy": acc}
+
+    old = {"seconds": 10.0, "threads": 2,
+           "rows": [row("fp32", 32.0, 0.9), row("gptq", 2.5, 0.8), row("adaround", 2.5, 0.81),
+                    row("mc", 2.5, 0.7), row("mc", 3.0, 0.7)]}
+    new = [row("fp32", 32.0, 0.9), row("gptq", 2.5, 0.8), row("mc", 3.0, 0.75)]
+    rows, meta = frontier.merged(old, new, seconds=3.0)
+    assert [(r["method"], r["bits"], r["accuracy"]) for r in rows] == [
+        ("fp32", 32.0, 0.9), ("gptq", 2.5, 0.8), ("adaround", 2.5, 0.81), ("mc", 3.0, 0.75)]
+    assert meta == {"seconds": 10.0, "threads": 2,
+                    "updates": [{"seconds": 3.0, "methods": ["fp32", "gptq", "mc"]}]}
