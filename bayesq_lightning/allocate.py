@@ -201,12 +201,12 @@ def fill(options: Sequence[Sequence[Option]], picks: Sequence[int], budget: floa
          ) -> list[int]:
     """Spend the bits ``picks`` leaves under ``budget``: repeatedly switch the one block whose
     option change lowers the total loss most and whose extra cost still fits, until none does;
-    then take the dearer options whose loss is no higher, narrowest width first, until none fits.
+    then widen blocks at an equal loss, the narrowest block first, until no widening fits.
 
     Every step keeps the cost within the budget and never raises the loss. The second phase
     matters where a table cannot tell widths apart (Monte-Carlo losses clamped at zero, a
-    constant block): more bits at an equal modelled loss are never worse in fact. On return no
-    single block's option with a loss no higher and a cost higher than its pick fits the
+    constant block): a wider code at an equal modelled loss is never worse in fact. On return
+    no single block's option with a lower loss, or with an equal loss and more bits, fits the
     remaining bits.
     """
     width = max(map(len, options))
@@ -225,12 +225,13 @@ def fill(options: Sequence[Sequence[Option]], picks: Sequence[int], budget: floa
         gain = now_loss[:, None] - loss
         fits = extra <= budget - now_cost.sum()
         better = np.where(fits & (gain > 0), gain, -np.inf)
-        level = fits & (gain == 0) & (extra > 0)
+        now_bits = bits[rows, picks]
+        wider = fits & (gain == 0) & (extra > 0) & (bits > now_bits[:, None])
         if np.isfinite(better.max()):
             b, j = np.unravel_index(np.argmax(better), gain.shape)
-        elif level.any():  # fewest bits, then smallest extra cost, then lower block index
-            bs, js = np.nonzero(level)
-            k = np.lexsort((bs, extra[level], bits[level]))[0]
+        elif wider.any():  # the narrowest block, its next width, the cheapest, the lowest index
+            bs, js = np.nonzero(wider)
+            k = np.lexsort((bs, extra[wider], bits[wider], now_bits[bs]))[0]
             b, j = bs[k], js[k]
         else:
             return picks

@@ -38,6 +38,8 @@ printed and stored in the JSON)::
     python benchmarks/frontier.py --cases minilm_sentiment   # variants at VARIANT_BUDGETS
     python benchmarks/frontier.py --pilot               # sweep budgets to choose the table's
     python benchmarks/frontier.py --cases tiny --methods gptq "bayesq kron" --budgets 2.5 3
+    python benchmarks/frontier.py --cases fashion_resnet --update \
+        --methods gptq "bayesq kron" "bayesq kron mc"   # rerun some rows into the case's JSON
 """
 
 from __future__ import annotations
@@ -328,14 +330,16 @@ REFERENCE_NAMES = {"gptq": "GPTQ", "bayesq": "BayesQ"}
 
 
 def merged(old: dict, rows: Sequence[dict], seconds: float) -> tuple[list[dict], dict]:
-    """``old`` (a written JSON) with every row of the methods in ``rows`` replaced by theirs;
-    the other rows kept in order. The update's methods and run time are listed under
-    ``updates``."""
-    ran = {r["method"] for r in rows}
-    order = list(dict.fromkeys([r["method"] for r in old["rows"]] + [r["method"] for r in rows]))
-    out = [r for r in old["rows"] if r["method"] not in ran] + list(rows)
-    out.sort(key=lambda r: (r["case"], order.index(r["method"]), r["bits"]))
-    updates = [*old.get("updates", []), {"seconds": seconds, "methods": sorted(ran)}]
+    """``old`` (a written JSON) with each of its rows that ``rows`` has again (same case, method
+    and budget) replaced in place; the new rows it lacks appended. The update's methods and run
+    time are listed under ``updates``."""
+    def key(r: dict) -> tuple:
+        return r["case"], r["method"], r["bits"]
+
+    new = {key(r): r for r in rows}
+    out = [new.pop(key(r), r) for r in old["rows"]] + list(new.values())
+    updates = [*old.get("updates", []), {"seconds": seconds, "threads": torch.get_num_threads(),
+                                         "methods": sorted({r["method"] for r in rows})}]
     return out, {k: v for k, v in old.items() if k != "rows"} | {"updates": updates}
 
 
@@ -370,6 +374,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                    help="budgets of the methods outside rtn/mse/gptq/bayesq kron and of the "
                         "distilled rows (default: each case's VARIANT_BUDGETS without "
                         "--budgets, else --budgets)")
+    p.add_argument("--update", action="store_true",
+                   help="replace, in the existing JSON of the same name, the rows of the methods "
+                        "and budgets run, keeping the others (with gptq and 'bayesq kron' among "
+                        "--methods: the new rows' paired differences are taken within one run)")
     args = p.parse_args(argv)
     if args.update and not {"gptq", "bayesq kron"} <= set(args.methods or ()):
         p.error("--update needs --methods with gptq and 'bayesq kron' among them: the new rows' "

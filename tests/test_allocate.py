@@ -77,8 +77,9 @@ def test_fill_spends_what_fits_and_never_exceeds_the_budget(problem):
     spare = budget - total(options, picks, "cost")
     assert spare >= 0
     for block, j in zip(options, picks, strict=True):  # no single upgrade still fits
-        assert not any(o.loss <= block[j].loss and 0 < o.cost - block[j].cost <= spare
-                       for o in block)
+        assert not any(o.loss < block[j].loss and o.cost - block[j].cost <= spare for o in block)
+        assert not any(o.loss == block[j].loss and o.bits > block[j].bits
+                       and 0 < o.cost - block[j].cost <= spare for o in block)
     hull_only = _greedy(options, budget)
     assert total(options, picks, "loss") <= total(options, hull_only, "loss")
     assert fill(options, picks, budget) == picks  # nothing left to do
@@ -97,6 +98,10 @@ def test_fill_spends_the_budget_where_the_table_cannot_tell_widths_apart(solver)
     assert allocate(options, 10, solver=solver) == [1, 1, 1]  # 3 bits everywhere before 4
     assert allocate(options, 11, solver=solver) == [2, 1, 1]
     assert allocate(options, 13, solver=solver) == [2, 2, 1]
+    # never narrower: an equal-loss option with fewer bits that costs more (a codebook's
+    # metadata) is not a widening
+    block = [Option(50, 3.0, 2), Option(104, 0.0, 8), Option(292, 0.0, 4, "nonuniform")]
+    assert allocate([block], 300, solver=solver) == [1]
 
 
 def test_fill_takes_an_option_off_the_hull_that_the_greedy_skips():

@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
 import frontier  # noqa: E402
@@ -42,16 +44,25 @@ def test_frontier_smoke(tmp_path):
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
 
 
-def test_update_replaces_only_the_methods_run():
+def test_update_replaces_only_the_rows_run():
     def row(method, bits, acc):
         return {"case": "c", "method": method, "bits": bits, "accuracy": acc}
 
     old = {"seconds": 10.0, "threads": 2,
            "rows": [row("fp32", 32.0, 0.9), row("gptq", 2.5, 0.8), row("adaround", 2.5, 0.81),
                     row("mc", 2.5, 0.7), row("mc", 3.0, 0.7)]}
-    new = [row("fp32", 32.0, 0.9), row("gptq", 2.5, 0.8), row("mc", 3.0, 0.75)]
+    new = [row("fp32", 32.0, 0.9), row("gptq", 2.5, 0.8), row("mc", 3.0, 0.75),
+           row("mc", 4.0, 0.76)]
     rows, meta = frontier.merged(old, new, seconds=3.0)
     assert [(r["method"], r["bits"], r["accuracy"]) for r in rows] == [
-        ("fp32", 32.0, 0.9), ("gptq", 2.5, 0.8), ("adaround", 2.5, 0.81), ("mc", 3.0, 0.75)]
-    assert meta == {"seconds": 10.0, "threads": 2,
-                    "updates": [{"seconds": 3.0, "methods": ["fp32", "gptq", "mc"]}]}
+        ("fp32", 32.0, 0.9), ("gptq", 2.5, 0.8), ("adaround", 2.5, 0.81), ("mc", 2.5, 0.7),
+        ("mc", 3.0, 0.75), ("mc", 4.0, 0.76)]
+    assert meta["seconds"] == 10.0 and meta["threads"] == 2
+    assert [u["methods"] for u in meta["updates"]] == [["fp32", "gptq", "mc"]]
+
+
+def test_update_refuses_to_run_without_its_references(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        frontier.main(["--cases", "tiny", "--methods", "bayesq kron mc", "--update",
+                       "--out", str(tmp_path)])
+    assert "--update needs --methods with gptq" in capsys.readouterr().err
