@@ -11,10 +11,11 @@ each block's lower convex hull of ``(C, D)``; the hulls make that rate decrease 
 so up to its first upgrade that does not fit the greedy follows the LP relaxation's optimum,
 which is below the integer optimum OPT. Hence (classical LP argument)
 ``loss(greedy) <= OPT + max_b max_k (D_{b,k} - D_{b,k+1})``, see :func:`greedy_gap_bound`.
-The hulls skip options above a chord, so the greedy can stop with bits to spare; :func:`fill`
-then spends them on the options (hull or not) that lower the loss most and still fit, until no
-change that lowers the loss fits.
+The hulls skip options above a chord, so the greedy can stop with bits to spare.
 ``solver="dp"`` is exact: dynamic programming over costs divided by their gcd.
+After either solver, :func:`fill` spends what is left: first on the options (hull or not) that
+lower the loss most and still fit, then on wider options at an equal loss (a table that cannot
+tell widths apart), until neither fits.
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ hold-out (``bayesq kron train-curv`` estimates the curvature on training samples
 ``bayesq kron`` is the default (``tables="auto"``: the measured checks of
 :mod:`bayesq_lightning.checks`); its variants: ``closed form`` (no checks), ``minmax`` (every
 grid at the weights' range, no clipping candidate), ``old score`` (the prior term in the scores,
-``score="posterior_precision"``), ``act-order``, ``mc`` (Monte-Carlo tables; ``mc top8`` refines
-the 8 blocks nearest the boundary), ``checked all`` (the checks on 64 inputs with no budget).
+``score="posterior_precision"``; ``old score grids`` adds the measured grid choice),
+``act-order``, ``mc`` (Monte-Carlo tables; ``mc top8`` refines the 8 blocks nearest the
+boundary), ``checked all`` (the checks on 64 inputs with no budget).
 ``adaround`` learns the rounding on GPTQ's grids and widths. ``<method> + distill`` distils that
 row's model with one ``DistillConfig`` (the baselines toward the FP32 teacher).
 ``bayesq diag`` has no error feedback. The low-rank structure is left out: its per-layer
@@ -79,6 +80,10 @@ METHODS: dict[str, dict] = {
     "bayesq kron minmax": {"range_objective": "minmax"},
     "bayesq kron act-order": {"act_order": True},
     "bayesq kron old score": {"score": "posterior_precision"},
+    # the old score's allocation with the measured grid choice (no boundary step: measured KLs
+    # lack the score's prior term)
+    "bayesq kron old score grids": {"score": "posterior_precision", "tables": "checked",
+                                    "check_top_k": 0},
     "bayesq kron mc": {"tables": "mc"},
     "bayesq kron mc top8": {"tables": "mc", "mc_refine_top_k": 8},
     "bayesq kron checked all": {"tables": "checked", "check_inputs": 64, "check_budget": None},
@@ -329,6 +334,32 @@ def markdown(rows: Sequence[dict], reference: str = "gptq", first: str = "method
 REFERENCE_NAMES = {"gptq": "GPTQ", "bayesq": "BayesQ"}
 
 
+def pivot(rows: Sequence[dict]) -> str:
+    """Per case, one line per method and one column per budget: accuracy in % (difference to
+    GPTQ at that budget in points ± its paired SE), the README's form."""
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        mine = [r for r in rows if r["case"] == case and r["method"] != "fp32"
+                and not r.get("fixed_width")]
+        fp32 = next(r for r in rows if r["case"] == case and r["method"] == "fp32")
+        budgets = sorted({r["bits"] for r in mine})
+        out += [f"**{case}** (FP32 {100 * fp32['accuracy']:.2f} ± {100 * fp32['accuracy_se']:.2f}"
+                f" %, NLL {fp32['nll']:.4f}, ECE {fp32['ece']:.4f})", "",
+                "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
+                "|---|" + "---|" * len(budgets)]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            at = {r["bits"]: r for r in mine if r["method"] == method}
+            cells = []
+            for b in budgets:
+                r = at.get(b)
+                d = "" if r is None or method == "gptq" or "d_gptq" not in r else \
+                    f" ({100 * r['d_gptq']:+.1f} ± {100 * r['d_gptq_se']:.1f})"
+                cells.append("" if r is None else f"{100 * r['accuracy']:.2f}{d}")
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def merged(old: dict, rows: Sequence[dict], seconds: float) -> tuple[list[dict], dict]:
     """``old`` (a written JSON) with each of its rows that ``rows`` has again (same case, method
     and budget) replaced in place; the new rows it lacks appended. The update's methods and run
@@ -349,7 +380,7 @@ def write(rows: Sequence[dict], out_dir: Path, name: str, seconds: float,
     meta = (meta or {"seconds": seconds, "threads": torch.get_num_threads()}) | {
         "rows": list(rows)}
     (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=1))
-    (out_dir / f"{name}.md").write_text(markdown(rows))
+    (out_dir / f"{name}.md").write_text(markdown(rows) + "\n" + pivot(rows))
     plot_frontier(rows, out_dir / f"{name}.png")
 
 

@@ -40,6 +40,14 @@ cannot be checked elsewhere); ``--keep-weights`` keeps the stored weights; ``--r
 where nothing changed, or to add fields to this environment's recording (check first that the
 strict test passes here). A recording lacks the fields added after it was made; both
 comparisons compare the fields the recording holds.
+
+An intended change confined to some cases (e.g. a solver step only Monte-Carlo tables reach)::
+
+    .venv/bin/python tests/golden_cases.py --record --keep-weights --add --forget _mc@
+
+records this environment and removes the cases whose names contain ``_mc@`` from the other
+recordings, which cannot be re-recorded here: first check that ``git diff`` of the fingerprints
+changes no other case's values.
 """
 
 from __future__ import annotations
@@ -91,8 +99,8 @@ CASES: dict[str, dict] = {
 }
 # The cases above run under the closed form unless they name their tables (BayesQ's default
 # "auto" means the checks, which have their own case): the recordings that predate the checks
-# stay valid. A recording holds the cases that existed when it was made; both comparisons
-# compare the cases the recording holds.
+# stay valid. A recording holds the cases that existed when it was made, less those an intended
+# change elsewhere voided (``--forget``); both comparisons compare the cases it holds.
 CASE_DEFAULTS = {"tables": "closed_form"}
 
 # Tolerant comparison (see the module docstring). RHO: the floor of every window, ten times
@@ -427,16 +435,19 @@ def perturbed_runs(case: tuple[str, float] = PERTURBED_CASE, damp: bool = True,
     return out
 
 
-def record(retrain: bool = True, add: bool = False) -> None:
+def record(retrain: bool = True, add: bool = False, forget: str | None = None) -> None:
     """Re-record the fingerprints; ``retrain=False`` (``--keep-weights``) keeps the stored
     weights, e.g. after an intended artifact format change, so only what changed moves.
-    ``add=True`` keeps the other environments' recordings (new weights void them)."""
+    ``add=True`` keeps the other environments' recordings (new weights void them), less the
+    cases whose names contain ``forget``."""
     HERE.mkdir(exist_ok=True)
     if retrain:
         save_file(train_weights(), str(WEIGHTS))
     here = {"environment": environment(), "cases": run_cases(), "callback": run_callback()}
     others = [r for r in recordings() if r["environment"] != here["environment"]] \
         if add and not retrain and FINGERPRINTS.exists() else []
+    for r in others if forget else []:
+        r["cases"] = {k: v for k, v in r["cases"].items() if forget not in k}
     FINGERPRINTS.write_text(json.dumps({"recordings": [*others, here]}, indent=1) + "\n")
     print(f"wrote {FINGERPRINTS}: {len(here['cases'])} cases + callback for "
           f"{here['environment']}; {len(others)} other recording(s) kept")
@@ -444,6 +455,7 @@ def record(retrain: bool = True, add: bool = False) -> None:
 
 if __name__ == "__main__":
     if "--record" in sys.argv:
-        record(retrain="--keep-weights" not in sys.argv, add="--add" in sys.argv)
+        forget = sys.argv[sys.argv.index("--forget") + 1] if "--forget" in sys.argv else None
+        record(retrain="--keep-weights" not in sys.argv, add="--add" in sys.argv, forget=forget)
     else:
         print(__doc__)

@@ -40,7 +40,10 @@ def test_frontier_smoke(tmp_path):
     saved = json.loads((tmp_path / "frontier.json").read_text())
     assert len(saved["rows"]) == len(rows)
     table = (tmp_path / "frontier.md").read_text()
-    assert table.count("\n| ") == len(rows) + 1  # header + one line per row
+    assert frontier.markdown(rows).count("\n| ") == len(rows) + 1  # header + one per row
+    wide = frontier.pivot(rows)  # one line per method, one column per budget
+    assert wide.count("\n| ") == len(frontier.METHODS) + 1 and wide in table
+    assert "| bayesq kron | " in wide and wide.count(" ± ") >= len(budgets) * 2
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
 
 
