@@ -46,6 +46,8 @@ def quantized():
     ({"train": ("weights",)}, "train"),
     ({"epochs": 0}, "epochs"),
     ({"batch_size": 0}, "batch_size"),
+    ({"min_gain_se": -1.0}, "min_gain_se"),
+    ({"min_gain_se": float("inf")}, "min_gain_se"),
 ])
 def test_config_refuses_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):

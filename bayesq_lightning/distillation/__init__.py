@@ -5,6 +5,7 @@ The Lightning shells (``PosteriorDistillModule``, ``distill``, ``distill_model``
 """
 
 from .config import DistillConfig
+from .selection import MIN_HOLDOUT, EpochChoice, choose_epoch
 from .student import distill_loss, finish_student, start_student
 from .teachers import (
     FP32Teacher,
@@ -17,12 +18,15 @@ from .teachers import (
 )
 
 __all__ = [
+    "MIN_HOLDOUT",
     "DistillConfig",
+    "EpochChoice",
     "FP32Teacher",
     "GLMTeacher",
     "SampleTeacher",
     "Teacher",
     "build_teacher",
+    "choose_epoch",
     "distill_loss",
     "finish_student",
     "fp32_reference",

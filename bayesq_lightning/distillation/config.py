@@ -42,9 +42,15 @@ class DistillConfig:
         Run the teacher once per calibration sample before training (else once per step).
     holdout : float
         Fraction of the calibration inputs held out of training to choose the epoch: after
-        each epoch the KL to the teacher on them is measured (no label enters it), and the
-        student ends at the epoch with the lowest, the undistilled epoch 0 included, so
-        distillation cannot make that measure worse. ``0``: train on all, keep the last epoch.
+        each epoch the KL to the teacher on them is measured per input (no label enters it).
+        The epoch with the lowest mean is kept only if its gain over the undistilled epoch 0
+        exceeds ``min_gain_se`` paired standard errors; otherwise the student stays
+        undistilled. A hold-out under :data:`~bayesq_lightning.distillation.MIN_HOLDOUT`
+        inputs cannot make that choice: one warning, and the student stays undistilled.
+        ``0``: train on all, keep the last epoch.
+    min_gain_se : float
+        How many paired standard errors of the per-input hold-out KL difference the chosen
+        epoch's mean gain must exceed; ``0`` (default): any gain.
     train : tuple of str
         What is trained, a subset of ``("scale", "zero", "codebook", "bias", "norm")``: the
         quantizer's scales, zero points and codebook levels (fp32 masters, stored as fp16), the
@@ -63,6 +69,7 @@ class DistillConfig:
     batch_size: int | None = None
     precompute_teacher: bool = True
     holdout: float = 0.2
+    min_gain_se: float = 0.0
     train: tuple[str, ...] = TRAINABLE
     seed: int = 0
 
@@ -88,6 +95,10 @@ class DistillConfig:
             raise ValueError(f"batch_size={self.batch_size!r} must be a positive integer or None")
         if isinstance(self.holdout, bool) or not (0.0 <= self.holdout < 1.0):
             raise ValueError(f"holdout={self.holdout!r} must be a fraction in [0, 1)")
+        if isinstance(self.min_gain_se, bool) or not isinstance(self.min_gain_se, (int, float)) \
+                or not (math.isfinite(self.min_gain_se) and self.min_gain_se >= 0):
+            raise ValueError(f"min_gain_se={self.min_gain_se!r} must be a finite number >= 0 "
+                             "(default 0.0)")
         if isinstance(self.train, str):
             self.train = (self.train,)
         self.train = tuple(self.train)

@@ -126,13 +126,16 @@ def finish_student(model: nn.Module, state: StudentState | None = None, result=N
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor,
-                 temperature: float = 1.0) -> torch.Tensor:
-    """:math:`T^2` times the mean ``KL(teacher || student)`` at temperature ``T``."""
+                 temperature: float = 1.0, per_example: bool = False) -> torch.Tensor:
+    """:math:`T^2` times the mean ``KL(teacher || student)`` at temperature ``T`` (per example
+    with ``per_example=True``)."""
     if student_logits.shape != teacher_log_probs.shape:
         raise ValueError(f"student outputs {tuple(student_logits.shape)} and teacher outputs "
                          f"{tuple(teacher_log_probs.shape)} differ")
     t = (teacher_log_probs.float() / temperature).log_softmax(-1)
     s = (student_logits.float() / temperature).log_softmax(-1)
+    if per_example:
+        return temperature ** 2 * F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
     return temperature ** 2 * F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 

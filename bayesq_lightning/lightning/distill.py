@@ -18,6 +18,7 @@ strategy reuses the launched processes and their process group.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -26,7 +27,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
@@ -34,6 +35,7 @@ from typing_extensions import override
 from ..artifact.export import write_artifact
 from ..batches import LogitsModel, batch_size_of, calibration_samples, inputs_to, split_batch
 from ..distillation.config import DistillConfig
+from ..distillation.selection import MIN_HOLDOUT, EpochChoice, choose_epoch
 from ..distillation.student import (
     TEACHER_KEY,
     DistillSet,
@@ -60,8 +62,8 @@ class PosteriorDistillModule(pl.LightningModule):
         config: :class:`~bayesq_lightning.DistillConfig` (``train``, ``lr``, ``temperature``).
         n_classes: number of classes of the validation metrics (default: the teacher's).
         holdout: batches of calibration inputs (or :class:`DistillSet` batches) kept out of
-            training; the student ends at the epoch (0: undistilled) with the lowest KL to the
-            teacher on them.
+            training; the student ends at the epoch :func:`~bayesq_lightning.distillation.
+            choose_epoch` keeps from the per-input KLs to the teacher on them (0: undistilled).
 
     Training batches are the calibration inputs (labels, if present, are dropped) or
     :class:`~bayesq_lightning.distillation.student.DistillSet` batches carrying precomputed teacher
@@ -88,8 +90,9 @@ class PosteriorDistillModule(pl.LightningModule):
         self.epoch_seconds: list[float] = []
         self.holdout = holdout
         self.holdout_kl: list[float] = []  # per epoch, epoch 0 = before training
-        self.best_epoch = 0
-        self._best: list[torch.Tensor] | None = None
+        self._holdout_kls: list[torch.Tensor] = []  # the same, per hold-out input
+        self.choice = EpochChoice(0, 0, 0.0, 0.0)
+        self._lowest: list[torch.Tensor] | None = None  # parameters at the lowest mean so far
 
     @property
     def seconds_per_epoch(self) -> float | None:
@@ -113,41 +116,49 @@ class PosteriorDistillModule(pl.LightningModule):
     def on_train_start(self) -> None:
         self._track_holdout()
 
+    @property
+    def best_epoch(self) -> int:
+        """The epoch the student ends at (0: undistilled; the last without a hold-out)."""
+        return self.choice.epoch if self.holdout else self.config.epochs
+
     @override
     def on_train_end(self) -> None:
-        if self._best is not None:  # back to the epoch with the lowest held-out KL
-            with torch.no_grad():
-                for p, v in zip(self._state.params, self._best, strict=True):
-                    p.copy_(v)
+        if not self._holdout_kls:
+            return
+        self.choice = choose_epoch(self._holdout_kls, self.config.min_gain_se)
+        keep = self._lowest if self.choice.epoch else self._initial
+        with torch.no_grad():  # the kept epoch's parameters (epoch 0: as before training)
+            for p, v in zip(self._state.params, keep, strict=True):
+                p.copy_(v)
 
     @torch.no_grad()
+    def holdout_divergences(self) -> torch.Tensor:
+        """``T^2 KL(teacher || student)`` of each held-out calibration input."""
+        return torch.cat([self._loss(batch, per_example=True).cpu() for batch in self.holdout])
+
     def holdout_divergence(self) -> float:
         """Mean ``T^2 KL(teacher || student)`` over the held-out calibration inputs."""
-        total, n = 0.0, 0
-        for batch in self.holdout:
-            b = batch_size_of(student_inputs(batch))
-            total += float(self._loss(batch)) * b
-            n += b
-        return total / max(n, 1)
+        return float(self.holdout_divergences().mean())
 
-    def _loss(self, batch) -> torch.Tensor:
+    def _loss(self, batch, per_example: bool = False) -> torch.Tensor:
         """The distillation loss of a batch; teacher outputs precomputed in it or run now."""
         x = inputs_to(student_inputs(batch), self.device)  # a no-op on Lightning's batches
         target = (batch[TEACHER_KEY].to(self.device)
                   if isinstance(batch, dict) and TEACHER_KEY in batch else self.teacher(x))
-        return distill_loss(self(x), target, self.config.temperature)
+        return distill_loss(self(x), target, self.config.temperature, per_example)
 
     def _track_holdout(self) -> float | None:
         # every process sees the whole hold-out and identical students: identical choices
         if not self.holdout:
             return None
-        kl = self.holdout_divergence()
-        if self._trainer is not None:  # rank 0's value decides, so every process agrees
-            kl = float(self.trainer.strategy.broadcast(kl, src=0))
+        kls = self.holdout_divergences()
+        if self._trainer is not None:  # rank 0's values decide, so every process agrees
+            kls = self.trainer.strategy.broadcast(kls, src=0)
+        kl = float(kls.double().mean())
+        if not self.holdout_kl or kl < min(self.holdout_kl):  # the earliest lowest
+            self._lowest = [p.detach().clone() for p in self._state.params]
         self.holdout_kl.append(kl)
-        if kl <= min(self.holdout_kl):
-            self.best_epoch = len(self.holdout_kl) - 1
-            self._best = [p.detach().clone() for p in self._state.params]
+        self._holdout_kls.append(kls)
         return kl
 
     @override
@@ -242,9 +253,16 @@ def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
     data = DistillSet(batches, teacher if config.precompute_teacher else None)
     bs = config.batch_size or batch_size_of(student_inputs(batches[0]))
     n_hold = int(round(config.holdout * len(data)))
-    if config.holdout and not 0 < n_hold < len(data):
+    if config.holdout and n_hold >= len(data):
         raise ValueError(f"holdout={config.holdout} of {len(data)} calibration samples leaves "
-                         "no sample on one side; give more calibration data or holdout=0")
+                         "none to train on; give more calibration data or a smaller holdout")
+    too_small = bool(config.holdout) and n_hold < MIN_HOLDOUT
+    if too_small:
+        need = math.ceil(MIN_HOLDOUT / config.holdout)
+        rank_zero_warn(f"the distillation hold-out has {n_hold} calibration inputs "
+                       f"(holdout={config.holdout:g} of {len(data)}), fewer than the "
+                       f"{MIN_HOLDOUT} needed to choose an epoch: the student is kept "
+                       f"undistilled; give at least {need} calibration inputs or raise holdout")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
     train_set = Subset(data, sorted(order[n_hold:].tolist()))
     holdout = DataLoader(Subset(data, sorted(order[:n_hold].tolist())), batch_size=bs)
@@ -256,7 +274,8 @@ def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
                                     holdout=holdout if n_hold else None)
     try:
         with quiet():  # among them: the student is in eval mode on purpose
-            trainer.fit(module, loader, eval_loader)
+            if not too_small:
+                trainer.fit(module, loader, eval_loader)
             if eval_loader is not None:  # the final student, on every process's shard, synced
                 trainer.validate(module, eval_loader, verbose=False)
     except BaseException:
@@ -264,10 +283,19 @@ def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
         raise
     finally:
         module.finish(result)
+    if len(module.holdout_kl) > 1:
+        c = module.choice
+        rank_zero_info(f"BayesQ distillation keeps epoch {c.epoch} of {config.epochs}: the "
+                       f"lowest hold-out KL, epoch {c.lowest}, gains {c.gain:.4g} ± {c.gain_se:.2g}"
+                       f" (paired SE) on epoch 0, kept if above {config.min_gain_se:g} SE")
     report: dict[str, Any] = {"config": config.to_dict(), "teacher": teacher.name,
                               "teacher_temperature": getattr(teacher, "temperature", None),
                               "n_calibration": len(data), "n_holdout": n_hold,
-                              "best_epoch": module.best_epoch, "holdout_kl": module.holdout_kl,
+                              "best_epoch": 0 if too_small else module.best_epoch,
+                              "holdout_kl": module.holdout_kl,
+                              "holdout_gain": module.choice.gain,
+                              "holdout_gain_se": module.choice.gain_se,
+                              "lowest_epoch": module.choice.lowest,
                               "seconds_per_epoch": module.seconds_per_epoch}
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("student/")}
     if logged:
