@@ -196,8 +196,8 @@ BUDGETS = {"fashion_resnet": [2.125, 2.25, 2.375, 2.5, 2.75, 3.0, 3.5, 4.0],
            "minilm_sentiment": [2.125, 2.25, 2.375, 2.5, 2.75, 3.0, 3.5, 4.0],
            "tiny": [2.5, 3.0]}
 _ROWS = ("rtn", "mse", "gptq", "adaround", "bayesq kron", "bayesq kron closed form",
-         "bayesq kron minmax", "bayesq kron old score", "bayesq kron act-order",
-         "bayesq kron checked all")
+         "bayesq kron minmax", "bayesq kron old score", "bayesq kron old score grids",
+         "bayesq kron act-order", "bayesq kron checked all")
 ROWS = {"fashion_resnet": (*_ROWS, "bayesq kron mc"),
         "minilm_sentiment": (*_ROWS, "bayesq kron mc top8"), "tiny": _ROWS}
 VARIANT_BUDGETS = {"minilm_sentiment": [2.125, 2.25, 2.5, 3.0]}
