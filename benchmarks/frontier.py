@@ -17,9 +17,9 @@ hold-out (``bayesq kron train-curv`` estimates the curvature on training samples
 ``bayesq kron`` is the default (``tables="auto"``: the measured checks of
 :mod:`bayesq_lightning.checks`); its variants: ``closed form`` (no checks), ``minmax`` (every
 grid at the weights' range, no clipping candidate), ``old score`` (the prior term in the scores,
-``score="posterior_precision"``; ``old score grids`` adds the measured grid choice),
-``act-order``, ``mc`` (Monte-Carlo tables; ``mc top8`` refines the 8 blocks nearest the
-boundary), ``checked all`` (the checks on 64 inputs with no budget).
+``score="posterior_precision"``), ``act-order``, ``mc`` (Monte-Carlo tables; ``mc top8``
+refines the 8 blocks nearest the boundary), ``checked all`` (the checks on 64 inputs with no
+budget).
 ``adaround`` learns the rounding on GPTQ's grids and widths. ``<method> + distill`` distils that
 row's model with one ``DistillConfig`` (the baselines toward the FP32 teacher).
 ``bayesq diag`` has no error feedback. The low-rank structure is left out: its per-layer
@@ -80,10 +80,6 @@ METHODS: dict[str, dict] = {
     "bayesq kron minmax": {"range_objective": "minmax"},
     "bayesq kron act-order": {"act_order": True},
     "bayesq kron old score": {"score": "posterior_precision"},
-    # the old score's allocation with the measured grid choice (no boundary step: measured KLs
-    # lack the score's prior term)
-    "bayesq kron old score grids": {"score": "posterior_precision", "tables": "checked",
-                                    "check_top_k": 0},
     "bayesq kron mc": {"tables": "mc"},
     "bayesq kron mc top8": {"tables": "mc", "mc_refine_top_k": 8},
     "bayesq kron checked all": {"tables": "checked", "check_inputs": 64, "check_budget": None},
@@ -196,8 +192,8 @@ BUDGETS = {"fashion_resnet": [2.125, 2.25, 2.375, 2.5, 2.75, 3.0, 3.5, 4.0],
            "minilm_sentiment": [2.125, 2.25, 2.375, 2.5, 2.75, 3.0, 3.5, 4.0],
            "tiny": [2.5, 3.0]}
 _ROWS = ("rtn", "mse", "gptq", "adaround", "bayesq kron", "bayesq kron closed form",
-         "bayesq kron minmax", "bayesq kron old score", "bayesq kron old score grids",
-         "bayesq kron act-order", "bayesq kron checked all")
+         "bayesq kron minmax", "bayesq kron old score", "bayesq kron act-order",
+         "bayesq kron checked all")
 ROWS = {"fashion_resnet": (*_ROWS, "bayesq kron mc"),
         "minilm_sentiment": (*_ROWS, "bayesq kron mc top8"), "tiny": _ROWS}
 VARIANT_BUDGETS = {"minilm_sentiment": [2.125, 2.25, 2.5, 3.0]}

@@ -220,34 +220,3 @@ def test_holdout_keeps_the_undistilled_student_when_training_only_hurts(setup):
     assert rep["best_epoch"] == 0 and rep["holdout_kl"] == []
     for k, v in before.items():
         assert torch.equal(res.model.state_dict()[k], v), k
-
-
-class RandomLogits(nn.Module):
-    """A teacher model whose logits ignore the input: fresh Gaussian noise on every call."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        self.anchor = nn.Parameter(torch.zeros(1))  # a device for the teacher's copy
-        self.seed, self.calls = seed, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        g = torch.Generator().manual_seed(1000 * self.seed + self.calls)
-        return 3 * torch.randn(len(x), 4, generator=g) + self.anchor
-
-
-def test_selection_keeps_the_undistilled_student_when_the_teacher_is_noise(setup):
-    # training toward input-independent random logits only fits noise: the hold-out KL's
-    # lowest epoch must not clear its paired standard error
-    _, res, calib, _ = setup
-    before = {k: v.clone() for k, v in res.model.state_dict().items()}
-    kept, lower = [], []
-    for seed in range(20):
-        cfg = DistillConfig(teacher="fp32", epochs=3, holdout=0.25, min_gain_se=2.0, seed=seed)
-        rep = distill_model(RandomLogits(seed), res, calib, cfg, **QUIET)
-        kept.append(rep["best_epoch"] == 0)
-        lower.append(rep["lowest_epoch"] != 0)  # what the lowest mean alone would keep
-        if rep["best_epoch"]:
-            res.model.load_state_dict(before)
-    assert sum(kept) >= 19, kept
-    assert sum(lower) >= 5, lower  # the test has something to reject
