@@ -17,7 +17,8 @@ hold-out (``bayesq kron train-curv`` estimates the curvature on training samples
 ``bayesq kron`` is the default (``tables="auto"``: the measured checks of
 :mod:`bayesq_lightning.checks`); its variants: ``closed form`` (no checks), ``minmax`` (every
 grid at the weights' range, no clipping candidate), ``old score`` (the prior term in the scores,
-``score="posterior_precision"``), ``act-order``, ``mc`` (Monte-Carlo tables; ``mc top8``
+``score="posterior_precision"``; ``old score grids`` adds the measured grid choice),
+``act-order``, ``mc`` (Monte-Carlo tables; ``mc top8``
 refines the 8 blocks nearest the boundary), ``checked all`` (the checks on 64 inputs with no
 budget).
 ``adaround`` learns the rounding on GPTQ's grids and widths. ``<method> + distill`` distils that
@@ -80,6 +81,8 @@ METHODS: dict[str, dict] = {
     "bayesq kron minmax": {"range_objective": "minmax"},
     "bayesq kron act-order": {"act_order": True},
     "bayesq kron old score": {"score": "posterior_precision"},
+    "bayesq kron old score grids": {"score": "posterior_precision", "tables": "checked",
+                                    "check_top_k": 0},
     "bayesq kron mc": {"tables": "mc"},
     "bayesq kron mc top8": {"tables": "mc", "mc_refine_top_k": 8},
     "bayesq kron checked all": {"tables": "checked", "check_inputs": 64, "check_budget": None},

@@ -101,6 +101,11 @@ def test_bad_check_options(kwargs, match):
         BayesQConfig(**kwargs)
 
 
+def test_the_grid_check_alone_takes_any_score():
+    cfg = BayesQConfig(tables="checked", score="posterior_precision", check_top_k=0)
+    assert cfg.resolved_tables == "checked"
+
+
 @pytest.mark.parametrize(("field", "choices"), [
     ("method", METHODS), ("structure", STRUCTURES), ("quantizer", QUANTIZERS),
     ("tables", TABLES), ("solver", SOLVERS), ("backend", BACKENDS),

@@ -228,9 +228,12 @@ class ScoringOptions:
                              "(a share of the calibration inputs) or None (no cap)")
         if not _int(self.check_top_k, 0):
             raise ValueError(f"check_top_k={self.check_top_k!r} must be an integer >= 0")
-        if self.tables == "checked" and self.score != "curvature":
-            raise ValueError("tables='checked' measures losses in the units of score="
-                             "'curvature'; use score='curvature' with it")
+        # the boundary step replaces losses by measured KLs, which lack the prior term; the grid
+        # step only ranks the grids of one width, in any score's units
+        if self.tables == "checked" and self.score != "curvature" and self.check_top_k:
+            raise ValueError("tables='checked' measures boundary losses in the units of score="
+                             "'curvature'; use score='curvature' with it, or check_top_k=0 "
+                             "(the measured grid choice only)")
         check_choice("score", self.score, SCORES)
         _check_positive_finite(self, "posterior_temperature")
         if self.score_rows is not None and not _int(self.score_rows, 2):
