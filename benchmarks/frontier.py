@@ -198,7 +198,8 @@ _ROWS = ("rtn", "mse", "gptq", "adaround", "bayesq kron", "bayesq kron closed fo
          "bayesq kron minmax", "bayesq kron old score", "bayesq kron act-order",
          "bayesq kron checked all")
 ROWS = {"fashion_resnet": (*_ROWS, "bayesq kron mc"),
-        "minilm_sentiment": (*_ROWS, "bayesq kron mc top8"), "tiny": _ROWS}
+        "minilm_sentiment": (*_ROWS, "bayesq kron mc top8", "bayesq kron old score grids"),
+        "tiny": _ROWS}
 VARIANT_BUDGETS = {"minilm_sentiment": [2.125, 2.25, 2.5, 3.0]}
 
 CASES: dict[str, Callable[[], Case]] = {
