@@ -18,9 +18,8 @@ hold-out (``bayesq kron train-curv`` estimates the curvature on training samples
 :mod:`bayesq_lightning.checks`); its variants: ``closed form`` (no checks), ``minmax`` (every
 grid at the weights' range, no clipping candidate), ``old score`` (the prior term in the scores,
 ``score="posterior_precision"``; ``old score grids`` adds the measured grid choice),
-``act-order``, ``mc`` (Monte-Carlo tables; ``mc top8``
-refines the 8 blocks nearest the boundary), ``checked all`` (the checks on 64 inputs with no
-budget).
+``act-order``, ``mc`` (Monte-Carlo tables; ``mc top8`` refines the 8 blocks nearest the
+boundary), ``checked all`` (the checks on 64 inputs with no budget).
 ``adaround`` learns the rounding on GPTQ's grids and widths. ``<method> + distill`` distils that
 row's model with one ``DistillConfig`` (the baselines toward the FP32 teacher).
 ``bayesq diag`` has no error feedback. The low-rank structure is left out: its per-layer
@@ -374,6 +373,19 @@ def merged(old: dict, rows: Sequence[dict], seconds: float) -> tuple[list[dict],
     return out, {k: v for k, v in old.items() if k != "rows"} | {"updates": updates}
 
 
+def model_changed(stored: dict, case: str, fp32: dict) -> str | None:
+    """Why ``case``'s model is not the one ``stored`` (a written JSON) was measured on, judged
+    by its FP32 metrics ``fp32``; ``None`` where they agree."""
+    old = next((r for r in stored["rows"] if r["case"] == case and r["method"] == "fp32"), None)
+    if old is None:
+        return f"the file holds no FP32 row of {case}"
+    if any(abs(old[k] - fp32[k]) > 1e-6 for k in ("accuracy", "nll")):
+        return (f"{case}'s FP32 model scores accuracy {fp32['accuracy']:.4f}, NLL "
+                f"{fp32['nll']:.4f} against the file's {old['accuracy']:.4f}, {old['nll']:.4f} "
+                "(retrained: the cache under BAYESQ_BENCH_CACHE changed)")
+    return None
+
+
 def write(rows: Sequence[dict], out_dir: Path, name: str, seconds: float,
           meta: dict | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -415,9 +427,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 "paired differences are taken against those of the same run")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    out_name = args.name or ("frontier_pilot" if args.pilot else
+                             "frontier_" + "_".join(args.cases))
+    stored = None
+    if args.update:  # refused before the run, not after it
+        path = args.out / f"{out_name}.json"
+        if not path.exists():
+            raise SystemExit(f"--update: {path} does not exist; run without --update first")
+        stored = json.loads(path.read_text())
     rows: list[dict] = []
     for name in args.cases:
         case = CASES[name]()
+        why = stored and model_changed(stored, case.name, evaluate(case.model, case.test))
+        if why:
+            raise SystemExit(f"--update: {why}; its rows cannot be mixed with this run's: "
+                             "rerun the case without --update")
         if args.pilot:
             lo = math.ceil(min_feasible_bits(case) * 100) / 100 + 0.01
             budgets = sorted({round(lo, 2), round(lo + 0.05, 2), round(lo + 0.1, 2),
@@ -433,17 +457,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         rows += run_case(case, budgets, methods, uniform_gptq=() if args.pilot else (2, 3, 4),
                          distilled=distilled, variant_budgets=variant_budgets)
     seconds = time.perf_counter() - t0
-    name = args.name or ("frontier_pilot" if args.pilot else
-                         "frontier_" + "_".join(args.cases))
     meta = None
-    if args.update:
-        path = args.out / f"{name}.json"
-        if not path.exists():
-            raise SystemExit(f"--update: {path} does not exist; run without --update first")
-        rows, meta = merged(json.loads(path.read_text()), rows, seconds)
-    write(rows, args.out, name, seconds, meta)
+    if stored is not None:
+        rows, meta = merged(stored, rows, seconds)
+    write(rows, args.out, out_name, seconds, meta)
     print(markdown(rows))
-    print(f"{seconds:.0f} s on {args.threads} threads; wrote {args.out / name}.json/.md/.png")
+    print(f"{seconds:.0f} s on {args.threads} threads; wrote {args.out / out_name}.json/.md/.png")
     return rows
 
 

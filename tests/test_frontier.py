@@ -69,3 +69,11 @@ def test_update_refuses_to_run_without_its_references(tmp_path, capsys):
         frontier.main(["--cases", "tiny", "--methods", "bayesq kron mc", "--update",
                        "--out", str(tmp_path)])
     assert "--update needs --methods with gptq" in capsys.readouterr().err
+
+
+def test_update_refuses_a_retrained_model():
+    stored = {"rows": [{"case": "c", "method": "fp32", "bits": 32.0, "accuracy": 0.9,
+                        "nll": 0.3}]}
+    assert frontier.model_changed(stored, "c", {"accuracy": 0.9, "nll": 0.3}) is None
+    assert "retrained" in frontier.model_changed(stored, "c", {"accuracy": 0.88, "nll": 0.3})
+    assert "no FP32 row" in frontier.model_changed(stored, "other", {"accuracy": 0.9, "nll": 0.3})

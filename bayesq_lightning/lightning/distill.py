@@ -118,8 +118,8 @@ class PosteriorDistillModule(pl.LightningModule):
 
     @property
     def best_epoch(self) -> int:
-        """The epoch the student ends at (0: undistilled; the last without a hold-out)."""
-        return self.choice.epoch if self.holdout else self.config.epochs
+        """The epoch the student ends at (0: undistilled; the last trained without a hold-out)."""
+        return self.choice.epoch if self.holdout else self.current_epoch
 
     @override
     def on_train_end(self) -> None:
@@ -135,10 +135,6 @@ class PosteriorDistillModule(pl.LightningModule):
     def holdout_divergences(self) -> torch.Tensor:
         """``T^2 KL(teacher || student)`` of each held-out calibration input."""
         return torch.cat([self._loss(batch, per_example=True).cpu() for batch in self.holdout])
-
-    def holdout_divergence(self) -> float:
-        """Mean ``T^2 KL(teacher || student)`` over the held-out calibration inputs."""
-        return float(self.holdout_divergences().mean())
 
     def _loss(self, batch, per_example: bool = False) -> torch.Tensor:
         """The distillation loss of a batch; teacher outputs precomputed in it or run now."""
@@ -291,7 +287,7 @@ def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
     report: dict[str, Any] = {"config": config.to_dict(), "teacher": teacher.name,
                               "teacher_temperature": getattr(teacher, "temperature", None),
                               "n_calibration": len(data), "n_holdout": n_hold,
-                              "best_epoch": 0 if too_small else module.best_epoch,
+                              "best_epoch": module.best_epoch,
                               "holdout_kl": module.holdout_kl,
                               "holdout_gain": module.choice.gain,
                               "holdout_gain_se": module.choice.gain_se,
