@@ -3,6 +3,8 @@ labels unused, metrics, export, bad inputs; and a 2-process DDP run against one 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -36,6 +38,7 @@ from bayesq_lightning import (
     quantize_model,
     save_quantized,
 )
+from bayesq_lightning.artifact.temperature import logit_temperature
 from bayesq_lightning.distillation import build_teacher
 from bayesq_lightning.metrics import evaluate
 
@@ -64,7 +67,8 @@ def test_distill_model_tunes_metadata_only_and_exports(setup, tmp_path):
     fp32 = snapshot(model)
     codes = _codes(res.model)
     before = {k: v.clone() for k, v in res.model.state_dict().items()}
-    rep = distill_model(model, res, calib, DistillConfig(epochs=3, lr=1e-3, holdout=0.0),
+    rep = distill_model(model, res, calib, DistillConfig(epochs=3, lr=1e-3, holdout=0.0,
+                                                         fit_temperature=True),
                         eval_loader=test,
                         **QUIET)
     assert_unchanged(model, fp32)  # the teacher's source is copied, never trained
@@ -87,6 +91,9 @@ def test_distill_model_tunes_metadata_only_and_exports(setup, tmp_path):
     fresh = load_quantized(TinyNet(), tmp_path / "a").eval()
     x = make_data(16, seed=5).tensors[0]
     assert torch.equal(fresh(x), res.model.eval()(x))
+    # with its label-free temperature, fitted, applied and stored
+    t = rep["student_temperature"]
+    assert isinstance(t, float) and logit_temperature(res.model) == t == logit_temperature(fresh)
 
 
 def test_training_step_never_reads_labels(setup):
@@ -114,6 +121,8 @@ def test_training_step_never_reads_labels(setup):
     ("class_mismatch", "same model"),
     ("unlabelled_eval", "labelled batches"),
     ("bad_trainer_argument", "max_epochz"),
+    ("probabilities", "returns probabilities"),
+    ("tuple_outputs", "returns tuple, not logits"),
 ])
 def test_bad_input_is_refused_before_training(setup, case, match):
     model, res, calib, test = setup
@@ -130,6 +139,11 @@ def test_bad_input_is_refused_before_training(setup, case, match):
         cfg = DistillConfig(train=("codebook",))
     elif case == "bad_inputs":
         loader = [(torch.randn(8, 3), torch.zeros(8, dtype=torch.long))]  # labelled, wrong shape
+    elif case in ("probabilities", "tuple_outputs"):
+        raw = res.model.forward
+        res.model.forward = ((lambda x: raw(x).softmax(-1)) if case == "probabilities"
+                             else (lambda x: (raw(x), raw(x))))
+        extra = {"callbacks": [_NoTraining()]}
     else:
         teacher_model = TinyNet()
         teacher_model.fc2 = nn.Linear(32, 5)
@@ -139,6 +153,12 @@ def test_bad_input_is_refused_before_training(setup, case, match):
         distill_model(teacher_model, res, loader, cfg, eval_loader=test, posterior=posterior,
                       **QUIET, **extra)
     assert_unchanged(res.model, before)
+    res.model.__dict__.pop("forward", None)
+
+
+class _NoTraining(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        raise AssertionError("training started")
 
 
 def test_distill_after_the_callback_fills_the_report(tmp_path):
@@ -203,20 +223,69 @@ def test_two_process_ddp_students_agree_and_metrics_match_one_process(tmp_path):
     assert abs(logged["student/ece"] - single["ece"]) <= 1 / 128
 
 
-def test_holdout_keeps_the_undistilled_student_when_training_only_hurts(setup):
+@pytest.mark.parametrize("cross_fit", [False, True])
+def test_holdout_keeps_the_undistilled_student_when_training_only_hurts(setup, cross_fit):
     model, res, calib, _ = setup
+    res.model.train()  # as a module is after Trainer.fit: no pass may move its BatchNorm
     before = {k: v.clone() for k, v in res.model.state_dict().items()}
-    rep = distill_model(model, res, calib, DistillConfig(epochs=2, lr=0.5, holdout=0.25),
-                        **QUIET)
-    assert rep["n_holdout"] == 16 and len(rep["holdout_kl"]) == 3
+    rep = distill_model(model, res, calib, DistillConfig(epochs=2, lr=0.5, holdout=0.25,
+                                                         cross_fit=cross_fit,
+                                                         fit_temperature=False), **QUIET)
+    assert rep["n_holdout"] == (64 if cross_fit else 16) and len(rep["holdout_kl"]) == 3
+    assert rep["cross_fit"] is cross_fit
     assert rep["best_epoch"] == 0 and min(rep["holdout_kl"]) == rep["holdout_kl"][0]
     after = res.model.state_dict()
     for k, v in before.items():  # every trained tensor is back (fp16 round trip is exact)
-        assert torch.equal(after[k], v), k
+        assert torch.equal(after[k], v), k  # BatchNorm's running statistics included
+    assert res.model.training and res.model.bn.training  # its modes put back
+
+
+def test_a_small_holdout_warns_and_changes_nothing(setup):
+    model, res, calib, _ = setup
+    before = {k: v.clone() for k, v in res.model.state_dict().items()}
     with pytest.warns(UserWarning, match=r"hold-out has 12 calibration inputs.*fewer than "
                       r"the 16.*kept undistilled.*at least 85"):
-        rep = distill_model(model, res, calib, DistillConfig(epochs=2, lr=0.5, holdout=0.19),
-                            **QUIET)
+        rep = distill_model(model, res, calib, DistillConfig(epochs=2, lr=0.5, holdout=0.19,
+                                                             cross_fit=False), **QUIET)
     assert rep["best_epoch"] == 0 and rep["holdout_kl"] == []
+    assert rep["student_temperature"] is None
     for k, v in before.items():
         assert torch.equal(res.model.state_dict()[k], v), k
+
+
+class RandomLogits(nn.Module):
+    """A teacher of input-independent random logits: a fresh draw for every input."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.g = torch.Generator().manual_seed(seed)
+        self.anchor = nn.Parameter(torch.zeros(()))  # a device to read
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * torch.randn(len(x), 4, generator=self.g)
+
+
+def test_the_selection_keeps_the_undistilled_student_when_training_only_adds_noise():
+    # The student's logits are near zero: the uniform prediction that is the population
+    # optimum against iid random teacher logits. Training can only fit the draws' noise.
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    with torch.no_grad():
+        model.fc2.weight.mul_(1e-3)
+        model.fc2.bias.zero_()
+    calib = DataLoader(torch.utils.data.TensorDataset(make_data(64, seed=2).tensors[0]),
+                       batch_size=16)  # inputs only: the KL rule alone decides
+    res = quantize_model(model, calib, BayesQConfig(bits=4.0, method="rtn", calib_batches=4),
+                         progress=False)
+    kept = lowered = 0
+    for seed in range(20):
+        r = dataclasses.replace(res, model=copy.deepcopy(res.model),
+                                layers=copy.deepcopy(res.layers))
+        rep = distill_model(RandomLogits(seed), r, calib,
+                            DistillConfig(teacher="fp32", epochs=2, holdout=0.5, seed=seed,
+                                          fit_temperature=False), **QUIET)
+        assert rep["cross_fit"] and rep["n_holdout"] == 64
+        kept += rep["best_epoch"] == 0
+        lowered += rep["lowest_epoch"] > 0
+    assert lowered >= 5, lowered  # some epoch does look better by chance in many seeds...
+    assert kept >= 19, (kept, lowered)  # ...and the paired standard error sees through it

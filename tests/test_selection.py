@@ -31,3 +31,20 @@ def test_no_epoch_below_the_first_keeps_it():
     base = torch.rand(32)
     c = choose_epoch([base, base + 0.1], min_gain_se=2.0)
     assert (c.epoch, c.lowest, c.gain, c.gain_se) == (0, 0, 0.0, 0.0)
+
+
+def test_labels_veto_a_kl_gain_without_a_clear_holdout_nll_gain():
+    g = torch.Generator().manual_seed(2)
+    base = torch.rand(64, generator=g) + 1.0
+    kls = [base, base - 0.5 + 0.01 * torch.randn(64, generator=g)]  # a clear KL gain
+    nll0 = torch.rand(64, generator=g)
+    noise = 0.02 * torch.randn(64, generator=g)
+    worse, better = [nll0, nll0 + 0.01 + noise], [nll0, nll0 - 0.02 + noise]
+    c = choose_epoch(kls, min_gain_se=2.0, nlls=worse)
+    assert (c.epoch, c.lowest) == (0, 1) and c.nll_gain < 0
+    c = choose_epoch(kls, min_gain_se=2.0, nlls=better)
+    assert c.epoch == 1 and c.nll_gain > 2 * c.nll_gain_se
+    unclear = [nll0, nll0 - 0.003 + noise]  # a gain on the labels, within their noise
+    c = choose_epoch(kls, min_gain_se=2.0, nlls=unclear)
+    assert c.epoch == 0 and 0 < c.nll_gain < 2 * c.nll_gain_se
+    assert choose_epoch(kls, min_gain_se=2.0).nll_gain is None  # unlabelled: the KL rule alone

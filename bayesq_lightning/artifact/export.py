@@ -39,6 +39,7 @@ from .manifest import (
 )
 from .modules import QUANTIZED_TYPES, quantized_from_float
 from .replace import install_packed, module_paths, modules_from_manifest, packed_alias, swap_in
+from .temperature import logit_temperature, set_logit_temperature
 
 MANIFEST_FILE = "bayesq.json"
 HEADER_KEY = "bayesq"
@@ -140,7 +141,8 @@ def write_artifact(model: nn.Module, result: QuantizationResult,
     state, packed = _packed_state(model, result)
     tensors, aliases = _dedupe(state)
     owners = [x.name for x in result.layers]
-    layers = PackedLayers.describe(packed, owners, result.tied, float(result.bits_per_weight))
+    layers = PackedLayers.describe(packed, owners, result.tied, float(result.bits_per_weight),
+                                   logit_temperature(model))
     manifest = Manifest(
         packed=layers,
         tensors_sha256=tensors_digest(tensors),
@@ -178,7 +180,9 @@ def load_quantized(model_skeleton: nn.Module, directory: str | os.PathLike,
     Everything is checked and loaded into a copy first; only when that succeeded are the packed
     layers swapped into ``model_skeleton`` and its other tensors overwritten, so on any error the
     skeleton is left as it was. The model comes back deployed: in eval mode, with
-    ``requires_grad=False`` on every parameter (``model.requires_grad_(True)`` to train it).
+    ``requires_grad=False`` on every parameter (``model.requires_grad_(True)`` to train it), and
+    with the stored logit temperature of a distilled model on its outputs
+    (:mod:`~bayesq_lightning.artifact.temperature`).
 
     Parameters
     ----------
@@ -246,6 +250,7 @@ def load_quantized(model_skeleton: nn.Module, directory: str | os.PathLike,
     install_packed(model_skeleton, {name: trial.get_submodule(name) for name in replacements},
                    manifest.packed)
     model_skeleton.load_state_dict(state, strict=True)
+    set_logit_temperature(model_skeleton, manifest.packed.logit_temperature)
     model_skeleton.eval().requires_grad_(False)
     if kernel != "exact":
         set_kernel(model_skeleton, kernel)

@@ -28,6 +28,7 @@ from torch import nn
 from ..quantizers import storage_bits
 from ..result import BlockResult
 from .packing import packed_nbytes
+from .temperature import check_temperature
 
 SCHEMA_VERSION = 2  # of the artifact manifest; the tensors live in model.safetensors
 TENSORS_FILE = "model.safetensors"
@@ -258,33 +259,49 @@ class PackedLayers:
         Layers decoding another layer's codes.
     bits_per_weight : float or None
         Storage bits per weight of the allocation (codes and metadata).
+    logit_temperature : float or None
+        The distilled student's logit temperature (:mod:`.temperature`); ``None``: none.
+        Written only when set; read back as a positive finite number or refused.
     """
 
     layers: list[LayerEntry] = field(default_factory=list)
     tied: list[TiedEntry] = field(default_factory=list)
     bits_per_weight: float | None = None
+    logit_temperature: float | None = None
 
     @classmethod
     def describe(cls, modules: Mapping[str, nn.Module], owners: Sequence[str],
                  tied: Mapping[str, str] | None = None,
-                 bits_per_weight: float | None = None) -> PackedLayers:
+                 bits_per_weight: float | None = None,
+                 logit_temperature: float | None = None) -> PackedLayers:
         """The record of packed ``modules`` (by name): ``owners`` hold codes, ``tied`` maps
         each alias to its owner."""
         return cls(layers=[LayerEntry.of_module(n, modules[n]) for n in owners],
                    tied=[TiedEntry.of_module(a, o, modules[a]) for a, o in (tied or {}).items()],
-                   bits_per_weight=bits_per_weight)
+                   bits_per_weight=bits_per_weight, logit_temperature=logit_temperature)
 
     def to_json(self) -> dict[str, Any]:
-        return {"bits_per_weight": self.bits_per_weight,
-                "layers": [x.to_json() for x in self.layers],
-                "tied": [t.to_json() for t in self.tied]}
+        out = {"bits_per_weight": self.bits_per_weight,
+               "layers": [x.to_json() for x in self.layers],
+               "tied": [t.to_json() for t in self.tied]}
+        if self.logit_temperature is not None:
+            out["logit_temperature"] = self.logit_temperature
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PackedLayers:
         """From :meth:`to_json` data or a whole manifest (other keys are ignored)."""
+        temp = data.get("logit_temperature")
+        if temp is not None:
+            try:
+                temp = check_temperature(temp)
+            except ValueError as e:
+                raise ArtifactError(f"the manifest's {e}: the artifact is corrupt or was edited;"
+                                    " re-export the model (or remove the field to load it "
+                                    "without a temperature)") from None
         return cls(layers=[LayerEntry.from_json(e) for e in data["layers"]],
                    tied=[TiedEntry.from_json(t) for t in data.get("tied") or []],
-                   bits_per_weight=data.get("bits_per_weight"))
+                   bits_per_weight=data.get("bits_per_weight"), logit_temperature=temp)
 
     def alias_entry(self, tie: TiedEntry) -> LayerEntry:
         """The layer ``tie`` describes: its owner's blocks with its own name, bias and conv."""
@@ -302,7 +319,7 @@ class PackedLayers:
                     for x in self.layers if x.name.startswith(lead)],
             tied=[TiedEntry(t.name.removeprefix(lead), t.owner.removeprefix(lead), t.bias, t.conv)
                   for t in self.tied if t.name.startswith(lead)],
-            bits_per_weight=self.bits_per_weight)
+            bits_per_weight=self.bits_per_weight, logit_temperature=self.logit_temperature)
 
     @property
     def n_weights(self) -> int:
@@ -359,6 +376,8 @@ class Manifest:
             "budget_bits": self.budget_bits,
             "n_weights": self.n_weights,
             "bits_per_weight": packed["bits_per_weight"],
+            **({"logit_temperature": self.packed.logit_temperature}
+               if self.packed.logit_temperature is not None else {}),
             "code_bits_per_weight": self.code_bits_per_weight,
             "posterior": self.posterior,
             "method": self.method,

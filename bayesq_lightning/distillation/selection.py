@@ -12,6 +12,13 @@ with :math:`s_d` the sample standard deviation and ``z = min_gain_se``; otherwis
 stays undistilled. On a small hold-out the per-epoch minimum alone follows its noise: among
 several epochs one usually looks better than epoch 0 by chance, and keeping it is how
 distillation hurt test NLL on small calibration sets.
+
+Where the hold-out has labels (the calibration data the posterior was fitted on does), the
+candidate must clear the same bar on them: its paired gain in label NLL,
+:math:`\ell_{0,i} - \ell_{e^*,i}`, must also exceed ``z`` standard errors. The teacher is not
+the truth: a student already as close to the labels as its teacher (a quantization that happens
+to regularise) moves away from them when pulled toward the teacher, while its KL to the teacher
+still falls; only labels see that.
 """
 
 from __future__ import annotations
@@ -27,21 +34,34 @@ MIN_HOLDOUT = 16  # hold-out inputs below which no standard error is trusted to 
 
 @dataclass(frozen=True)
 class EpochChoice:
-    """The kept epoch (0: undistilled), the lowest-mean epoch, and its paired gain ± SE."""
+    """The kept epoch (0: undistilled), the lowest-mean epoch, its paired KL gain ± SE, and its
+    paired hold-out NLL gain ± SE (``None`` without labels)."""
 
     epoch: int
     lowest: int
     gain: float
     gain_se: float
+    nll_gain: float | None = None
+    nll_gain_se: float | None = None
 
 
-def choose_epoch(kls: Sequence[torch.Tensor], min_gain_se: float) -> EpochChoice:
-    """The epoch to keep from ``kls[e]``, the per-input hold-out KLs after epoch ``e``."""
+def _paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    d = a - b
+    return float(d.mean()), (float(d.std()) / math.sqrt(len(d)) if len(d) > 1 else math.inf)
+
+
+def choose_epoch(kls: Sequence[torch.Tensor], min_gain_se: float,
+                 nlls: Sequence[torch.Tensor] | None = None) -> EpochChoice:
+    """The epoch to keep from ``kls[e]``, the per-input hold-out KLs after epoch ``e``, and
+    ``nlls[e]``, the same inputs' label NLLs (``None``: no labels, the KL rule alone)."""
     k = torch.stack([t.double().reshape(-1) for t in kls])
     lowest = int(k.mean(1).argmin())
     if lowest == 0:
         return EpochChoice(0, 0, 0.0, 0.0)
-    d = k[0] - k[lowest]
-    gain = float(d.mean())
-    se = float(d.std()) / math.sqrt(len(d)) if len(d) > 1 else math.inf
-    return EpochChoice(lowest if gain > min_gain_se * se else 0, lowest, gain, se)
+    gain, se = _paired(k[0], k[lowest])
+    keep = gain > min_gain_se * se
+    nll_gain = nll_se = None
+    if nlls is not None:
+        nll_gain, nll_se = _paired(nlls[0].double().reshape(-1), nlls[lowest].double().reshape(-1))
+        keep = keep and nll_gain > min_gain_se * nll_se
+    return EpochChoice(lowest if keep else 0, lowest, gain, se, nll_gain, nll_se)

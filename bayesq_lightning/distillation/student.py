@@ -35,6 +35,7 @@ TRAINABLE = ("scale", "zero", "codebook", "bias", "norm")
 NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 TEACHER_KEY = "_bayesq_teacher_log_probs"
 INPUTS_KEY = "_bayesq_inputs"
+LABELS_KEY = "_bayesq_labels"  # kept for the hold-out's veto only; the loss never reads them
 
 
 def packed_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -150,17 +151,30 @@ def student_inputs(batch):
 
 
 class DistillSet(Dataset):
-    """Per-sample calibration inputs (labels dropped), with the teacher's log-probabilities
-    when precomputed; batches collate to ``{INPUTS_KEY: x, TEACHER_KEY: log p}`` or to ``x``."""
+    """Per-sample calibration inputs, with the teacher's log-probabilities when precomputed and
+    the labels when the batches have them; batches collate to ``{INPUTS_KEY: x, TEACHER_KEY:
+    log p, LABELS_KEY: y}`` (the keys present) or to ``x``. :func:`student_inputs` of a batch
+    is ``x`` either way: the student and the loss never see a label."""
 
     def __init__(self, batches: list, teacher: nn.Module | None = None) -> None:
         self.items: list = []
         for batch in batches:
             x = student_inputs(batch)
+            y = split_batch(batch)[1]
             t = None if teacher is None else teacher(x).cpu()
             for i in range(batch_size_of(x)):
                 xi = {k: v[i] for k, v in x.items()} if isinstance(x, Mapping) else x[i]
-                self.items.append(xi if t is None else {INPUTS_KEY: xi, TEACHER_KEY: t[i]})
+                item = {INPUTS_KEY: xi}
+                if t is not None:
+                    item[TEACHER_KEY] = t[i]
+                if isinstance(y, torch.Tensor):
+                    item[LABELS_KEY] = y[i]
+                self.items.append(item if len(item) > 1 else xi)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.items) and isinstance(self.items[0], Mapping) and (
+            LABELS_KEY in self.items[0])
 
     def __len__(self) -> int:
         return len(self.items)

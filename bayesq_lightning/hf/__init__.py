@@ -25,6 +25,7 @@ from torch import nn
 
 from ..artifact.manifest import PackedLayers
 from ..artifact.replace import on_install
+from ..artifact.temperature import logit_temperature, on_temperature
 
 QUANT_METHOD = "bayesq"
 FORMAT_VERSION = 1
@@ -75,6 +76,7 @@ def install() -> None:
     """Register ``"bayesq"`` with transformers now if it is loaded, else when it loads; describe
     packed layers to the transformers models they enter (:func:`attach_hf_config`)."""
     on_install(attach_hf_config)
+    on_temperature(attach_temperature)
     if _TARGET in sys.modules:
         _register_now()
     elif not any(isinstance(f, _Finder) for f in sys.meta_path):
@@ -104,4 +106,15 @@ def attach_hf_config(model: nn.Module, packed: PackedLayers) -> None:
             continue
         from .quantizer import BayesQHFConfig  # imports transformers, loaded already here
 
-        hf_model.config.quantization_config = BayesQHFConfig(**inner.to_json())
+        hf_model.config.quantization_config = BayesQHFConfig(
+            **{**inner.to_json(), "logit_temperature": logit_temperature(model)})
+
+
+def attach_temperature(model: nn.Module, value: float | None) -> None:
+    """Record ``model``'s logit temperature in the bayesq ``quantization_config`` of every
+    transformers model in it, so ``save_pretrained`` stores it and ``from_pretrained`` applies
+    it to the loaded model's logits."""
+    for _, hf_model in _pretrained_models(model):
+        config = getattr(hf_model.config, "quantization_config", None)
+        if getattr(config, "quant_method", None) == QUANT_METHOD:
+            config.logit_temperature = value

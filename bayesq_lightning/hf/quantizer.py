@@ -36,6 +36,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..artifact.manifest import ArtifactError, PackedLayers
 from ..artifact.replace import modules_from_manifest, swap_in
+from ..artifact.temperature import set_logit_temperature
 from . import FORMAT_VERSION, QUANT_METHOD
 
 _DTYPES = {"codes": "U8"}  # every metadata tensor is fp16 ("F16")
@@ -46,17 +47,21 @@ class BayesQHFConfig(QuantizationConfigMixin):
 
     def __init__(self, layers: list[dict] | None = None, tied: list[dict] | None = None,
                  format_version: int = FORMAT_VERSION, bits_per_weight: float | None = None,
-                 **kwargs: Any) -> None:
+                 logit_temperature: float | None = None, **kwargs: Any) -> None:
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.layers = list(layers or [])
         self.tied = list(tied or [])
         self.bits_per_weight = bits_per_weight
+        self.logit_temperature = logit_temperature
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, "format_version": self.format_version,
-                "bits_per_weight": self.bits_per_weight, "layers": self.layers,
-                "tied": self.tied}
+        out = {"quant_method": QUANT_METHOD, "format_version": self.format_version,
+               "bits_per_weight": self.bits_per_weight, "layers": self.layers,
+               "tied": self.tied}
+        if self.logit_temperature is not None:
+            out["logit_temperature"] = self.logit_temperature
+        return out
 
 
 class BayesQHfQuantizer(HfQuantizer):
@@ -85,12 +90,15 @@ class BayesQHfQuantizer(HfQuantizer):
             raise ArtifactError(f"the bayesq quantization_config in {where} is malformed "
                                 f"({e!r}); re-save the model with save_pretrained") from e
         swap_in(model, new)  # transformers keeps this config as the model's
+        self._temperature = packed.logit_temperature
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         """Deployed, as :func:`~bayesq_lightning.load_quantized` returns it: no parameter
-        requires grad (``model.requires_grad_(True)`` to train); transformers sets eval mode."""
+        requires grad (``model.requires_grad_(True)`` to train), the stored logit temperature on
+        its outputs; transformers sets eval mode."""
         model.requires_grad_(False)
+        set_logit_temperature(model, getattr(self, "_temperature", None))
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

@@ -18,25 +18,29 @@ strategy reuses the launched processes and their process group.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from ..artifact.export import write_artifact
+from ..artifact.temperature import logit_temperature, logits_form, set_logit_temperature
 from ..batches import LogitsModel, batch_size_of, calibration_samples, inputs_to, split_batch
 from ..distillation.config import DistillConfig
 from ..distillation.selection import MIN_HOLDOUT, EpochChoice, choose_epoch
 from ..distillation.student import (
+    LABELS_KEY,
     TEACHER_KEY,
     DistillSet,
     check_student,
@@ -46,6 +50,7 @@ from ..distillation.student import (
     student_inputs,
 )
 from ..distillation.teachers import Teacher, build_teacher, fp32_reference, tune_teacher
+from ..distillation.temperature import fit_temperature
 from ..metrics import _metric_objects, _update, evaluate
 from ..progress import on_terminal
 from ..result import QuantizationResult
@@ -88,11 +93,22 @@ class PosteriorDistillModule(pl.LightningModule):
         self._net = LogitsModel(student)
         self._epoch_start = 0.0
         self.epoch_seconds: list[float] = []
+        self.lr = self.config.lr  # or set from the student's distance (see ``_run``)
         self.holdout = holdout
         self.holdout_kl: list[float] = []  # per epoch, epoch 0 = before training
         self._holdout_kls: list[torch.Tensor] = []  # the same, per hold-out input
+        self._holdout_nlls: list[torch.Tensor] = []  # their label NLLs, where labelled
+        self._holdout_logits: list[torch.Tensor] = []  # the student's logits on them
+        self._holdout_targets: torch.Tensor | None = None  # the teacher's log-probabilities
         self.choice = EpochChoice(0, 0, 0.0, 0.0)
         self._lowest: list[torch.Tensor] | None = None  # parameters at the lowest mean so far
+
+    def reset_holdout(self, holdout: Iterable | None) -> None:
+        """Track a new hold-out from the next ``fit`` on (cross-fitting's next fold)."""
+        self.holdout = holdout
+        self.holdout_kl, self._holdout_kls, self._holdout_nlls = [], [], []
+        self._holdout_logits, self._holdout_targets = [], None
+        self._lowest = None
 
     @property
     def seconds_per_epoch(self) -> float | None:
@@ -121,40 +137,75 @@ class PosteriorDistillModule(pl.LightningModule):
         """The epoch the student ends at (0: undistilled; the last trained without a hold-out)."""
         return self.choice.epoch if self.holdout else self.current_epoch
 
+    @property
+    def holdout_record(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Per epoch (0: before training), the hold-out's per-input KLs and label NLLs."""
+        return self._holdout_kls, (self._holdout_nlls or None)
+
     @override
     def on_train_end(self) -> None:
         if not self._holdout_kls:
             return
-        self.choice = choose_epoch(self._holdout_kls, self.config.min_gain_se)
+        kls, nlls = self.holdout_record
+        self.choice = choose_epoch(kls, self.config.min_gain_se, nlls)
         keep = self._lowest if self.choice.epoch else self._initial
         with torch.no_grad():  # the kept epoch's parameters (epoch 0: as before training)
             for p, v in zip(self._state.params, keep, strict=True):
                 p.copy_(v)
 
+    @property
+    def holdout_outputs(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Per epoch, the student's logits on the hold-out; and the teacher's log-probabilities."""
+        return self._holdout_logits, self._holdout_targets
+
     @torch.no_grad()
+    def divergences(self, batches: Iterable) -> tuple[torch.Tensor, ...]:
+        """Per input of ``batches``: ``T^2 KL(teacher || student)``, the label NLL where the
+        batches carry labels (:data:`~bayesq_lightning.distillation.student.LABELS_KEY`, else
+        ``None``), the student's logits and the teacher's log-probabilities."""
+        kls, nlls, outs, targets = [], [], [], []
+        for batch in batches:
+            kl, logits, target = self._loss(batch, per_example=True, with_outputs=True)
+            kls.append(kl.cpu())
+            outs.append(logits.float().cpu())
+            targets.append(target.float().cpu())
+            if isinstance(batch, dict) and LABELS_KEY in batch:
+                y = batch[LABELS_KEY].to(logits.device)
+                nlls.append(-logits.float().log_softmax(-1).gather(-1, y[:, None])[:, 0].cpu())
+        labelled = len(nlls) == len(kls) and bool(nlls)
+        return (torch.cat(kls), (torch.cat(nlls) if labelled else None), torch.cat(outs),
+                torch.cat(targets))
+
     def holdout_divergences(self) -> torch.Tensor:
         """``T^2 KL(teacher || student)`` of each held-out calibration input."""
-        return torch.cat([self._loss(batch, per_example=True).cpu() for batch in self.holdout])
+        return self.divergences(self.holdout)[0]
 
-    def _loss(self, batch, per_example: bool = False) -> torch.Tensor:
+    def _loss(self, batch, per_example: bool = False, with_outputs: bool = False):
         """The distillation loss of a batch; teacher outputs precomputed in it or run now."""
         x = inputs_to(student_inputs(batch), self.device)  # a no-op on Lightning's batches
         target = (batch[TEACHER_KEY].to(self.device)
                   if isinstance(batch, dict) and TEACHER_KEY in batch else self.teacher(x))
-        return distill_loss(self(x), target, self.config.temperature, per_example)
+        logits = self(x)
+        loss = distill_loss(logits, target, self.config.temperature, per_example)
+        return (loss, logits, target) if with_outputs else loss
 
     def _track_holdout(self) -> float | None:
         # every process sees the whole hold-out and identical students: identical choices
         if not self.holdout:
             return None
-        kls = self.holdout_divergences()
+        values = self.divergences(self.holdout)
         if self._trainer is not None:  # rank 0's values decide, so every process agrees
-            kls = self.trainer.strategy.broadcast(kls, src=0)
+            values = self.trainer.strategy.broadcast(values, src=0)
+        kls, nlls, logits, targets = values
         kl = float(kls.double().mean())
         if not self.holdout_kl or kl < min(self.holdout_kl):  # the earliest lowest
             self._lowest = [p.detach().clone() for p in self._state.params]
         self.holdout_kl.append(kl)
         self._holdout_kls.append(kls)
+        if nlls is not None:
+            self._holdout_nlls.append(nlls)
+        self._holdout_logits.append(logits)
+        self._holdout_targets = targets
         return kl
 
     @override
@@ -186,7 +237,12 @@ class PosteriorDistillModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self._state.params, lr=self.config.lr)
+        if self.lr is None:  # lr=None: from the student's distance to the teacher
+            if not self.holdout:
+                raise ValueError("DistillConfig(lr=None) sets the step size from the student's "
+                                 "KL to the teacher: pass holdout= batches, or a fixed lr")
+            self.lr = distance_lr(self.config, float(self.holdout_divergences().double().mean()))
+        return torch.optim.Adam(self._state.params, lr=self.lr)
 
     def restore_initial(self) -> None:
         """Put every trained parameter back to its value before distillation (on failure)."""
@@ -198,6 +254,13 @@ class PosteriorDistillModule(pl.LightningModule):
         """Store the fp16-rounded parameters in the packed buffers; returns the student."""
         finish_student(self.student, self._state, result)
         return self.student
+
+
+def distance_lr(config: DistillConfig, kl0: float) -> float:
+    """``lr_scale * sqrt(KL_0)`` (``config.lr`` if set): see :class:`DistillConfig`."""
+    if config.lr is not None:
+        return config.lr
+    return config.lr_scale * math.sqrt(max(kl0, 0.0))
 
 
 def _probe(teacher: Teacher, student: nn.Module, batch) -> int:
@@ -216,6 +279,18 @@ def _probe(teacher: Teacher, student: nn.Module, batch) -> int:
             "batches of the model's input form: (inputs, targets) tuples, bare inputs or dict "
             "batches"
         ) from exc
+    if logits_form(s) != "tensor" or s.dim() != 2:
+        raise ValueError(
+            f"the student returns {type(s).__name__}"
+            f"{' of shape ' + str(tuple(s.shape)) if isinstance(s, torch.Tensor) else ''}, not "
+            "logits: distillation and its temperature need forward to return (batch, classes) "
+            "logits, or an object whose .logits they are (transformers)")
+    s = s.float()
+    if bool(((s >= 0) & (s <= 1)).all()) and torch.allclose(s.sum(-1), torch.ones(len(s)),
+                                                            atol=1e-4):
+        raise ValueError("the student returns probabilities (each row is in [0, 1] and sums to 1),"
+                         " not logits: distillation and its temperature need the logits; return "
+                         "them from forward (drop the final softmax)")
     if t.shape[-1] != s.shape[-1]:
         raise ValueError(f"the student outputs {s.shape[-1]} classes and the teacher "
                          f"{t.shape[-1]}; distil a student toward a teacher of the same model")
@@ -235,8 +310,19 @@ def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
               "enable_model_summary": False, "num_sanity_val_steps": 0,
               "limit_val_batches": (0 if eval_loader is None else eval_batches),
               "enable_progress_bar": on_terminal(), **trainer_kwargs}
-    with quiet():  # Lightning's tips and warnings a user cannot act on
-        trainer = pl.Trainer(**kwargs)  # bad Trainer arguments fail here, before any change
+    template = kwargs.get("strategy")
+
+    def new_trainer(**over: Any) -> pl.Trainer:
+        # a Strategy object binds to its Trainer: each Trainer gets its own copy
+        args = {**kwargs, **over}
+        if isinstance(template, Strategy):
+            args["strategy"] = copy.deepcopy(template)
+        with quiet():  # Lightning's tips and warnings a user cannot act on
+            return pl.Trainer(**args)
+
+    if isinstance(template, Strategy):
+        template = copy.deepcopy(template)  # before any Trainer binds it
+    trainer = new_trainer()  # bad Trainer arguments fail here, before any change
     if eval_loader is not None:
         first = next(iter(eval_loader), None)
         if first is None or split_batch(first)[1] is None:
@@ -248,50 +334,94 @@ def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
     tune_teacher(teacher, config, batches)
     data = DistillSet(batches, teacher if config.precompute_teacher else None)
     bs = config.batch_size or batch_size_of(student_inputs(batches[0]))
-    n_hold = int(round(config.holdout * len(data)))
-    if config.holdout and n_hold >= len(data):
-        raise ValueError(f"holdout={config.holdout} of {len(data)} calibration samples leaves "
-                         "none to train on; give more calibration data or a smaller holdout")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
+    folds = _folds(order, config)
+    n_hold = sum(len(f) for f in folds)
     too_small = bool(config.holdout) and n_hold < MIN_HOLDOUT
     if too_small:
-        need = math.ceil(MIN_HOLDOUT / config.holdout)
+        need = math.ceil(MIN_HOLDOUT / (1.0 if config.cross_fit else config.holdout))
         rank_zero_warn(f"the distillation hold-out has {n_hold} calibration inputs "
-                       f"(holdout={config.holdout:g} of {len(data)}), fewer than the "
+                       f"(holdout={config.holdout:g} of {len(data)}"
+                       f"{', cross-fitted' if config.cross_fit else ''}), fewer than the "
                        f"{MIN_HOLDOUT} needed to choose an epoch: the student is kept "
                        f"undistilled; give at least {need} calibration inputs or raise holdout")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
-    train_set = Subset(data, sorted(order[n_hold:].tolist()))
-    holdout = DataLoader(Subset(data, sorted(order[:n_hold].tolist())), batch_size=bs)
-    g = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(train_set, batch_size=bs, shuffle=True, generator=g)
-    if "log_every_n_steps" not in trainer_kwargs:  # every epoch logs, however few batches
-        trainer.log_every_n_steps = log_interval(len(loader), trainer.log_every_n_steps)
-    module = PosteriorDistillModule(student, teacher, config, n_classes,
-                                    holdout=holdout if n_hold else None)
-    try:
+    every = DataLoader(data, batch_size=bs)
+    module = PosteriorDistillModule(student, teacher, config, n_classes)
+
+    def fit(train_idx: list[int], hold_idx: list[int] | None, epochs: int,
+            validate: bool) -> None:
+        g = torch.Generator().manual_seed(config.seed)
+        loader = DataLoader(Subset(data, train_idx), batch_size=bs, shuffle=True, generator=g)
+        module.reset_holdout(DataLoader(Subset(data, hold_idx), batch_size=bs)
+                             if hold_idx else None)
+        logger = kwargs.get("logger", False) if validate else False  # folds: not logged
+        fold_trainer = new_trainer(max_epochs=epochs, logger=logger)
+        if "log_every_n_steps" not in trainer_kwargs:  # every epoch logs, however few batches
+            fold_trainer.log_every_n_steps = log_interval(len(loader),
+                                                          fold_trainer.log_every_n_steps)
         with quiet():  # among them: the student is in eval mode on purpose
-            if not too_small:
-                trainer.fit(module, loader, eval_loader)
-            if eval_loader is not None:  # the final student, on every process's shard, synced
+            fold_trainer.fit(module, loader, eval_loader if validate else None)
+
+    kl0 = None
+    previous = logit_temperature(student)  # a new distillation starts from the raw logits
+    try:
+        set_logit_temperature(student, None)
+        if config.lr is None and not too_small:
+            module.holdout = every
+            kl0 = float(module.holdout_divergences().double().mean())
+            kl0 = float(trainer.strategy.broadcast(kl0, src=0))  # rank 0's, as for the choice
+            module.lr = distance_lr(config, kl0)
+        held_out = None  # the kept student's held-out logits and the teacher's, for tau
+        if too_small:
+            pass
+        elif not folds:  # no hold-out: train on all, keep the last epoch
+            fit(order.tolist(), None, config.epochs, True)
+        elif not config.cross_fit:
+            fit(sorted(order[n_hold:].tolist()), sorted(folds[0]), config.epochs, True)
+            logits, targets = module.holdout_outputs
+            held_out = logits[module.choice.epoch], targets
+        else:
+            choice, kls, held = _cross_fit(module, fit, order, folds, config)
+            module.restore_initial()
+            if choice.epoch:
+                fit(sorted(order.tolist()), None, choice.epoch, True)
+            module.choice, module.holdout_kl = choice, kls
+            held_out = held[0][choice.epoch], held[1]
+        if config.fit_temperature and not too_small:
+            # on held-out predictions: a student is surer of the inputs it was trained on
+            t = (fit_temperature(*held_out) if held_out is not None
+                 else _fit_student_temperature(module, every))
+            set_logit_temperature(student, float(trainer.strategy.broadcast(t, src=0)))
+        if eval_loader is not None:  # the final student, on every process's shard, synced
+            with quiet():
                 trainer.validate(module, eval_loader, verbose=False)
     except BaseException:
         module.restore_initial()  # the model as it was, then the error
+        set_logit_temperature(student, previous)
         raise
     finally:
         module.finish(result)
     if len(module.holdout_kl) > 1:
         c = module.choice
+        veto = ("" if c.nll_gain is None else
+                f", as must its hold-out NLL gain, {c.nll_gain:.4g} ± {c.nll_gain_se:.2g}")
         rank_zero_info(f"BayesQ distillation keeps epoch {c.epoch} of {config.epochs}: the "
                        f"lowest hold-out KL, epoch {c.lowest}, gains {c.gain:.4g} ± {c.gain_se:.2g}"
-                       f" (paired SE) on epoch 0, kept if above {config.min_gain_se:g} SE")
+                       f" (paired SE, {n_hold} inputs) on epoch 0, kept if above "
+                       f"{config.min_gain_se:g} SE{veto}")
     report: dict[str, Any] = {"config": config.to_dict(), "teacher": teacher.name,
                               "teacher_temperature": getattr(teacher, "temperature", None),
                               "n_calibration": len(data), "n_holdout": n_hold,
+                              "cross_fit": bool(folds) and config.cross_fit,
+                              "lr": module.lr, "kl0": kl0,
                               "best_epoch": module.best_epoch,
                               "holdout_kl": module.holdout_kl,
                               "holdout_gain": module.choice.gain,
                               "holdout_gain_se": module.choice.gain_se,
+                              "holdout_nll_gain": module.choice.nll_gain,
+                              "holdout_nll_gain_se": module.choice.nll_gain_se,
                               "lowest_epoch": module.choice.lowest,
+                              "student_temperature": logit_temperature(student),
                               "seconds_per_epoch": module.seconds_per_epoch}
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("student/")}
     if logged:
@@ -306,6 +436,72 @@ def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
         rank_zero_info(f"BayesQ distillation ({teacher.name} teacher): " + ", ".join(
             f"{k}={v:.4f}" for k, v in report["distilled"].items()))
     return report
+
+
+def _folds(order: torch.Tensor, config: DistillConfig) -> list[list[int]]:
+    """The hold-out index sets: ``round(1 / holdout)`` interleaved folds of ``order`` when
+    cross-fitting, else its first ``holdout`` share; none with ``holdout=0``."""
+    if not config.holdout:
+        return []
+    if config.cross_fit:
+        k = max(2, round(1 / config.holdout))
+        return [sorted(order[j::k].tolist()) for j in range(k) if len(order[j::k])]
+    return [sorted(order[:int(round(config.holdout * len(order)))].tolist())]
+
+
+def _cross_fit(module: PosteriorDistillModule, fit, order: torch.Tensor,
+               folds: list[list[int]], config: DistillConfig
+               ) -> tuple[EpochChoice, list[float], tuple[list[torch.Tensor], torch.Tensor]]:
+    """Train from the undistilled student once per fold with that fold held out. Returns the
+    choice from every input's hold-out KL (and NLL) per epoch, the mean KL per epoch, and the
+    out-of-fold student logits per epoch with the teacher's log-probabilities."""
+    kls, logits, targets = [], [], []
+    nlls: list[list[torch.Tensor]] | None = []
+    everyone = set(order.tolist())
+    for fold in folds:
+        module.restore_initial()
+        fit(sorted(everyone - set(fold)), fold, config.epochs, False)
+        k, n = module.holdout_record
+        kls.append(k)
+        nlls = None if n is None or nlls is None else [*nlls, n]
+        out, target = module.holdout_outputs
+        logits.append(out)
+        targets.append(target)
+
+    def joined(per_fold: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        return [torch.cat([f[e] for f in per_fold]) for e in range(len(per_fold[0]))]
+
+    per_epoch = joined(kls)
+    choice = choose_epoch(per_epoch, config.min_gain_se, joined(nlls) if nlls else None)
+    return (choice, [float(k.double().mean()) for k in per_epoch],
+            (joined(logits), torch.cat(targets)))
+
+
+@torch.no_grad()
+def _fit_student_temperature(module: PosteriorDistillModule, batches: Iterable) -> float:
+    """:func:`~bayesq_lightning.distillation.fit_temperature` of the student's logits to the
+    teacher on ``batches`` (every calibration input; no label)."""
+    logits, targets = [], []
+    for batch in batches:
+        x = inputs_to(student_inputs(batch), module.device)
+        targets.append((batch[TEACHER_KEY] if isinstance(batch, dict) and TEACHER_KEY in batch
+                        else module.teacher(x)).float().cpu())
+        logits.append(module(x).float().cpu())
+    return fit_temperature(torch.cat(logits), torch.cat(targets))
+
+
+@contextmanager
+def _eval_mode(student: nn.Module) -> Iterator[None]:
+    """The student in eval mode for every pass of distillation (the probe, the step size's and
+    the temperature's passes, not only the fits): BatchNorm statistics never move. A module
+    fresh from ``Trainer.fit`` is in training mode; each module's mode is put back after."""
+    modes = [(m, m.training) for m in student.modules()]
+    student.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.train(training)
 
 
 def _same_hardware(trainer: pl.Trainer) -> dict[str, Any]:
@@ -374,7 +570,9 @@ def distill_model(model: nn.Module, result: QuantizationResult, calibration_load
     fp32 = fp32_reference(model, posterior) if model is student else model
     batches, _ = calibration_samples(calibration_loader, max_batches or 10**12,
                                      "distillation calibration loader")
-    return _run(student, fp32, posterior, batches, eval_loader, config, result, trainer_kwargs)
+    with _eval_mode(student):
+        return _run(student, fp32, posterior, batches, eval_loader, config, result,
+                    trainer_kwargs)
 
 
 def distill(trainer: pl.Trainer, callback, config: DistillConfig | None = None,
@@ -410,7 +608,7 @@ def distill_callback_result(trainer: pl.Trainer, callback, module: nn.Module,
               "enable_progress_bar": trainer.progress_bar_callback is not None, **trainer_kwargs}
     val = callback.eval_loader
     fp32 = fp32_reference(module, result.posterior)
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), _eval_mode(module):
         report = _run(module, fp32, result.posterior, callback.calibration_batches, val, config,
                       result, kwargs, callback.eval_batches)
     if "distilled" in report:
