@@ -144,7 +144,8 @@ def plan_blocks(named, pins: dict[str, tuple[int, ...]], cfg: BayesQConfig,
             context = BlockContext(name, w, (r0, min(r0 + step, w.shape[0])),
                                    None if posterior is None else posterior.layers[name],
                                    None if hessians is None else hessians[name],
-                                   with_prior=cfg.score == "posterior_precision")
+                                   with_prior=cfg.score == "posterior_precision",
+                                   design_precision=cfg.range_objective == "expected")
             plans.append(BlockPlan(context, pins[name]))
     return plans
 

@@ -8,7 +8,8 @@ calibration samples.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,33 @@ def _conv_patches(module: nn.Conv2d, x: Tensor) -> Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+class SharedProducts:
+    """The last input product of a forward pass, for the layers that read the same tensor.
+
+    BERT's query, key and value layers (and any fan-out) receive one ``hidden_states`` object in
+    a row: the first hook forms ``X^T X`` and the others reuse it. Identity is the tensor object
+    itself (a weak reference, never ``id()`` or ``data_ptr()``: a view such as
+    ``hidden_states[:, 0]`` shares the storage but not the values) together with its version
+    counter (an in-place edit between the calls is a new input) and the layer's layout key (a
+    convolution's patches depend on its hyperparameters). One entry: holding every input's
+    product would keep a ``(cols, cols)`` matrix per distinct input alive through the pass.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None
+        self._count = 0
+
+    def product(self, x: Tensor, key: tuple, compute: Callable[[], Tensor]) -> tuple[int, Tensor]:
+        """``(product id, X^T X)`` of input ``x`` under layout ``key``, formed once."""
+        e = self._entry
+        if e is not None and e[0]() is x and e[1] == x._version and e[2] == key:
+            return e[3], e[4]
+        value = compute()
+        self._count += 1
+        self._entry = (weakref.ref(x), x._version, key, self._count, value)
+        return self._count, value
+
+
 class InputStats:
     """Streaming sums of a layer's input statistics: ``S = sum X^T X`` and the row count ``n``.
 
@@ -60,6 +88,13 @@ class InputStats:
         self.S: Tensor | None = None
         self.n = 0
         self.sum_dtype = torch.float64
+        # the SharedProducts ids added, in order: equal lists are bitwise-equal sums
+        self.products: list[int] | None = []
+        if isinstance(module, nn.Conv2d):
+            self.key: tuple = ("conv2d", module.kernel_size, module.stride, module.padding,
+                               module.dilation, module.groups, module.padding_mode, self.cols)
+        else:
+            self.key = ("linear", self.cols)
 
     def sum_in_float32(self) -> None:
         """Hold the running sum in fp32 from here on: half its memory, for a phase that holds
@@ -69,9 +104,24 @@ class InputStats:
             self.S = self.S.float()
 
     @torch.no_grad()
-    def add(self, x: Tensor | tuple[Tensor, ...]) -> None:
-        """Fold in one call's inputs (a tuple, as forward hooks see them, uses its first)."""
-        x = (x[0] if isinstance(x, (tuple, list)) else x).detach()
+    def add(self, x: Tensor | tuple[Tensor, ...], shared: SharedProducts | None = None) -> None:
+        """Fold in one call's inputs (a tuple, as forward hooks see them, uses its first);
+        with ``shared``, a product another layer formed from the same tensor is reused."""
+        x = x[0] if isinstance(x, (tuple, list)) else x
+        if shared is None:
+            XtX, rows = self._product(x)
+            self.products = None  # not comparable with other layers' sums any more
+        else:
+            pid, (XtX, rows) = shared.product(x, self.key, lambda: self._product(x))
+            if self.products is not None:
+                self.products.append(pid)
+        # added into the float64 sum as it is (promoted element by element, no float64 copy)
+        self.S = XtX.to(self.sum_dtype) if self.S is None else self.S.add_(XtX)
+        self.n += rows
+
+    def _product(self, x: Tensor) -> tuple[Tensor, int]:
+        """One call's ``X^T X`` per group, ``(g, cols, cols)`` fp32, and its row count."""
+        x = x.detach()
         if isinstance(self.module, nn.Conv2d):
             X = _conv_patches(self.module, x if x.dim() == 4 else x.unsqueeze(0))
         else:
@@ -79,10 +129,7 @@ class InputStats:
         # one call's product in fp32, as GPTQ and K-FAC's input factor do (float64 products cost
         # twice the time); the running sum over calls in float64
         X = X.float().reshape(X.shape[0], self.groups, self.cols).transpose(0, 1)  # (g, n, c)
-        XtX = X.transpose(1, 2) @ X
-        # added into the float64 sum as it is (promoted element by element, no float64 copy)
-        self.S = XtX.to(self.sum_dtype) if self.S is None else self.S.add_(XtX)
-        self.n += X.shape[1]
+        return X.transpose(1, 2) @ X, X.shape[1]
 
     def hessian(self, reduce=None, release: bool = False) -> Tensor:
         """``H = S / n`` (float32); with ``reduce``, ``S`` and ``n`` summed over processes.
@@ -170,7 +217,8 @@ def stream_input_stats(net: nn.Module, device: torch.device, modules: dict[str, 
     ``net`` per batch; more can be added (K-FAC adds its own batches' inputs during its fit,
     :meth:`~bayesq_lightning.posterior.kron_factors.KronFactors.accumulate`)."""
     stats = {n: InputStats(m) for n, m in modules.items()}
-    hooks = [m.register_forward_pre_hook(lambda _m, args, s=stats[n]: s.add(args))
+    shared = SharedProducts()
+    hooks = [m.register_forward_pre_hook(lambda _m, args, s=stats[n]: s.add(args, shared))
              for n, m in modules.items()]
     try:
         for i, batch in enumerate(batches):  # one batch on the device at a time
@@ -181,13 +229,28 @@ def stream_input_stats(net: nn.Module, device: torch.device, modules: dict[str, 
     return stats
 
 
-def finish_input_hessians(stats: dict[str, InputStats], batches: Sequence, reduce=None
-                          ) -> dict[str, Tensor]:
+def finish_input_hessians(stats: dict[str, InputStats], batches: Sequence, reduce=None,
+                          share: bool = True) -> dict[str, Tensor]:
     """Every layer's ``H = S / n`` (summed over processes with ``reduce``), checked finite;
-    ``batches`` only name the largest input in the error."""
+    ``batches`` only name the largest input in the error. ``share``: layers with equal sums
+    from one input tensor get one ``H`` object (``False`` for a caller that edits them in
+    place, as K-FAC's normalisation does its ``A``)."""
     # each layer's sum dropped once converted (also where the K-FAC operator still holds its
-    # statistics): one at a time beside the fp32 results
-    hessians = {n: stats.pop(n).hessian(reduce, release=True) for n in list(stats)}
+    # statistics): one at a time beside the fp32 results. Layers that added the same products
+    # in the same order (one input tensor read by several layers) share one H: equal sums,
+    # also after the reduce, which every rank runs for every layer.
+    hessians: dict[str, Tensor] = {}
+    first: dict[tuple, str] = {}
+    for n in list(stats):
+        st = stats.pop(n)
+        trail = None if not (share and st.products) else (st.key, st.n, tuple(st.products))
+        H = st.hessian(reduce, release=True)
+        twin = first.get(trail) if trail is not None else None
+        if twin is not None and torch.equal(hessians[twin], H):
+            H = hessians[twin]
+        elif trail is not None:
+            first.setdefault(trail, n)
+        hessians[n] = H
     # after the reduce: one rank's overflow reaches every rank, so all raise together
     bad = [n for n, h in hessians.items() if not torch.isfinite(h).all()]
     if bad:

@@ -65,6 +65,8 @@ class BlockContext:
     posterior: LayerPosterior | None = None
     hessian: Tensor | None = None  # the layer's input Hessian (gptq)
     with_prior: bool = False  # BayesQConfig.score == "posterior_precision": the loss adds delta
+    # range_objective == "expected": the grid design reads the precision's values (and delta)
+    design_precision: bool = False
 
 
 def _weighted_sq(weight: float, dW: Tensor) -> float:
@@ -75,9 +77,13 @@ def _weighted_sq(weight: float, dW: Tensor) -> float:
 def _bayesq(ctx: BlockContext) -> BlockInputs:
     lp, prior = ctx.posterior, ctx.with_prior
     H = lp.rounding_matrix(ctx.rows)
-    return BlockInputs(precision=lp.precision_rows(ctx.rows), loss=lp.block_loss(ctx.rows, prior),
-                       H=H, weight=lp.design_weights(ctx.rows, prior=prior),
-                       row_terms=None if H is None else lp.row_terms(ctx.rows, prior))
+    weight = lp.design_weights(ctx.rows, prior=prior)
+    # the range search reads the precision's values only under "expected"; otherwise it needs
+    # one given (else min-max) and scores with the design weights, which stand in for it: the
+    # same grids, and no prior precision (K-FAC's is solved only when read)
+    precision = lp.precision_rows(ctx.rows) if ctx.design_precision else weight
+    return BlockInputs(precision=precision, loss=lp.block_loss(ctx.rows, prior), H=H,
+                       weight=weight, row_terms=None if H is None else lp.row_terms(ctx.rows, prior))
 
 
 def _mse(ctx: BlockContext) -> BlockInputs:  # the posterior ablated: same search, unit weights

@@ -80,6 +80,7 @@ from .layers import (
 )
 from .methods import METHODS_TABLE, Method
 from .posterior import Posterior, Reduce, fit_posterior
+from .posterior.marglik import known, stored
 from .quantizers import storage_bits
 from .result import LayerResult, QuantizationResult
 from .rounding import FeedbackFactors
@@ -423,7 +424,9 @@ def _posterior(model: nn.Module, method: Method, cfg: BayesQConfig, batches: lis
         )
     if posterior is not None:
         info.update(
-            structure=posterior.structure, prior_precision=posterior.prior_precision,
+            # the number if solved already: K-FAC's is solved on the first read (the default
+            # quantization never reads it; res.posterior.prior_precision does)
+            structure=posterior.structure, prior_precision=known(stored(posterior)),
             n_data=posterior.n_data, n_calib=posterior.n_calib, backend=posterior.backend,
             labels=posterior.labels, posterior_seconds=posterior.seconds,
             posterior_reused=given is not None,

@@ -75,6 +75,26 @@ class Mixed(nn.Module):
         return self.fc2(torch.relu(self.fc1(h)))
 
 
+class FanOut(nn.Module):
+    """``q`` and ``k`` read one tensor (their ``X^T X`` is formed once and shared)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.q, self.k, self.head = (nn.Linear(32, 16), nn.Linear(16, 16),
+                                               nn.Linear(16, 16), nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.head((self.q(h) * self.k(h)).mean(1))
+
+
+# the shared input has another sequence length and dtype in each batch
+FAN_OUT_BATCHES = [(torch.randn(8, t, 32, generator=_g0).to(dtype), torch.randint(0, 4, (8,)))
+                   for _g0 in [torch.Generator().manual_seed(3)]
+                   for t, dtype in ((5, torch.float32), (9, torch.float64), (3, torch.bfloat16))]
+
+
 def mlp(**kwargs) -> MLP:
     return MLP(**kwargs).eval()
 
@@ -354,6 +374,9 @@ CASES = [
     Case("single-example", quantize([(X[:1], Y[:1])], bits=4.0), check=single_example_ok),
     Case("batches-of-two-shapes", quantize(OTHER_SHAPE, structure="diag"), ValueError,
          FIT.format(1)),
+    Case("shared-input-of-three-shapes-and-dtypes", quantize(FAN_OUT_BATCHES, FanOut,
+                                                          method="gptq", bits=4.0),
+         check=lambda r, s: _fan_out_quantized(r)),
     Case("batches-of-two-shapes-gptq", quantize(OTHER_SHAPE, method="gptq"), ValueError,
          FIT.format(1)),
     # --- models
@@ -409,6 +432,14 @@ CASES = [
          (ValueError, KeyError),
          r"'fc2'.*not a submodule.*pass the QuantizationResult that produced"),
 ]
+
+
+def _fan_out_quantized(result: Any) -> None:
+    from bayesq_lightning.input_stats import layer_input_hessians
+
+    assert {x.name for x in result.layers} == {"inp", "q", "k", "head"}
+    H = layer_input_hessians(FanOut().eval(), FAN_OUT_BATCHES, ["q", "k"])
+    assert H["q"] is H["k"] and torch.isfinite(H["q"]).all()
 
 
 def _param(case: Case):

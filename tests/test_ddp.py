@@ -57,7 +57,7 @@ def test_two_process_ddp_matches_single_process(tmp_path, method, structure):
         for name, lp in ref.posterior.layers.items():
             torch.testing.assert_close(r0[f"precision.{name}"], lp.precision, rtol=1e-5,
                                        atol=0)
-        assert float(r0["prior_precision"]) == pytest.approx(ref.info["prior_precision"],
+        assert float(r0["prior_precision"]) == pytest.approx(ref.posterior.prior_precision,
                                                              rel=1e-4)
     modules = dict(ref.model.named_modules())
     for x in ref.layers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -182,9 +183,8 @@ def test_loss_is_the_tempered_kl():
 
 def test_glm_teacher_refuses_a_model_whose_head_has_no_posterior(quantized):
     model, res, loader = quantized
-    post = type(res.posterior)(**{**res.posterior.__dict__,
-                                  "layers": {k: v for k, v in res.posterior.layers.items()
-                                             if k != "fc2"}})
+    post = dataclasses.replace(res.posterior, layers={
+        k: v for k, v in res.posterior.layers.items() if k != "fc2"})
     with pytest.raises(ValueError, match="predictive='samples'"):
         GLMTeacher(model, post)(next(iter(loader))[0])
 

@@ -91,3 +91,36 @@ def test_at_least_as_good_as_laplace_torch_adam(structure):
     adam = float(la.prior_precision)
     assert lml(ours) >= lml(adam) - 1e-6 * abs(lml(adam))
     assert lml(ours) >= max(lml(ours * 1.05), lml(ours / 1.05))
+
+
+def test_kfac_delta_is_solved_only_when_read(monkeypatch):
+    """The default quantization never reads K-FAC's prior precision: no spectrum, no solve;
+    the first read solves it once, from the factors the posterior holds."""
+    from bayesq_lightning import BayesQConfig, quantize_model
+    from bayesq_lightning.posterior import fit as fit_module
+    from bayesq_lightning.posterior.kron_factors import KronFactors
+
+    calls = {"solve": 0, "spectrum": 0}
+    solve, spectrum = fit_module.marglik_prior_precision, KronFactors.spectrum
+
+    def counted_solve(*args):
+        calls["solve"] += 1
+        return solve(*args)
+
+    def counted_spectrum(self):
+        calls["spectrum"] += 1
+        return spectrum(self)
+
+    monkeypatch.setattr(fit_module, "marglik_prior_precision", counted_solve)
+    monkeypatch.setattr(KronFactors, "spectrum", counted_spectrum)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 4))
+    x, y = torch.randn(48, 32), torch.randint(0, 4, (48,))
+    res = quantize_model(net, DataLoader(TensorDataset(x, y), batch_size=16),
+                         BayesQConfig(bits=4.0), progress=False)
+    assert res.info["structure"] == "kron" and res.info["prior_precision"] is None
+    assert calls == {"solve": 0, "spectrum": 0}
+    delta = res.posterior.prior_precision
+    assert calls == {"solve": 1, "spectrum": 1} and math.isfinite(delta) and delta > 0
+    layer = res.posterior.layers["0"]
+    assert layer.prior_precision == delta and calls["solve"] == 1  # one solve, shared

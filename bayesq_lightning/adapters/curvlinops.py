@@ -15,6 +15,8 @@ from curvlinops import KFACLinearOperator
 from curvlinops.kfac import FisherType
 from torch import nn
 
+from ..input_stats import SharedProducts
+
 if TYPE_CHECKING:
     from ...input_stats import InputStats
 
@@ -50,6 +52,7 @@ class KFACOperator(KFACLinearOperator):
     def __init__(self, *args, input_stats: Mapping[str, InputStats] | None = None,
                  **kwargs) -> None:
         self.input_stats: dict[str, InputStats] = dict(input_stats or {})
+        self.shared_inputs = SharedProducts()  # layers reading one tensor: one product
         super().__init__(*args, **kwargs)
 
     def set_input_factor(self, module_name: str, A: torch.Tensor) -> None:
@@ -74,7 +77,7 @@ class KFACOperator(KFACLinearOperator):
     def _hook_accumulate_input_covariance(self, module: nn.Module, inputs: tuple,
                                           module_name: str) -> None:
         if module_name in self.input_stats:
-            self.input_stats[module_name].add(inputs)
+            self.input_stats[module_name].add(inputs, self.shared_inputs)
         else:
             super()._hook_accumulate_input_covariance(module, inputs, module_name)
 

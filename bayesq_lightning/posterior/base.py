@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..row_sample import RowTerms
+from .marglik import DeferredAttribute, known, stored
 
 
 def _formed_from_factors(name: str, value: Tensor | None) -> None:
@@ -96,7 +97,7 @@ class LayerPosterior:
         held while the block's candidates are scored and dropped with them.
         """
         curvature = self._curvature_loss(rows)
-        delta = self.prior_precision
+        delta = self.prior_precision if prior else 0.0  # read (computed) only when it counts
 
         def form(dW: Tensor) -> float:
             dW = dW.double()
@@ -232,6 +233,8 @@ class KronLayerPosterior(LayerPosterior):
     """
 
     structure: ClassVar[str] = "kron"
+    # a number, or the marginal-likelihood solve deferred until something reads it
+    prior_precision = DeferredAttribute()
 
     A: Tensor
     G: Tensor
@@ -278,7 +281,7 @@ class KronLayerPosterior(LayerPosterior):
         # from the factors' diagonals, without forming the two weight-sized diagonals: both
         # are non-negative, so every product g_i a_j is finite iff the largest one is
         g, a = self.G.diagonal(), self.A.diagonal(dim1=-2, dim2=-1)
-        top = g.abs().amax() * a.abs().amax() + self.prior_precision
+        top = g.abs().amax() * a.abs().amax() + (known(stored(self)) or 0.0)  # finite if solved
         return bool(torch.isfinite(g).all() and torch.isfinite(a).all() and torch.isfinite(top))
 
     def precision_rows(self, rows: tuple[int, int]) -> Tensor:
@@ -327,7 +330,7 @@ class KronLayerPosterior(LayerPosterior):
             return None
         r0, r1 = rows
         g = self.G.diagonal()[r0:r1].double().cpu()
-        delta = self.prior_precision
+        delta = self.prior_precision if prior else 0.0
 
         def terms(dW: Tensor, idx: Tensor) -> Tensor:
             dW32 = dW.float()
@@ -352,7 +355,7 @@ class KronLayerPosterior(LayerPosterior):
             return self
         G = sum(p.G for p in live) / len(live)
         A = sum(p.A for p in live)
-        return KronLayerPosterior(self.name, self.mean, None, self.prior_precision,
+        return KronLayerPosterior(self.name, self.mean, None, stored(self),
                                   note=_tie_note(self, other), A=A, G=G)
 
     def sample(self, n: int = 1, temperature: float = 1.0,
@@ -494,7 +497,7 @@ class Posterior:
 
     layers: dict[str, LayerPosterior]
     structure: str
-    prior_precision: float
+    prior_precision: float = DeferredAttribute()  # type: ignore[assignment]  # see marglik
     n_data: int
     n_calib: int
     backend: str

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..batches import batch_size_of, forward_checked, fp32_logits_copy, inputs_to, split_batch
 from ..layers import QUANTIZABLE, is_embedding, untie_parameters
-from .marglik import Spectrum, marglik_prior_precision
+from .marglik import Deferred, Spectrum, marglik_prior_precision
 
 AUTO_EXACT_MAX_CLASSES = 10
 """``backend="auto"``: the exact GGN up to this many classes, the Monte-Carlo GGN above.
@@ -210,7 +210,7 @@ class LaplaceFit:
     la: object
     names: list[str]   # parameter names relative to the user's model
     params: list[nn.Parameter]
-    delta: float
+    delta: float | Deferred  # Deferred: solved when first read (K-FAC)
     n_total: int       # calibration samples summed over processes
 
 
@@ -227,6 +227,7 @@ def laplace_fit(
     spectrum: Callable[[object], Spectrum],
     abort: str,
     fit: Callable[[object], None] | None = None,
+    defer: Callable[[], Callable[[], Spectrum]] | None = None,
 ) -> LaplaceFit:
     """Fit laplace-torch on exactly the parameters of ``modules``, rescaled to ``n_data``.
 
@@ -236,7 +237,9 @@ def laplace_fit(
     then fit :math:`\delta` by marginal likelihood on the eigenvalues ``spectrum(la)``
     of the rescaled curvature (:func:`~.marglik.marglik_prior_precision`), or keep the given
     value. ``fit(la)``, if given, replaces ``la.fit(loader)`` (K-FAC computes its factors in one
-    pass of its own).
+    pass of its own). ``defer``, if given, is called after the rescale and returns the spectrum
+    as a closure that holds neither ``la`` nor the network: :math:`\delta` is then a
+    :class:`~.marglik.Deferred`, solved on its first read (``la.prior_precision`` stays 1).
     laplace-torch calls ``exit()`` on some numerical failures; that becomes a ``RuntimeError``
     whose message is ``abort`` formatted with ``exc``.
     """
@@ -274,10 +277,18 @@ def laplace_fit(
         except SystemExit as exc:  # laplace-torch calls exit() on numerical failure
             raise RuntimeError(abort.format(exc=repr(exc))) from None
         la.n_data = n_data
+        delta: float | Deferred
         if prior_precision == "marglik":
             theta_sq = sum(float(p.detach().double().square().sum()) for p in params)
-            la.prior_precision = marglik_prior_precision(spectrum(la), theta_sq, la.n_params)
-        delta = float(la.prior_precision.reshape(-1)[0])
+            if defer is not None:
+                eigenvalues, n_params = defer(), la.n_params
+                delta = Deferred(lambda: marglik_prior_precision(eigenvalues(), theta_sq,
+                                                                 n_params))
+            else:
+                la.prior_precision = marglik_prior_precision(spectrum(la), theta_sq, la.n_params)
+                delta = float(la.prior_precision.reshape(-1)[0])
+        else:
+            delta = float(la.prior_precision.reshape(-1)[0])
     return LaplaceFit(la, names, params, delta, n_total)
 
 

@@ -7,7 +7,7 @@ Stored with the scale folded into ``A`` and ``mean(diag G) = 1``; the factors' a
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,7 +29,7 @@ from .fit import (
     laplace_fit,
 )
 from .kron_factors import KronFactors
-from .marglik import Spectrum
+from .marglik import Spectrum, resolved
 
 ABORT = ("laplace-torch aborted the K-FAC fit: the eigendecomposition of a Kronecker "
          "factor failed ({exc}); the curvature is probably not finite. Check the model's "
@@ -85,11 +85,12 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     if reduce is not None:  # all processes stream if one does: the reduce calls pair up
         stream = float(reduce(torch.tensor(float(stream), device=prep.device))) > 0
     streamed = _streamed_inputs(prep, kfac_modules, batches[n_kfac:], stream)
-    steps = _KronSteps(prep, batches, streamed, reduce, n_data, prior_precision == "marglik")
+    steps = _KronSteps(prep, batches, streamed, reduce, n_data)
     fit = laplace_fit(
         prep, list(kfac_modules.values()), hessian_structure="kron", backend_cls=CurvlinopsGGN,
         stochastic=stochastic, prior_precision=prior_precision, n_data=n_data,
         rescale=steps.rescale, spectrum=steps.spectrum, abort=ABORT, fit=steps.fit,
+        defer=steps.deferred_spectrum,
     )
     layers = _kron_layers(fit, steps.factors, layer_names, prep)
     notes: list[str] = []
@@ -97,7 +98,9 @@ def fit_kron(model: nn.Module, batches: list, layer_names: Sequence[str], *, n_d
     embeddings = [n for n in layer_names
                   if n not in layers and isinstance(prep.modules[n], nn.Embedding)]
     if embeddings:
-        backend_name += _embedding_diagonal(prep, embeddings, layers, notes, delta=fit.delta,
+        # the diagonal metric adds delta to its curvature: the deferred solve runs here
+        backend_name += _embedding_diagonal(prep, embeddings, layers, notes,
+                                            delta=resolved(fit.delta),
                                             n_data=n_data, backend=backend, reduce=reduce)
     missing = set(layer_names) - set(layers)
     if missing:
@@ -121,7 +124,6 @@ class _KronSteps:
     streamed: dict[str, InputStats]
     reduce: Reduce | None
     n_data: int
-    marglik: bool
     factors: KronFactors | None = None
 
     def fit(self, la) -> None:
@@ -131,14 +133,23 @@ class _KronSteps:
     def rescale(self, la) -> int:
         self.factors.combine(self.reduce)
         self.factors.check_finite()  # after the reduce: all processes raise together
-        with _failed_eigensolve_aborts():
-            self.factors.normalise(self.n_data, bias_spectra=self.marglik)
+        self.factors.normalise(self.n_data)
         la.H_facs = self.factors.to_laplace()
         return self.factors.n_samples
 
     def spectrum(self, la) -> Spectrum:
-        with _failed_eigensolve_aborts():
-            return self.factors.spectrum()
+        return self.deferred_spectrum()()
+
+    def deferred_spectrum(self) -> Callable[[], Spectrum]:
+        """The spectrum as a closure over the factors alone (not the network and batches this
+        object holds), for the deferred marginal-likelihood solve."""
+        factors = self.factors
+
+        def spectrum() -> Spectrum:
+            with _failed_eigensolve_aborts():
+                return factors.spectrum()
+
+        return spectrum
 
 
 @contextmanager

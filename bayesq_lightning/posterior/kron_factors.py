@@ -46,10 +46,8 @@ class KronFactors:
             i: w for i, F in enumerate(blocks) if len(F) == 1
             for w, W in enumerate(blocks) if len(W) == 2 and W[0] is F[0]}
         """Bias block -> the weight block whose ``G`` it holds."""
-        self.bias_spectra: dict[int, Tensor] = {}
-        """Bias block -> eigenvalues of its ``s G`` (taken before ``G`` is normalised)."""
-        self.g_spectra: dict[int, Tensor] = {}
-        """Weight block -> eigenvalues of its normalised ``G``, where its bias's give them."""
+        self.bias_scale: dict[int, float] = {}
+        """Bias block -> the factor from its weight's normalised ``G`` to its ``s G``."""
 
     @classmethod
     def accumulate(cls, la, prep: Prepared, streamed: dict[str, InputStats], batches: Sequence,
@@ -82,7 +80,8 @@ class KronFactors:
             input_stats={names[n]: st for n, st in streamed.items()},
             **({"batch_size_fn": lambda x: x[prep.dict_key_x].shape[0]} if dicts else {}))
         op.compute_kronecker_factors()
-        inputs = finish_input_hessians(streamed, batches, reduce)
+        # not shared: normalise scales each A in place (the products were shared when summed)
+        inputs = finish_input_hessians(streamed, batches, reduce, share=False)
         for n, A in inputs.items():
             op.set_input_factor(names[n], A)
         blocks = kron_blocks(la.backend, op)
@@ -127,27 +126,24 @@ class KronFactors:
                 "is probably not finite. Check the model's outputs on the calibration data and "
                 "normalise the inputs as in training.")
 
-    def normalise(self, n_data: int, bias_spectra: bool) -> None:
+    def normalise(self, n_data: int) -> None:
         r"""Rescale to the ``n_data`` scale and normalise the split, in place.
 
         With :math:`s = n_\text{data} / N`, :math:`\Lambda = s\, G \otimes A + \delta I`. For
         each weight, :math:`c = \mathrm{mean}(\mathrm{diag}\,G)`, :math:`G \leftarrow G / c`,
         :math:`A \leftarrow c\,s\,A` (a layer with :math:`G = 0`, e.g. dead ReLUs, keeps
-        :math:`G = 0`); a scalar block is multiplied by ``s``. ``bias_spectra``: a bias block's
-        spectrum (of :math:`s G`) is taken first, before its weight's ``G`` is normalised in
-        place, and gives that ``G``'s own spectrum scaled (one eigensolve for both).
+        :math:`G = 0`); a scalar block is multiplied by ``s``. A bias block holds its weight's
+        ``G`` (normalised with it): its curvature :math:`s G` is that ``G`` times
+        ``bias_scale`` (:math:`c s`, or :math:`s` where :math:`c = 0`), which :meth:`spectrum`
+        applies to the one eigensolve both share.
         """
         scale = n_data / self.n_samples
-        if bias_spectra:
-            for i in self.weight_of_bias:
-                self.bias_spectra[i] = eigvalsh(self.blocks[i][0] * scale)
-        bias_of_weight = {w: i for i, w in self.weight_of_bias.items() if i in self.bias_spectra}
+        bias_of_weight = {w: i for i, w in self.weight_of_bias.items()}
         for i, F in enumerate(self.blocks):
             if len(F) == 2:
                 c = F[0].diagonal().mean()
-                if i in bias_of_weight and F[1].dim() == 2:  # the same spectrum, scaled: not a second solve
-                    self.g_spectra[i] = self.bias_spectra[bias_of_weight[i]] / (
-                        scale * (c if c > 0 else 1.0))
+                if i in bias_of_weight:
+                    self.bias_scale[bias_of_weight[i]] = float(c * scale if c > 0 else scale)
                 if c > 0:
                     F[0].div_(c)
                 F[1].mul_(c * scale if c > 0 else scale)
@@ -156,13 +152,21 @@ class KronFactors:
 
     def spectrum(self) -> Spectrum:
         r"""The curvature's eigenvalues per block: pairs ``(l_G, l_A)`` for a weight (those of
-        :math:`G \otimes A` are their products), one tensor for a bias or scalar block, and for
-        a grouped convolution's weight (``A`` per group) the products of each group's
-        :func:`grouped_eigenvalues`."""
-        eig = [[self.bias_spectra[i]] if i in self.bias_spectra else
-               [grouped_eigenvalues(*F)] if len(F) == 2 and F[1].dim() == 3 else
-               [self.g_spectra[i] if j == 0 and i in self.g_spectra else
-                eigvalsh(f) if f.dim() > 1 else f for j, f in enumerate(F)]
+        :math:`G \otimes A` are their products), one tensor for a bias or scalar block (a
+        bias's from its weight's ``G``, one eigensolve for both), and for a grouped
+        convolution's weight (``A`` per group) the products of each group's
+        :func:`grouped_eigenvalues`. Called only where :math:`\delta` is read (deferred)."""
+        g_eig: dict[int, Tensor] = {}
+
+        def of_g(w: int) -> Tensor:
+            if w not in g_eig:
+                g_eig[w] = eigvalsh(self.blocks[w][0])
+            return g_eig[w]
+
+        eig = [[of_g(self.weight_of_bias[i]) * self.bias_scale[i]] if i in self.weight_of_bias
+               else [grouped_eigenvalues(*F)] if len(F) == 2 and F[1].dim() == 3 else
+               [of_g(i) if j == 0 and len(F) == 2 else eigvalsh(f) if f.dim() > 1 else f
+                for j, f in enumerate(F)]
                for i, F in enumerate(self.blocks)]
         return [tuple(e) if len(e) == 2 else e[0] for e in eig]
 

@@ -29,13 +29,66 @@ when it lies more than about ten units of :math:`t` from its start.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 Spectrum = Sequence[Tensor | tuple[Tensor, Tensor]]
 """Curvature eigenvalues: 1-D tensors, or pairs whose outer product holds them (K-FAC)."""
+
+class Deferred:
+    """A number computed on its first read, once: the marginal-likelihood ``delta`` of a
+    K-FAC posterior, whose spectrum (an eigensolve of every factor) the default quantization
+    never reads. The closure holds the factors until then and is dropped after."""
+
+    def __init__(self, compute: Callable[[], float]) -> None:
+        self._compute: Callable[[], float] | None = compute
+        self._value: float | None = None
+
+    @property
+    def known(self) -> bool:
+        return self._value is not None
+
+    def get(self) -> float:
+        if self._value is None:
+            self._value = float(self._compute())
+            self._compute = None
+        return self._value
+
+
+class DeferredAttribute:
+    """An attribute (or dataclass field, with no default) that holds a number or a
+    :class:`Deferred` and reads as the number; :func:`stored` gives what it holds."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = "_" + name
+
+    def __get__(self, obj, owner=None) -> float:
+        if obj is None:  # no class-level value: a dataclass field without a default
+            raise AttributeError(self.key[1:])
+        return resolved(obj.__dict__[self.key])
+
+    def __set__(self, obj, value: float | Deferred) -> None:
+        obj.__dict__[self.key] = value
+
+
+def stored(obj: object, name: str = "prior_precision") -> float | Deferred:
+    """What a :class:`DeferredAttribute` of ``obj`` holds, without computing it."""
+    return obj.__dict__["_" + name]
+
+
+def resolved(value: float | Deferred) -> float:
+    """``value``, computing it if deferred."""
+    return value.get() if isinstance(value, Deferred) else value
+
+
+def known(value: float | Deferred) -> float | None:
+    """``value`` if it is a number already, else ``None`` (nothing computed)."""
+    if isinstance(value, Deferred):
+        return value.get() if value.known else None
+    return value
+
 
 T_MIN, T_MAX = -40.0, 40.0  # log delta: beyond these the optimum is at 0 or infinity
 

@@ -65,7 +65,9 @@ def main() -> None:
     tensors["n_calib"] = torch.tensor(res.info.get("n_calib", -1))
     tensors["n_data"] = torch.tensor(res.info.get("n_data", -1))
     tensors["checked"] = torch.tensor(res.info.get("checked_candidates", -1))
-    tensors["prior_precision"] = torch.tensor(res.info.get("prior_precision", -1.0))
+    # the posterior's delta, solved on this read (the factors are combined: no collective)
+    tensors["prior_precision"] = torch.tensor(
+        res.posterior.prior_precision if res.posterior is not None else -1.0)
     save_file(tensors, out / f"rank{rank}.safetensors")
 
 
