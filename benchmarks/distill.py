@@ -131,7 +131,8 @@ def run_case(name: str, budgets: Sequence[float], config: dict, students: Sequen
                 "lowest_epoch": rep["lowest_epoch"], "lr": rep["lr"], "kl0": rep["kl0"],
                 "gain_z": (rep["holdout_gain"] / rep["holdout_gain_se"]
                            if rep["holdout_gain_se"] else 0.0),
-                "nll_gain": rep["holdout_nll_gain"], "tau": rep["student_temperature"],
+                "nll_gain": rep["holdout_nll_gain"], "nll_gain_se": rep["holdout_nll_gain_se"],
+                "tau": rep["student_temperature"],
                 "distill_s": seconds}
         label = f"{base} + distill" + ("" if teacher == "posterior-glm" else f"({teacher})")
         tau = rep["student_temperature"]

@@ -289,3 +289,12 @@ def test_the_selection_keeps_the_undistilled_student_when_training_only_adds_noi
         lowered += rep["lowest_epoch"] > 0
     assert lowered >= 5, lowered  # some epoch does look better by chance in many seeds...
     assert kept >= 19, (kept, lowered)  # ...and the paired standard error sees through it
+
+
+def test_a_kept_cross_fitted_epoch_is_reported_with_an_evaluation_loader(setup):
+    model, res, calib, test = setup
+    rep = distill_model(model, res, calib, DistillConfig(epochs=2, min_gain_se=0.0),
+                        eval_loader=test, **QUIET)
+    assert rep["cross_fit"] and rep["n_holdout"] == 64 and len(rep["holdout_kl"]) == 3
+    kept = rep["holdout_gain"] > 0 and rep["holdout_nll_gain"] > 0
+    assert kept and rep["best_epoch"] == rep["lowest_epoch"] > 0  # the refit's epochs

@@ -65,20 +65,26 @@ class LogitTemperature:
 
 
 def logit_temperature(model: nn.Module) -> float | None:
-    """The temperature :func:`set_logit_temperature` put on ``model``, or ``None``."""
-    hooks = [h for h in model._forward_hooks.values() if isinstance(h, LogitTemperature)]
-    return hooks[-1].value if hooks else None
+    """The temperature on ``model``'s outputs, or ``None``: its own, or a submodule's (a
+    transformers model loaded with one inside a wrapper that returns its logits)."""
+    for m in model.modules():
+        hooks = [h for h in m._forward_hooks.values() if isinstance(h, LogitTemperature)]
+        if hooks:
+            return hooks[-1].value
+    return None
 
 
 def set_logit_temperature(model: nn.Module, value: float | None) -> nn.Module:
     """Divide ``model``'s logits by ``value`` from now on (``None``: remove it); returns ``model``.
 
-    Replaces a temperature set before, and tells the listeners (transformers' configs).
+    Replaces a temperature set before, on the model or any submodule (never two at once), and
+    tells the listeners (transformers' configs).
     """
     hook = None if value is None else LogitTemperature(value)  # validated before any change
-    for key, h in list(model._forward_hooks.items()):
-        if isinstance(h, LogitTemperature):
-            del model._forward_hooks[key]
+    for m in model.modules():
+        for key, h in list(m._forward_hooks.items()):
+            if isinstance(h, LogitTemperature):
+                del m._forward_hooks[key]
     if hook is not None:
         model.register_forward_hook(hook)
     for listener in TEMPERATURE_LISTENERS:

@@ -58,10 +58,9 @@ class DistillConfig:
         :data:`~bayesq_lightning.distillation.MIN_HOLDOUT` inputs cannot make that choice: one
         warning, and the student stays undistilled. ``0``: train on all, keep the last epoch.
     cross_fit : bool
-        With ``holdout > 0``: hold out each of ``round(1 / holdout)`` folds in turn, so every
+        With ``holdout > 0``: hold out each of ``max(2, round(1 / holdout))`` folds in turn, so every
         calibration input is held out once and the choice rests on all of them; then train on
-        all inputs for the chosen number of epochs (``round(1 / holdout) + 1`` trainings, of
-        which the folds' are shorter). ``False``: one hold-out, the student at its chosen epoch.
+        all inputs for the chosen number of epochs (one training per fold, and one more). ``False``: one hold-out, the student at its chosen epoch.
     min_gain_se : float
         How many paired standard errors of the per-input hold-out differences (KL, and label
         NLL where labelled) the chosen epoch's mean gains must exceed; ``0``: any gain.

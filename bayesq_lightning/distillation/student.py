@@ -162,19 +162,17 @@ class DistillSet(Dataset):
             x = student_inputs(batch)
             y = split_batch(batch)[1]
             t = None if teacher is None else teacher(x).cpu()
+            # class ids only (one integer per sample): other targets give no label NLL
+            class_ids = (isinstance(y, torch.Tensor) and y.dim() == 1
+                         and not y.is_floating_point() and len(y) == batch_size_of(x))
             for i in range(batch_size_of(x)):
                 xi = {k: v[i] for k, v in x.items()} if isinstance(x, Mapping) else x[i]
                 item = {INPUTS_KEY: xi}
                 if t is not None:
                     item[TEACHER_KEY] = t[i]
-                if isinstance(y, torch.Tensor):
+                if class_ids:
                     item[LABELS_KEY] = y[i]
                 self.items.append(item if len(item) > 1 else xi)
-
-    @property
-    def labelled(self) -> bool:
-        return bool(self.items) and isinstance(self.items[0], Mapping) and (
-            LABELS_KEY in self.items[0])
 
     def __len__(self) -> int:
         return len(self.items)

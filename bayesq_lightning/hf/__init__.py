@@ -106,15 +106,20 @@ def attach_hf_config(model: nn.Module, packed: PackedLayers) -> None:
             continue
         from .quantizer import BayesQHFConfig  # imports transformers, loaded already here
 
+        # the temperature only of a transformers model that is the model: a wrapper's may
+        # temper outputs an inner model does not return (the artifact carries the wrapper's)
         hf_model.config.quantization_config = BayesQHFConfig(
-            **{**inner.to_json(), "logit_temperature": logit_temperature(model)})
+            **{**inner.to_json(), "logit_temperature": logit_temperature(model) if not prefix
+               else None})
 
 
 def attach_temperature(model: nn.Module, value: float | None) -> None:
-    """Record ``model``'s logit temperature in the bayesq ``quantization_config`` of every
-    transformers model in it, so ``save_pretrained`` stores it and ``from_pretrained`` applies
-    it to the loaded model's logits."""
-    for _, hf_model in _pretrained_models(model):
-        config = getattr(hf_model.config, "quantization_config", None)
+    """Record the logit temperature of a transformers ``model`` in its bayesq
+    ``quantization_config``, so ``save_pretrained`` stores it and ``from_pretrained`` applies it
+    to the loaded model's logits. A wrapper's temperature is not written into the configs of
+    the transformers models inside it (its artifact stores it)."""
+    found = _pretrained_models(model)
+    if found and found[0][0] == "":
+        config = getattr(found[0][1].config, "quantization_config", None)
         if getattr(config, "quant_method", None) == QUANT_METHOD:
             config.logit_temperature = value

@@ -18,7 +18,6 @@ strategy reuses the launched processes and their process group.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -28,10 +27,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from ..artifact.export import write_artifact
@@ -50,11 +48,11 @@ from ..distillation.student import (
     student_inputs,
 )
 from ..distillation.teachers import Teacher, build_teacher, fp32_reference, tune_teacher
-from ..distillation.temperature import fit_temperature
 from ..metrics import _metric_objects, _update, evaluate
 from ..progress import on_terminal
 from ..result import QuantizationResult
-from .quiet import log_interval, quiet
+from .distill_fits import StudentFits, distance_lr, folds_of, trainer_factory
+from .quiet import quiet
 
 
 class PosteriorDistillModule(pl.LightningModule):
@@ -93,7 +91,8 @@ class PosteriorDistillModule(pl.LightningModule):
         self._net = LogitsModel(student)
         self._epoch_start = 0.0
         self.epoch_seconds: list[float] = []
-        self.lr = self.config.lr  # or set from the student's distance (see ``_run``)
+        self.lr = self.config.lr  # or set from the student's distance (StudentFits.step_size)
+        self.kept_epoch: int | None = None
         self.holdout = holdout
         self.holdout_kl: list[float] = []  # per epoch, epoch 0 = before training
         self._holdout_kls: list[torch.Tensor] = []  # the same, per hold-out input
@@ -134,7 +133,10 @@ class PosteriorDistillModule(pl.LightningModule):
 
     @property
     def best_epoch(self) -> int:
-        """The epoch the student ends at (0: undistilled; the last trained without a hold-out)."""
+        """The epoch the student ends at (0: undistilled; the last trained without a hold-out);
+        set by the distillation's fits (:class:`~.distill_fits.StudentFits`), else this fit's."""
+        if self.kept_epoch is not None:
+            return self.kept_epoch
         return self.choice.epoch if self.holdout else self.current_epoch
 
     @property
@@ -169,8 +171,9 @@ class PosteriorDistillModule(pl.LightningModule):
             kls.append(kl.cpu())
             outs.append(logits.float().cpu())
             targets.append(target.float().cpu())
-            if isinstance(batch, dict) and LABELS_KEY in batch:
-                y = batch[LABELS_KEY].to(logits.device)
+            y = batch.get(LABELS_KEY) if isinstance(batch, dict) else None
+            if y is not None and bool(((y >= 0) & (y < logits.shape[-1])).all()):  # not -100
+                y = y.to(logits.device)
                 nlls.append(-logits.float().log_softmax(-1).gather(-1, y[:, None])[:, 0].cpu())
         labelled = len(nlls) == len(kls) and bool(nlls)
         return (torch.cat(kls), (torch.cat(nlls) if labelled else None), torch.cat(outs),
@@ -256,13 +259,6 @@ class PosteriorDistillModule(pl.LightningModule):
         return self.student
 
 
-def distance_lr(config: DistillConfig, kl0: float) -> float:
-    """``lr_scale * sqrt(KL_0)`` (``config.lr`` if set): see :class:`DistillConfig`."""
-    if config.lr is not None:
-        return config.lr
-    return config.lr_scale * math.sqrt(max(kl0, 0.0))
-
-
 def _probe(teacher: Teacher, student: nn.Module, batch) -> int:
     """Run teacher and student on one batch before any training: clear errors, the class count."""
     x = student_inputs(batch)
@@ -286,7 +282,7 @@ def _probe(teacher: Teacher, student: nn.Module, batch) -> int:
             "logits: distillation and its temperature need forward to return (batch, classes) "
             "logits, or an object whose .logits they are (transformers)")
     s = s.float()
-    if bool(((s >= 0) & (s <= 1)).all()) and torch.allclose(s.sum(-1), torch.ones(len(s)),
+    if bool(((s >= 0) & (s <= 1)).all()) and torch.allclose(s.sum(-1), torch.ones_like(s[:, 0]),
                                                             atol=1e-4):
         raise ValueError("the student returns probabilities (each row is in [0, 1] and sums to 1),"
                          " not logits: distillation and its temperature need the logits; return "
@@ -301,27 +297,16 @@ def _probe(teacher: Teacher, student: nn.Module, batch) -> int:
 def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
          eval_loader: Iterable | None, config: DistillConfig, result: QuantizationResult | None,
          trainer_kwargs: dict[str, Any], eval_batches: int | None = None) -> dict[str, Any]:
-    """Shared by :func:`distill` and :func:`distill_model`: checks, teacher, fit, report.
+    """Shared by :func:`distill` and :func:`distill_model`: checks, teacher, fits, report.
 
     Every check runs before the student is touched; if training fails, the trained parameters
-    are put back before the error propagates.
+    (and the student's logit temperature) are put back before the error propagates.
     """
     kwargs = {"max_epochs": config.epochs, "logger": False, "enable_checkpointing": False,
               "enable_model_summary": False, "num_sanity_val_steps": 0,
               "limit_val_batches": (0 if eval_loader is None else eval_batches),
               "enable_progress_bar": on_terminal(), **trainer_kwargs}
-    template = kwargs.get("strategy")
-
-    def new_trainer(**over: Any) -> pl.Trainer:
-        # a Strategy object binds to its Trainer: each Trainer gets its own copy
-        args = {**kwargs, **over}
-        if isinstance(template, Strategy):
-            args["strategy"] = copy.deepcopy(template)
-        with quiet():  # Lightning's tips and warnings a user cannot act on
-            return pl.Trainer(**args)
-
-    if isinstance(template, Strategy):
-        template = copy.deepcopy(template)  # before any Trainer binds it
+    new_trainer = trainer_factory(kwargs)
     trainer = new_trainer()  # bad Trainer arguments fail here, before any change
     if eval_loader is not None:
         first = next(iter(eval_loader), None)
@@ -330,68 +315,32 @@ def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
                              "targets) or dicts with 'labels'); it is for metrics only")
     check_student(student, config.train)
     teacher = build_teacher(config, fp32_model, posterior)
+    set_logit_temperature(teacher.net, None)  # a copy of a tempered student: the raw logits
     n_classes = _probe(teacher, student, batches[0])  # before any long work
     tune_teacher(teacher, config, batches)
     data = DistillSet(batches, teacher if config.precompute_teacher else None)
-    bs = config.batch_size or batch_size_of(student_inputs(batches[0]))
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed))
-    folds = _folds(order, config)
+    folds = folds_of(order, config)
     n_hold = sum(len(f) for f in folds)
     too_small = bool(config.holdout) and n_hold < MIN_HOLDOUT
     if too_small:
-        need = math.ceil(MIN_HOLDOUT / (1.0 if config.cross_fit else config.holdout))
-        rank_zero_warn(f"the distillation hold-out has {n_hold} calibration inputs "
-                       f"(holdout={config.holdout:g} of {len(data)}"
-                       f"{', cross-fitted' if config.cross_fit else ''}), fewer than the "
-                       f"{MIN_HOLDOUT} needed to choose an epoch: the student is kept "
-                       f"undistilled; give at least {need} calibration inputs or raise holdout")
-    every = DataLoader(data, batch_size=bs)
+        _warn_small(n_hold, len(data), config)
     module = PosteriorDistillModule(student, teacher, config, n_classes)
-
-    def fit(train_idx: list[int], hold_idx: list[int] | None, epochs: int,
-            validate: bool) -> None:
-        g = torch.Generator().manual_seed(config.seed)
-        loader = DataLoader(Subset(data, train_idx), batch_size=bs, shuffle=True, generator=g)
-        module.reset_holdout(DataLoader(Subset(data, hold_idx), batch_size=bs)
-                             if hold_idx else None)
-        logger = kwargs.get("logger", False) if validate else False  # folds: not logged
-        fold_trainer = new_trainer(max_epochs=epochs, logger=logger)
-        if "log_every_n_steps" not in trainer_kwargs:  # every epoch logs, however few batches
-            fold_trainer.log_every_n_steps = log_interval(len(loader),
-                                                          fold_trainer.log_every_n_steps)
-        with quiet():  # among them: the student is in eval mode on purpose
-            fold_trainer.fit(module, loader, eval_loader if validate else None)
-
+    module.to(next(student.parameters()).device)  # the passes before a fit: the student's
+    fits = StudentFits(module, data, config,
+                       config.batch_size or batch_size_of(student_inputs(batches[0])),
+                       new_trainer, kwargs["logger"], "log_every_n_steps" in trainer_kwargs,
+                       eval_loader)
     kl0 = None
     previous = logit_temperature(student)  # a new distillation starts from the raw logits
     try:
         set_logit_temperature(student, None)
-        if config.lr is None and not too_small:
-            module.holdout = every
-            kl0 = float(module.holdout_divergences().double().mean())
-            kl0 = float(trainer.strategy.broadcast(kl0, src=0))  # rank 0's, as for the choice
-            module.lr = distance_lr(config, kl0)
-        held_out = None  # the kept student's held-out logits and the teacher's, for tau
-        if too_small:
-            pass
-        elif not folds:  # no hold-out: train on all, keep the last epoch
-            fit(order.tolist(), None, config.epochs, True)
-        elif not config.cross_fit:
-            fit(sorted(order[n_hold:].tolist()), sorted(folds[0]), config.epochs, True)
-            logits, targets = module.holdout_outputs
-            held_out = logits[module.choice.epoch], targets
-        else:
-            choice, kls, held = _cross_fit(module, fit, order, folds, config)
-            module.restore_initial()
-            if choice.epoch:
-                fit(sorted(order.tolist()), None, choice.epoch, True)
-            module.choice, module.holdout_kl = choice, kls
-            held_out = held[0][choice.epoch], held[1]
-        if config.fit_temperature and not too_small:
-            # on held-out predictions: a student is surer of the inputs it was trained on
-            t = (fit_temperature(*held_out) if held_out is not None
-                 else _fit_student_temperature(module, every))
-            set_logit_temperature(student, float(trainer.strategy.broadcast(t, src=0)))
+        if not too_small:
+            kl0 = fits.step_size(lambda v: trainer.strategy.broadcast(v, src=0))
+            module.kept_epoch, held_out = fits.train(order, folds)
+            if config.fit_temperature:
+                t = fits.temperature(held_out)
+                set_logit_temperature(student, float(trainer.strategy.broadcast(t, src=0)))
         if eval_loader is not None:  # the final student, on every process's shard, synced
             with quiet():
                 trainer.validate(module, eval_loader, verbose=False)
@@ -401,28 +350,8 @@ def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
         raise
     finally:
         module.finish(result)
-    if len(module.holdout_kl) > 1:
-        c = module.choice
-        veto = ("" if c.nll_gain is None else
-                f", as must its hold-out NLL gain, {c.nll_gain:.4g} ± {c.nll_gain_se:.2g}")
-        rank_zero_info(f"BayesQ distillation keeps epoch {c.epoch} of {config.epochs}: the "
-                       f"lowest hold-out KL, epoch {c.lowest}, gains {c.gain:.4g} ± {c.gain_se:.2g}"
-                       f" (paired SE, {n_hold} inputs) on epoch 0, kept if above "
-                       f"{config.min_gain_se:g} SE{veto}")
-    report: dict[str, Any] = {"config": config.to_dict(), "teacher": teacher.name,
-                              "teacher_temperature": getattr(teacher, "temperature", None),
-                              "n_calibration": len(data), "n_holdout": n_hold,
-                              "cross_fit": bool(folds) and config.cross_fit,
-                              "lr": module.lr, "kl0": kl0,
-                              "best_epoch": module.best_epoch,
-                              "holdout_kl": module.holdout_kl,
-                              "holdout_gain": module.choice.gain,
-                              "holdout_gain_se": module.choice.gain_se,
-                              "holdout_nll_gain": module.choice.nll_gain,
-                              "holdout_nll_gain_se": module.choice.nll_gain_se,
-                              "lowest_epoch": module.choice.lowest,
-                              "student_temperature": logit_temperature(student),
-                              "seconds_per_epoch": module.seconds_per_epoch}
+    _log_choice(module, config, n_hold)
+    report = _report(module, teacher, config, data, folds, kl0)
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("student/")}
     if logged:
         report["logged"] = logged
@@ -438,56 +367,39 @@ def _run(student: nn.Module, fp32_model: nn.Module, posterior, batches: list,
     return report
 
 
-def _folds(order: torch.Tensor, config: DistillConfig) -> list[list[int]]:
-    """The hold-out index sets: ``round(1 / holdout)`` interleaved folds of ``order`` when
-    cross-fitting, else its first ``holdout`` share; none with ``holdout=0``."""
-    if not config.holdout:
-        return []
-    if config.cross_fit:
-        k = max(2, round(1 / config.holdout))
-        return [sorted(order[j::k].tolist()) for j in range(k) if len(order[j::k])]
-    return [sorted(order[:int(round(config.holdout * len(order)))].tolist())]
+def _warn_small(n_hold: int, n: int, config: DistillConfig) -> None:
+    need = math.ceil(MIN_HOLDOUT / (1.0 if config.cross_fit else config.holdout))
+    rank_zero_warn(f"the distillation hold-out has {n_hold} calibration inputs "
+                   f"(holdout={config.holdout:g} of {n}"
+                   f"{', cross-fitted' if config.cross_fit else ''}), fewer than the "
+                   f"{MIN_HOLDOUT} needed to choose an epoch: the student is kept "
+                   f"undistilled; give at least {need} calibration inputs or raise holdout")
 
 
-def _cross_fit(module: PosteriorDistillModule, fit, order: torch.Tensor,
-               folds: list[list[int]], config: DistillConfig
-               ) -> tuple[EpochChoice, list[float], tuple[list[torch.Tensor], torch.Tensor]]:
-    """Train from the undistilled student once per fold with that fold held out. Returns the
-    choice from every input's hold-out KL (and NLL) per epoch, the mean KL per epoch, and the
-    out-of-fold student logits per epoch with the teacher's log-probabilities."""
-    kls, logits, targets = [], [], []
-    nlls: list[list[torch.Tensor]] | None = []
-    everyone = set(order.tolist())
-    for fold in folds:
-        module.restore_initial()
-        fit(sorted(everyone - set(fold)), fold, config.epochs, False)
-        k, n = module.holdout_record
-        kls.append(k)
-        nlls = None if n is None or nlls is None else [*nlls, n]
-        out, target = module.holdout_outputs
-        logits.append(out)
-        targets.append(target)
-
-    def joined(per_fold: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-        return [torch.cat([f[e] for f in per_fold]) for e in range(len(per_fold[0]))]
-
-    per_epoch = joined(kls)
-    choice = choose_epoch(per_epoch, config.min_gain_se, joined(nlls) if nlls else None)
-    return (choice, [float(k.double().mean()) for k in per_epoch],
-            (joined(logits), torch.cat(targets)))
+def _log_choice(module: PosteriorDistillModule, config: DistillConfig, n_hold: int) -> None:
+    if len(module.holdout_kl) <= 1:
+        return
+    c = module.choice
+    veto = ("" if c.nll_gain is None else
+            f", as must its hold-out NLL gain, {c.nll_gain:.4g} ± {c.nll_gain_se:.2g}")
+    rank_zero_info(f"BayesQ distillation keeps epoch {c.epoch} of {config.epochs}: the "
+                   f"lowest hold-out KL, epoch {c.lowest}, gains {c.gain:.4g} ± {c.gain_se:.2g}"
+                   f" (paired SE, {n_hold} inputs) on epoch 0, kept if above "
+                   f"{config.min_gain_se:g} SE{veto}")
 
 
-@torch.no_grad()
-def _fit_student_temperature(module: PosteriorDistillModule, batches: Iterable) -> float:
-    """:func:`~bayesq_lightning.distillation.fit_temperature` of the student's logits to the
-    teacher on ``batches`` (every calibration input; no label)."""
-    logits, targets = [], []
-    for batch in batches:
-        x = inputs_to(student_inputs(batch), module.device)
-        targets.append((batch[TEACHER_KEY] if isinstance(batch, dict) and TEACHER_KEY in batch
-                        else module.teacher(x)).float().cpu())
-        logits.append(module(x).float().cpu())
-    return fit_temperature(torch.cat(logits), torch.cat(targets))
+def _report(module: PosteriorDistillModule, teacher: Teacher, config: DistillConfig,
+            data: DistillSet, folds: list[list[int]], kl0: float | None) -> dict[str, Any]:
+    c = module.choice
+    return {"config": config.to_dict(), "teacher": teacher.name,
+            "teacher_temperature": getattr(teacher, "temperature", None),
+            "n_calibration": len(data), "n_holdout": sum(len(f) for f in folds),
+            "cross_fit": bool(folds) and config.cross_fit, "lr": module.lr, "kl0": kl0,
+            "best_epoch": module.best_epoch, "holdout_kl": module.holdout_kl,
+            "holdout_gain": c.gain, "holdout_gain_se": c.gain_se,
+            "holdout_nll_gain": c.nll_gain, "holdout_nll_gain_se": c.nll_gain_se,
+            "lowest_epoch": c.lowest, "student_temperature": logit_temperature(module.student),
+            "seconds_per_epoch": module.seconds_per_epoch}
 
 
 @contextmanager
