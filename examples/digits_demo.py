@@ -79,8 +79,10 @@ def main() -> None:
     print("\nPer-layer allocation (BayesQ):")
     print(cb.result.table())
     info = cb.result.info
+    # K-FAC's prior precision is solved when first read (here; the quantization never reads it)
     print(f"posterior: {info['structure']} Laplace ({info['backend']}), prior precision "
-          f"{info['prior_precision']:.3g} by marginal likelihood, n_data={info['n_data']}, "
+          f"{cb.result.posterior.prior_precision:.3g} by marginal likelihood, "
+          f"n_data={info['n_data']}, "
           f"curvature on the {info['n_calib']}-image calibration hold-out; "
           f"quantize {info['seconds']:.1f} s")
 
