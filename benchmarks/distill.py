@@ -69,28 +69,8 @@ def evaluate_full(model: torch.nn.Module, loader) -> dict:
             "_probs": logp.exp(), "_labels": labels}
 
 
-def paired_ece_se(a: dict, b: dict, n_boot: int = 200, seed: int = 0) -> float:
-    """Bootstrap SE of ``ECE(a) - ECE(b)`` over the same resampled examples."""
-    from torchmetrics.functional.classification import multiclass_calibration_error as ece
-
-    g = torch.Generator().manual_seed(seed)
-    n, c = a["_probs"].shape
-    diffs = []
-    for _ in range(n_boot):
-        idx = torch.randint(0, n, (n,), generator=g)
-        y = a["_labels"][idx]
-        diffs.append(float(ece(a["_probs"][idx], y, c, n_bins=15) -
-                           ece(b["_probs"][idx], y, c, n_bins=15)))
-    return float(np.std(diffs, ddof=1))
-
-
-def copy_result(res):
-    """An independent copy of a QuantizationResult (model and block records)."""
-    return dataclasses.replace(res, model=clone_module(res.model), layers=copy.deepcopy(res.layers))
-
-
-def ece_se(a: dict, n_boot: int = 200, seed: int = 0) -> float:
-    """Bootstrap SE of the ECE of one model's predictions."""
+def ece_se(a: dict, b: dict | None = None, n_boot: int = 200, seed: int = 0) -> float:
+    """Bootstrap SE of ``ECE(a)``, or of ``ECE(a) - ECE(b)`` over the same resampled examples."""
     from torchmetrics.functional.classification import multiclass_calibration_error as ece
 
     g = torch.Generator().manual_seed(seed)
@@ -98,8 +78,15 @@ def ece_se(a: dict, n_boot: int = 200, seed: int = 0) -> float:
     vals = []
     for _ in range(n_boot):
         idx = torch.randint(0, n, (n,), generator=g)
-        vals.append(float(ece(a["_probs"][idx], a["_labels"][idx], c, n_bins=15)))
+        y = a["_labels"][idx]
+        v = ece(a["_probs"][idx], y, c, n_bins=15)
+        vals.append(float(v if b is None else v - ece(b["_probs"][idx], y, c, n_bins=15)))
     return float(np.std(vals, ddof=1))
+
+
+def copy_result(res):
+    """An independent copy of a QuantizationResult (model and block records)."""
+    return dataclasses.replace(res, model=clone_module(res.model), layers=copy.deepcopy(res.layers))
 
 
 def run_case(name: str, budgets: Sequence[float], config: dict, students: Sequence[str],
@@ -181,10 +168,10 @@ def run_case(name: str, budgets: Sequence[float], config: dict, students: Sequen
             r["d_bayesq"], r["d_bayesq_se"] = float(c.mean()), bootstrap_se(c)
             d = e["_nll"] - ref["_nll"]
             r["d_nll"], r["d_nll_se"] = float(d.mean()), bootstrap_se(d)
-            r["d_ece"], r["d_ece_se"] = r["ece"] - float(ref["ece"]), paired_ece_se(e, ref)
+            r["d_ece"], r["d_ece_se"] = r["ece"] - float(ref["ece"]), ece_se(e, ref)
         if r["method"] != "fp32" and not r["method"].startswith("teacher"):
             r["ece_vs_fp32"] = r["ece"] - float(fp32["ece"])
-            r["ece_vs_fp32_se"] = paired_ece_se(e, fp32)
+            r["ece_vs_fp32_se"] = ece_se(e, fp32)
             r["nll_vs_fp32"] = r["nll"] / float(fp32["nll"])
     return rows, reliability
 

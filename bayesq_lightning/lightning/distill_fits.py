@@ -29,10 +29,9 @@ import torch
 from lightning.pytorch.strategies import Strategy
 from torch.utils.data import DataLoader, Subset
 
-from ..batches import inputs_to
 from ..distillation.config import DistillConfig
 from ..distillation.selection import EpochChoice, choose_epoch
-from ..distillation.student import TEACHER_KEY, DistillSet, student_inputs
+from ..distillation.student import DistillSet
 from ..distillation.temperature import fit_temperature
 from .quiet import log_interval, quiet
 
@@ -99,6 +98,10 @@ class StudentFits:
         return DataLoader(Subset(self.data, idx), batch_size=self.batch_size, shuffle=shuffle,
                           generator=g)
 
+    def every(self) -> DataLoader:
+        """Every calibration input, in order."""
+        return self.loader(list(range(len(self.data))))
+
     def fit(self, train_idx: list[int], hold_idx: list[int] | None, epochs: int,
             final: bool) -> None:
         """One fit; ``final``: the one that leaves the student, logged and validated."""
@@ -115,8 +118,7 @@ class StudentFits:
         returns that KL (rank 0's), or ``None`` with a fixed ``lr``."""
         if self.config.lr is not None:
             return None
-        self.module.holdout = self.loader(list(range(len(self.data))))
-        kl0 = float(broadcast(float(self.module.holdout_divergences().double().mean())))
+        kl0 = float(broadcast(float(self.module.divergences(self.every())[0].double().mean())))
         self.module.lr = distance_lr(self.config, kl0)
         return kl0
 
@@ -164,16 +166,10 @@ class StudentFits:
         return (choice, [float(k.double().mean()) for k in per_epoch],
                 (joined(logits), torch.cat(targets)))
 
-    @torch.no_grad()
     def temperature(self, held_out: HeldOut | None) -> float:
         """The label-free temperature on held-out predictions: a student is surer of the inputs
         it was trained on (without a hold-out, on every calibration input)."""
         if held_out is not None:
             return fit_temperature(*held_out)
-        logits, targets = [], []
-        for batch in self.loader(list(range(len(self.data)))):
-            x = inputs_to(student_inputs(batch), self.module.device)
-            targets.append((batch[TEACHER_KEY] if isinstance(batch, dict) and TEACHER_KEY in batch
-                            else self.module.teacher(x)).float().cpu())
-            logits.append(self.module(x).float().cpu())
-        return fit_temperature(torch.cat(logits), torch.cat(targets))
+        _, _, logits, targets = self.module.divergences(self.every())
+        return fit_temperature(logits, targets)
